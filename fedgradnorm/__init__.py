@@ -1,0 +1,3 @@
+"""FedGradNorm: personalized federated multi-task learning with dynamic loss weighting."""
+
+__version__ = "0.1.0"

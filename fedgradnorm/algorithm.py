@@ -1,0 +1,399 @@
+"""The FedGradNorm and FedRep mathematics, transport-free (paper, Algorithm 2 and eq. 6-7).
+
+Everything here is a plain function over tensors and floats. The in-process simulator and the
+aggregator service both call :func:`server_step`; the simulator and the edge node both call
+:func:`client_step`. Nothing in this module knows about processes, files or the wire.
+
+Server step, for the clients active in round k (all sums and means over the active set A, N = |A|):
+
+1. ``n_i = ||g_i restricted to omega_tilde||``                  (gradient norm on the last shared layer)
+2. ``G_i = p_i * n_i``, ``G_bar = mean_i G_i``
+3. ``r_i = F~_i / mean_j F~_j``                                  (relative inverse training rate)
+4. ``target_i = G_bar * r_i ** gamma``                           (held constant)
+5. ``F_grad = sum_i |G_i - target_i|``, ``dF_grad/dp_i = sign(G_i - target_i) * n_i``
+6. one Adam step on every active ``p_i`` (learning rate alpha, each client's own moments)
+7. ``p_i <- max(p_i, floor)``, then ``p <- p * N / sum_A p``     (renormalise: sum over A equals N)
+8. ``g = (1/N) sum_i p_i g_i`` with the updated p, and one Adam step on omega (learning rate beta)
+
+FedRep is the same step with every ``p_i`` fixed at 1: steps 5-7 are skipped, nothing else differs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+TensorDict = dict[str, torch.Tensor]
+Algorithm = Literal["fedgradnorm", "fedrep"]
+ALGORITHMS: tuple[Algorithm, ...] = ("fedgradnorm", "fedrep")
+
+
+class AlgorithmError(ValueError):
+    """Inputs that the server step cannot use (mismatched names or shapes, non-finite values...)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Adam, written out once so that omega's and p's optimiser states are plain data we can persist.
+# The update is bit-for-bit torch.optim.Adam's single-tensor path (foreach=False, no amsgrad).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class AdamState:
+    """Moments of Adam for a dict of tensors (omega)."""
+
+    step: int
+    exp_avg: TensorDict
+    exp_avg_sq: TensorDict
+
+    @classmethod
+    def zeros_like(cls, params: Mapping[str, torch.Tensor]) -> AdamState:
+        return cls(
+            step=0,
+            exp_avg={k: torch.zeros_like(v) for k, v in params.items()},
+            exp_avg_sq={k: torch.zeros_like(v) for k, v in params.items()},
+        )
+
+
+def adam_step_(params: TensorDict, grads: Mapping[str, torch.Tensor], state: AdamState, cfg: AdamConfig) -> None:
+    """One Adam step on ``params`` in place, updating ``state`` in place."""
+    state.step += 1
+    bias1 = 1.0 - cfg.beta1**state.step
+    bias2_sqrt = math.sqrt(1.0 - cfg.beta2**state.step)
+    step_size = cfg.lr / bias1
+    for name, param in params.items():
+        grad = grads[name]
+        m = state.exp_avg[name]
+        v = state.exp_avg_sq[name]
+        m.lerp_(grad, 1.0 - cfg.beta1)
+        v.mul_(cfg.beta2).addcmul_(grad, grad, value=1.0 - cfg.beta2)
+        denom = (v.sqrt() / bias2_sqrt).add_(cfg.eps)
+        param.addcdiv_(m, denom, value=-step_size)
+
+
+@dataclass(frozen=True)
+class ClientWeight:
+    """A client's loss weight p and the Adam moments that move it (scalars, float64)."""
+
+    p: float = 1.0
+    exp_avg: float = 0.0
+    exp_avg_sq: float = 0.0
+    step: int = 0
+
+
+def _adam_scalar(w: ClientWeight, grad: float, cfg: AdamConfig) -> ClientWeight:
+    step = w.step + 1
+    m = w.exp_avg + (grad - w.exp_avg) * (1.0 - cfg.beta1)
+    v = w.exp_avg_sq * cfg.beta2 + grad * grad * (1.0 - cfg.beta2)
+    denom = math.sqrt(v) / math.sqrt(1.0 - cfg.beta2**step) + cfg.eps
+    p = w.p - (cfg.lr / (1.0 - cfg.beta1**step)) * m / denom
+    return ClientWeight(p=p, exp_avg=m, exp_avg_sq=v, step=step)
+
+
+# --------------------------------------------------------------------------------------------
+# Server side
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Hyperparameters of the server step (defaults: paper, Section IV-B)."""
+
+    algorithm: Algorithm = "fedgradnorm"
+    gamma: float = 0.9
+    alpha: float = 0.004
+    beta: float = 0.0002
+    omega_tilde: tuple[str, ...] = ()
+    weight_floor: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, not {self.algorithm!r}")
+        for name in ("alpha", "beta", "weight_floor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma must be non-negative, got {self.gamma}")
+
+
+@dataclass
+class ServerState:
+    """Everything the parameter server holds between rounds."""
+
+    round: int
+    omega: TensorDict
+    omega_adam: AdamState
+    weights: dict[str, ClientWeight] = field(default_factory=dict)
+
+    @classmethod
+    def initial(cls, omega: Mapping[str, torch.Tensor]) -> ServerState:
+        params = {k: v.detach().clone().float().contiguous() for k, v in omega.items()}
+        return cls(round=0, omega=params, omega_adam=AdamState.zeros_like(params))
+
+    def weight(self, client: str) -> float:
+        return self.weights.get(client, ClientWeight()).p
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back after its local step."""
+
+    client: str
+    gradient: Mapping[str, torch.Tensor]
+    loss_ratio: float
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """Per-client quantities of one server step (for logs, metrics and plots)."""
+
+    weight: float  # p after the update (used for aggregation)
+    previous_weight: float
+    grad_norm: float  # ||grad_{omega_tilde} F||
+    loss_ratio: float  # F~
+    relative_rate: float  # r
+    target: float  # G_bar * r^gamma
+
+
+@dataclass(frozen=True)
+class StepResult:
+    round: int  # the round that was closed
+    f_grad: float
+    reports: dict[str, ClientReport]
+
+
+def default_omega_tilde(omega: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
+    """The last layer's parameters: the trailing names sharing the last name's module prefix."""
+    names = list(omega)
+    if not names:
+        raise AlgorithmError("the shared network has no parameters")
+    prefix = names[-1].rpartition(".")[0]
+    return tuple(n for n in names if n.rpartition(".")[0] == prefix)
+
+
+def grad_norm(gradient: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
+    """l2 norm of the gradient restricted to ``names`` (omega_tilde), computed in float64."""
+    total = 0.0
+    for name in names:
+        g = gradient[name]
+        total += float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
+    return math.sqrt(total)
+
+
+def renormalize(weights: Mapping[str, ClientWeight], active: Sequence[str]) -> dict[str, ClientWeight]:
+    """Scale the active clients' p so that their sum equals their number; others untouched."""
+    total = math.fsum(weights[c].p for c in active)
+    scale = len(active) / total
+    out = dict(weights)
+    for c in active:
+        out[c] = replace(weights[c], p=weights[c].p * scale)
+    return out
+
+
+def update_weights(
+    weights: Mapping[str, ClientWeight],
+    norms: Mapping[str, float],
+    loss_ratios: Mapping[str, float],
+    config: ServerConfig,
+) -> tuple[dict[str, ClientWeight], float, dict[str, tuple[float, float]]]:
+    """GradNorm's rule over the active clients (the keys of ``norms``); pure.
+
+    Returns the new weights (inactive clients untouched), F_grad, and per active client
+    (relative rate r, target G_bar * r^gamma).
+    """
+    active = sorted(norms)
+    weights = {**{c: ClientWeight() for c in active}, **weights}
+    weights = renormalize(weights, active)  # newcomers start at 1, absentees left out
+    n = len(active)
+    mean_ratio = math.fsum(loss_ratios[c] for c in active) / n
+    g = {c: weights[c].p * norms[c] for c in active}
+    g_bar = math.fsum(g.values()) / n
+    rates: dict[str, tuple[float, float]] = {}
+    f_grad = 0.0
+    new = dict(weights)
+    for c in active:
+        r = loss_ratios[c] / mean_ratio
+        target = g_bar * r**config.gamma
+        rates[c] = (r, target)
+        if config.algorithm == "fedrep":
+            continue
+        diff = g[c] - target
+        f_grad += abs(diff)
+        dp = math.copysign(norms[c], diff) if diff != 0 else 0.0
+        stepped = _adam_scalar(weights[c], dp, AdamConfig(lr=config.alpha))
+        new[c] = replace(stepped, p=max(stepped.p, config.weight_floor))
+    if config.algorithm == "fedrep":
+        new = {**new, **{c: replace(new[c], p=1.0) for c in active}}
+    else:
+        new = renormalize(new, active)
+    return new, f_grad, rates
+
+
+def validate_update(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> None:
+    """Raise AlgorithmError unless the update matches omega's names and shapes and is finite."""
+    if set(update.gradient) != set(omega):
+        missing = sorted(set(omega) - set(update.gradient))
+        extra = sorted(set(update.gradient) - set(omega))
+        raise AlgorithmError(f"client {update.client}: gradient names differ (missing {missing}, unexpected {extra})")
+    for name, ref in omega.items():
+        g = update.gradient[name]
+        if tuple(g.shape) != tuple(ref.shape):
+            raise AlgorithmError(
+                f"client {update.client}: gradient {name!r} has shape {tuple(g.shape)}, expected {tuple(ref.shape)}"
+            )
+        if not bool(torch.isfinite(g).all()):
+            raise AlgorithmError(f"client {update.client}: gradient {name!r} is not finite")
+    if not (math.isfinite(update.loss_ratio) and update.loss_ratio > 0):
+        raise AlgorithmError(f"client {update.client}: loss ratio must be finite and positive, got {update.loss_ratio}")
+
+
+def aggregate(
+    updates: Sequence[ClientUpdate], weights: Mapping[str, float], like: Mapping[str, torch.Tensor]
+) -> TensorDict:
+    """``(1/N) sum_i p_i g_i`` accumulated in place, in the order of ``updates``."""
+    n = len(updates)
+    out = {k: torch.zeros_like(v) for k, v in like.items()}
+    for u in updates:
+        scale = weights[u.client] / n
+        for name, acc in out.items():
+            acc.add_(u.gradient[name], alpha=scale)
+    return out
+
+
+def server_step(state: ServerState, updates: Sequence[ClientUpdate], config: ServerConfig) -> StepResult:
+    """Close a round: update p (FedGradNorm) or keep it at 1 (FedRep), aggregate, step omega.
+
+    ``state`` is updated in place (omega and its Adam moments are large; no copy is made).
+    ``updates`` are the active clients of the round, any order; they are processed sorted by id.
+    """
+    if not updates:
+        raise AlgorithmError("a round needs at least one client update")
+    ids = [u.client for u in updates]
+    if len(set(ids)) != len(ids):
+        raise AlgorithmError(f"duplicate client ids in one round: {sorted(ids)}")
+    for u in updates:
+        validate_update(u, state.omega)
+    updates = sorted(updates, key=lambda u: u.client)
+    names = config.omega_tilde or default_omega_tilde(state.omega)
+    norms = {u.client: grad_norm(u.gradient, names) for u in updates}
+    ratios = {u.client: float(u.loss_ratio) for u in updates}
+    previous = {c: state.weight(c) for c in norms}
+    new_weights, f_grad, rates = update_weights(state.weights, norms, ratios, config)
+    g = aggregate(updates, {c: new_weights[c].p for c in norms}, state.omega)
+    adam_step_(state.omega, g, state.omega_adam, AdamConfig(lr=config.beta))
+    state.weights = new_weights
+    closed = state.round
+    state.round += 1
+    reports = {
+        c: ClientReport(
+            weight=new_weights[c].p,
+            previous_weight=previous[c],
+            grad_norm=norms[c],
+            loss_ratio=ratios[c],
+            relative_rate=rates[c][0],
+            target=rates[c][1],
+        )
+        for c in norms
+    }
+    return StepResult(round=closed, f_grad=f_grad, reports=reports)
+
+
+# --------------------------------------------------------------------------------------------
+# Client side
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """The round hyperparameters a client trains with (announced by the server)."""
+
+    tau_h: int = 5
+    tau_omega: int = 5
+    beta: float = 0.0002
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.tau_h < 0 or self.tau_omega < 1:
+            raise ValueError("tau_h must be >= 0 and tau_omega >= 1")
+        if self.batch_size < 1 or not self.beta > 0:
+            raise ValueError("batch_size must be >= 1 and beta positive")
+
+
+@dataclass(frozen=True)
+class ClientStepResult:
+    gradient: TensorDict  # g_k: the mean of the tau_omega shared-network gradients
+    loss: float  # F_k: the mean of the tau_omega minibatch losses
+    initial_loss: float  # F_0: F_k of the client's first participating round
+    loss_ratio: float  # F~_k = F_k / F_0
+
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def client_step(
+    shared: nn.Module,
+    head: nn.Module,
+    head_optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    batches: Batches,
+    config: ClientConfig,
+    initial_loss: float | None,
+) -> ClientStepResult:
+    """Algorithm 2, client side: tau_h head updates with omega frozen, then tau_omega updates of
+    omega (a fresh Adam on the local copy) with the head frozen.
+
+    ``shared`` must hold the round's global omega; it is left at omega_{k,tau_omega}.
+    ``batches`` yields (x, y) minibatches; tau_h + tau_omega of them are drawn.
+    """
+    shared.train()
+    head.train()
+    shared.requires_grad_(False)
+    head.requires_grad_(True)
+    for _ in range(config.tau_h):
+        x, y = next(batches)
+        with torch.no_grad():
+            z = shared(x)
+        head_optimizer.zero_grad(set_to_none=True)
+        loss_fn(head(z), y).backward()
+        head_optimizer.step()
+
+    head.requires_grad_(False)
+    shared.requires_grad_(True)
+    params = dict(shared.named_parameters())
+    omega_opt = torch.optim.Adam(params.values(), lr=config.beta, foreach=False)
+    acc = {k: torch.zeros_like(p) for k, p in params.items()}
+    losses: list[float] = []
+    for _ in range(config.tau_omega):
+        x, y = next(batches)
+        omega_opt.zero_grad(set_to_none=True)
+        loss = loss_fn(head(shared(x)), y)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        for k, p in params.items():
+            acc[k].add_(p.grad)
+        omega_opt.step()
+    shared.requires_grad_(False)
+    head.requires_grad_(True)
+
+    for g in acc.values():
+        g.div_(config.tau_omega)
+    loss_k = math.fsum(losses) / len(losses)
+    if not math.isfinite(loss_k):
+        raise AlgorithmError(f"local loss is not finite ({loss_k})")
+    f0 = loss_k if initial_loss is None else initial_loss
+    ratio = loss_k / f0 if f0 > 0 else 1.0
+    return ClientStepResult(gradient=acc, loss=loss_k, initial_loss=f0, loss_ratio=ratio)

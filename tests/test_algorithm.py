@@ -1,0 +1,278 @@
+"""The server and client steps against values worked out by hand, and the rule's properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedgradnorm.algorithm import (
+    AdamConfig,
+    AdamState,
+    AlgorithmError,
+    ClientConfig,
+    ClientUpdate,
+    ClientWeight,
+    ServerConfig,
+    ServerState,
+    adam_step_,
+    client_step,
+    default_omega_tilde,
+    server_step,
+)
+
+TILDE = ("last.weight", "last.bias")
+
+
+def omega() -> dict[str, torch.Tensor]:
+    return {
+        "first.weight": torch.tensor([[0.5, -0.5], [1.0, 2.0]]),
+        "last.weight": torch.tensor([0.1, 0.2]),
+        "last.bias": torch.tensor([0.3]),
+    }
+
+
+def grad(first: list[list[float]], last: list[float], bias: float) -> dict[str, torch.Tensor]:
+    return {
+        "first.weight": torch.tensor(first),
+        "last.weight": torch.tensor(last),
+        "last.bias": torch.tensor([bias]),
+    }
+
+
+def test_default_omega_tilde_is_last_layer() -> None:
+    assert default_omega_tilde(omega()) == TILDE
+
+
+def test_two_clients_against_hand_worked_values() -> None:
+    # Client a: ||g~|| = ||(3, 0, 4)|| = 5; client b: ||(0, 1, 0)|| = 1. p = 1 for both.
+    ga = grad([[1.0, 0.0], [0.0, 2.0]], [3.0, 0.0], 4.0)
+    gb = grad([[-1.0, 4.0], [0.0, 0.0]], [0.0, 1.0], 0.0)
+    state = ServerState.initial(omega())
+    state.round = 7
+    updates = [ClientUpdate("b", gb, 0.2), ClientUpdate("a", ga, 0.6)]
+    cfg = ServerConfig(gamma=0.9, alpha=0.004, beta=0.0002, omega_tilde=TILDE)
+
+    result = server_step(state, updates, cfg)
+
+    # By hand: G = (5, 1), G_bar = 3; mean F~ = 0.4, r = (1.5, 0.5);
+    # target = 3 * r^0.9 = (4.3210..., 1.6077...); G - target = (+0.679, -0.608):
+    # dF_grad/dp = (+5, -1). Adam's first step moves each p by lr * g / (|g| + eps).
+    target_a, target_b = 3 * 1.5**0.9, 3 * 0.5**0.9
+    assert result.reports["a"].target == pytest.approx(target_a, rel=1e-12)
+    assert result.reports["b"].target == pytest.approx(target_b, rel=1e-12)
+    assert result.reports["a"].relative_rate == pytest.approx(1.5)
+    assert result.f_grad == pytest.approx(abs(5 - target_a) + abs(1 - target_b), rel=1e-12)
+    pa = 1 - 0.004 * 5 / (5 + 1e-8)
+    pb = 1 + 0.004 * 1 / (1 + 1e-8)
+    s = pa + pb  # renormalised to sum 2 (here already 2 up to eps)
+    pa, pb = 2 * pa / s, 2 * pb / s
+    assert state.weights["a"].p == pytest.approx(pa, abs=1e-12)
+    assert state.weights["b"].p == pytest.approx(pb, abs=1e-12)
+    assert result.reports["a"].grad_norm == pytest.approx(5.0)
+    assert result.reports["b"].grad_norm == pytest.approx(1.0)
+
+    # g = (pa * ga + pb * gb) / 2; Adam's first step on omega moves each entry by -beta * sign(g).
+    for name, w0 in omega().items():
+        g = (pa * ga[name] + pb * gb[name]) / 2
+        expected = w0 - 0.0002 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(state.omega[name], expected, rtol=0, atol=1e-7)
+    assert state.round == 8 and result.round == 7
+
+
+def test_three_clients_second_round_uses_adam_moments() -> None:
+    state = ServerState.initial(omega())
+    cfg = ServerConfig(omega_tilde=TILDE)
+    g = {c: grad([[0.0, 0.0], [0.0, 0.0]], [n, 0.0], 0.0) for c, n in (("a", 1.0), ("b", 2.0), ("c", 3.0))}
+    ratios = {"a": 1.0, "b": 1.0, "c": 1.0}
+    server_step(state, [ClientUpdate(c, g[c], ratios[c]) for c in g], cfg)
+    first = dict(state.weights)
+    server_step(state, [ClientUpdate(c, g[c], ratios[c]) for c in g], cfg)
+    # Recompute round two by hand from round one's stored moments.
+    p = {c: first[c].p for c in g}
+    norms = {"a": 1.0, "b": 2.0, "c": 3.0}
+    G = {c: p[c] * norms[c] for c in g}
+    gbar = sum(G.values()) / 3
+    new = {}
+    for c in g:
+        d = math.copysign(norms[c], G[c] - gbar)
+        m = 0.9 * first[c].exp_avg + 0.1 * d
+        v = 0.999 * first[c].exp_avg_sq + 0.001 * d * d
+        new[c] = p[c] - 0.004 / (1 - 0.9**2) * m / (math.sqrt(v) / math.sqrt(1 - 0.999**2) + 1e-8)
+    total = sum(new.values())
+    for c in g:
+        assert state.weights[c].p == pytest.approx(3 * new[c] / total, abs=1e-12)
+        assert state.weights[c].step == 2
+
+
+def test_sum_is_n_and_weights_stay_positive_under_extreme_imbalance() -> None:
+    state = ServerState.initial(omega())
+    cfg = ServerConfig(omega_tilde=TILDE, alpha=0.2)
+    for _ in range(300):
+        updates = [
+            ClientUpdate("big", grad([[0, 0], [0, 0]], [1000.0, 0.0], 0.0), 0.01),
+            ClientUpdate("mid", grad([[0, 0], [0, 0]], [1.0, 0.0], 0.0), 1.0),
+            ClientUpdate("tiny", grad([[0, 0], [0, 0]], [1e-6, 0.0], 0.0), 5.0),
+        ]
+        server_step(state, updates, cfg)
+        ps = [w.p for w in state.weights.values()]
+        assert math.fsum(ps) == pytest.approx(3.0, abs=1e-9)
+        assert min(ps) > 0
+    assert state.weights["big"].p < state.weights["tiny"].p
+
+
+def test_identical_clients_keep_identical_weights() -> None:
+    state = ServerState.initial(omega())
+    cfg = ServerConfig(omega_tilde=TILDE)
+    g = grad([[1.0, 2.0], [3.0, 4.0]], [0.5, -0.5], 0.1)
+    for k in range(20):
+        ratio = 1.0 - 0.01 * k
+        server_step(state, [ClientUpdate(c, g, ratio) for c in ("x", "y", "z")], cfg)
+        ps = {w.p for w in state.weights.values()}
+        assert len(ps) == 1 and ps.pop() == pytest.approx(1.0)
+
+
+def test_client_whose_loss_falls_more_slowly_gains_weight() -> None:
+    state = ServerState.initial(omega())
+    cfg = ServerConfig(omega_tilde=TILDE)
+    g = grad([[0, 0], [0, 0]], [1.0, 1.0], 1.0)  # same gradient norm for both
+    for k in range(30):
+        slow, fast = 1.0 - 0.001 * k, 1.0 - 0.02 * k
+        server_step(state, [ClientUpdate("slow", g, slow), ClientUpdate("fast", g, fast)], cfg)
+    assert state.weights["slow"].p > 1.0 > state.weights["fast"].p
+
+
+def test_fedrep_leaves_p_at_one_and_averages_gradients() -> None:
+    state = ServerState.initial(omega())
+    cfg = ServerConfig(algorithm="fedrep", omega_tilde=TILDE)
+    ga = grad([[1, 0], [0, 0]], [9.0, 0.0], 0.0)
+    gb = grad([[0, 0], [0, 1]], [0.0, 0.1], 0.0)
+    for ratio in (1.0, 0.5, 0.2):
+        result = server_step(state, [ClientUpdate("a", ga, ratio), ClientUpdate("b", gb, 1.0)], cfg)
+        assert all(r.weight == 1.0 for r in result.reports.values())
+    assert {w.p for w in state.weights.values()} == {1.0}
+
+
+def test_fedrep_and_fedgradnorm_differ_only_in_p() -> None:
+    ga = grad([[1, 0], [0, 0]], [9.0, 0.0], 0.0)
+    gb = grad([[0, 0], [0, 1]], [0.0, 0.1], 0.0)
+    ups = [ClientUpdate("a", ga, 1.0), ClientUpdate("b", gb, 1.0)]
+    s1, s2 = ServerState.initial(omega()), ServerState.initial(omega())
+    server_step(s1, ups, ServerConfig(algorithm="fedrep", omega_tilde=TILDE))
+    # With p forced to 1 on the FedGradNorm path (alpha tiny), omega moves identically.
+    s2.weights = {"a": ClientWeight(), "b": ClientWeight()}
+    r2 = server_step(s2, ups, ServerConfig(algorithm="fedgradnorm", omega_tilde=TILDE, alpha=1e-300))
+    assert all(r.weight == pytest.approx(1.0) for r in r2.reports.values())
+    for k in s1.omega:
+        torch.testing.assert_close(s1.omega[k], s2.omega[k])
+
+
+def test_membership_change_newcomer_starts_at_one_and_absentee_is_untouched() -> None:
+    state = ServerState.initial(omega())
+    cfg = ServerConfig(omega_tilde=TILDE)
+    ga = grad([[0, 0], [0, 0]], [5.0, 0.0], 0.0)
+    gb = grad([[0, 0], [0, 0]], [1.0, 0.0], 0.0)
+    for _ in range(5):
+        server_step(state, [ClientUpdate("a", ga, 1.0), ClientUpdate("b", gb, 1.0)], cfg)
+    b_before = state.weights["b"]
+    # Round with a and a newcomer c; b is missing.
+    res = server_step(state, [ClientUpdate("a", ga, 1.0), ClientUpdate("c", gb, 1.0)], cfg)
+    assert res.reports["c"].previous_weight == 1.0
+    assert state.weights["b"] == b_before  # weight and Adam moments left as they were
+    assert state.weights["a"].p + state.weights["c"].p == pytest.approx(2.0)
+    assert state.weights["c"].step == 1
+
+
+def test_bad_updates_are_refused_and_change_nothing() -> None:
+    state = ServerState.initial(omega())
+    cfg = ServerConfig(omega_tilde=TILDE)
+    good = grad([[0, 0], [0, 0]], [1.0, 0.0], 0.0)
+    before = {k: v.clone() for k, v in state.omega.items()}
+    bad_cases = [
+        [ClientUpdate("a", {**good, "last.bias": torch.tensor([float("nan")])}, 1.0)],
+        [ClientUpdate("a", {**good, "last.bias": torch.zeros(2)}, 1.0)],
+        [ClientUpdate("a", {k: v for k, v in good.items() if k != "last.bias"}, 1.0)],
+        [ClientUpdate("a", good, 0.0)],
+        [ClientUpdate("a", good, float("inf"))],
+        [ClientUpdate("a", good, 1.0), ClientUpdate("a", good, 1.0)],
+        [],
+    ]
+    for updates in bad_cases:
+        with pytest.raises(AlgorithmError):
+            server_step(state, updates, cfg)
+    assert state.round == 0 and state.weights == {}
+    for k in before:
+        assert torch.equal(before[k], state.omega[k])
+
+
+def test_adam_matches_torch_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    params = {"w": torch.randn(5, 3), "b": torch.randn(3)}
+    ref = [nn.Parameter(params["w"].clone()), nn.Parameter(params["b"].clone())]
+    opt = torch.optim.Adam(ref, lr=0.01, foreach=False)
+    state = AdamState.zeros_like(params)
+    for _ in range(5):
+        grads = {"w": torch.randn(5, 3), "b": torch.randn(3)}
+        ref[0].grad, ref[1].grad = grads["w"].clone(), grads["b"].clone()
+        opt.step()
+        adam_step_(params, grads, state, AdamConfig(lr=0.01))
+    assert torch.equal(params["w"], ref[0].detach()) and torch.equal(params["b"], ref[1].detach())
+
+
+def _tiny_client(seed: int = 0) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    shared = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6))
+    head = nn.Linear(6, 3)
+    return shared, head, torch.optim.Adam(head.parameters(), lr=0.01)
+
+
+def _batches(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randn(16, 4, generator=g)
+        yield x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def test_client_step_first_round_ratio_is_one_and_gradient_is_mean() -> None:
+    shared, head, opt = _tiny_client()
+    cfg = ClientConfig(tau_h=3, tau_omega=4, beta=0.001, batch_size=16)
+    head_before = [p.clone() for p in head.parameters()]
+    omega_before = {k: v.clone() for k, v in shared.state_dict().items()}
+    res = client_step(shared, head, opt, nn.functional.cross_entropy, _batches(1), cfg, None)
+    assert res.loss_ratio == 1.0 and res.initial_loss == res.loss
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, head.parameters(), strict=True))
+
+    # Replay by hand: the same batches, the same head after its 3 steps, fresh Adam on omega.
+    shared2, _, _ = _tiny_client()
+    shared2.load_state_dict(omega_before)
+    batches = _batches(1)
+    for _ in range(3):
+        next(batches)
+    omega_opt = torch.optim.Adam(shared2.parameters(), lr=0.001, foreach=False)
+    acc = {k: torch.zeros_like(v) for k, v in shared2.named_parameters()}
+    losses = []
+    for _ in range(4):
+        x, y = next(batches)
+        omega_opt.zero_grad()
+        loss = nn.functional.cross_entropy(head(shared2(x)), y)
+        loss.backward()
+        losses.append(loss.item())
+        for k, p in shared2.named_parameters():
+            acc[k] += p.grad
+        omega_opt.step()
+    for k in acc:
+        torch.testing.assert_close(res.gradient[k], acc[k] / 4)
+    assert res.loss == pytest.approx(sum(losses) / 4)
+    # The head is not touched by the omega phase; the shared net is left at omega_{k, tau}.
+    for k, v in shared2.state_dict().items():
+        torch.testing.assert_close(shared.state_dict()[k], v)
+
+
+def test_client_step_later_round_uses_stored_initial_loss() -> None:
+    shared, head, opt = _tiny_client()
+    cfg = ClientConfig(tau_h=1, tau_omega=2, beta=0.001, batch_size=16)
+    res = client_step(shared, head, opt, nn.functional.cross_entropy, _batches(2), cfg, initial_loss=2.0)
+    assert res.initial_loss == 2.0
+    assert res.loss_ratio == pytest.approx(res.loss / 2.0)
