@@ -352,12 +352,15 @@ def client_step(
     batches: Batches,
     config: ClientConfig,
     initial_loss: float | None,
+    after_head: Callable[[], None] | None = None,
 ) -> ClientStepResult:
     """Algorithm 2, client side: tau_h head updates with omega frozen, then tau_omega updates of
     omega (a fresh Adam on the local copy) with the head frozen.
 
     ``shared`` must hold the round's global omega; it is left at omega_{k,tau_omega}.
     ``batches`` yields (x, y) minibatches; tau_h + tau_omega of them are drawn.
+    ``after_head`` runs between the two phases, when the model is (omega_k, h_k): the point at
+    which a client evaluates the round's global network with its freshly trained head.
     """
     shared.train()
     head.train()
@@ -370,6 +373,8 @@ def client_step(
         head_optimizer.zero_grad(set_to_none=True)
         loss_fn(head(z), y).backward()
         head_optimizer.step()
+    if after_head is not None:
+        after_head()
 
     head.requires_grad_(False)
     shared.requires_grad_(True)

@@ -1,0 +1,131 @@
+"""One client's personal side: its data, its head h^(i), the head's optimiser and F_0.
+
+Both the simulator and the edge-node service drive a :class:`LocalClient`; the only thing they
+hand it per round is the global omega (loaded into a shared-network module) and the round number.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedgradnorm.algorithm import ClientConfig, ClientStepResult, client_step
+from fedgradnorm.data.federation import ClientData
+from fedgradnorm.models import build_head
+from fedgradnorm.tasks import TaskSpec, derive_seed
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    test_loss: float
+    metric: str
+    value: float
+
+
+def _tensors(data: ClientData, task: TaskSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def target(arr: object) -> torch.Tensor:
+        t = torch.as_tensor(arr)
+        return t.long() if task.kind == "classification" else t.float()
+
+    return (
+        torch.as_tensor(data.train.x, dtype=torch.float32),
+        target(data.train.targets[task.name]),
+        torch.as_tensor(data.test.x, dtype=torch.float32),
+        target(data.test.targets[task.name]),
+    )
+
+
+def minibatches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless minibatches: shuffled passes over the data, each batch without replacement."""
+    n = len(x)
+    size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - size + 1, size):
+            idx = order[start : start + size]
+            yield x[idx], y[idx]
+
+
+class LocalClient:
+    """A client of one task: call :meth:`run_round` with the shared network holding omega_k."""
+
+    def __init__(self, name: str, task: TaskSpec, data: ClientData, config: ClientConfig, seed: int) -> None:
+        self.name = name
+        self.task = task
+        self.config = config
+        self.seed = seed
+        self.x, self.y, self.x_test, self.y_test = _tensors(data, task)
+        self.num_samples = len(self.x)
+        self.head = build_head(task.outputs, derive_seed(seed, "head", name))
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=config.beta, foreach=False)
+        self.initial_loss: float | None = None
+
+    def batches(self, round_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "batches", self.name, round_))
+        return minibatches(self.x, self.y, self.config.batch_size, g)
+
+    def evaluate(self, shared: nn.Module) -> Evaluation:
+        with torch.no_grad():
+            pred = self.head(shared(self.x_test))
+            loss = float(self.task.loss(pred, self.y_test))
+            value = self.task.metric_value(pred, self.y_test)
+        return Evaluation(test_loss=loss, metric=self.task.metric, value=value)
+
+    def run_round(self, shared: nn.Module, round_: int) -> tuple[ClientStepResult, Evaluation]:
+        """tau_h head steps, evaluation of (omega_k, h_k) on the test split, tau_omega omega steps."""
+        evaluations: list[Evaluation] = []
+        result = client_step(
+            shared,
+            self.head,
+            self.optimizer,
+            self.task.loss,
+            self.batches(round_),
+            self.config,
+            self.initial_loss,
+            after_head=lambda: evaluations.append(self.evaluate(shared)),
+        )
+        self.initial_loss = result.initial_loss
+        return result, evaluations[0]
+
+    # Persistence of the personal state (head, its Adam moments, F_0) for restarts.
+    def state_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "head": self.head.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "initial_loss": self.initial_loss,
+                "task": self.task.name,
+            },
+            buf,
+        )
+        return buf.getvalue()
+
+    def load_state_bytes(self, blob: bytes) -> None:
+        state = torch.load(io.BytesIO(blob), weights_only=True)
+        if state.get("task") != self.task.name:
+            raise ValueError(f"stored state is for task {state.get('task')!r}, not {self.task.name!r}")
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.initial_loss = state["initial_loss"]
+
+
+def load_omega_(shared: nn.Module, omega: Mapping[str, torch.Tensor]) -> None:
+    """Copy omega into the module's parameters in place (names and shapes must match)."""
+    params = dict(shared.named_parameters())
+    if set(params) != set(omega):
+        raise ValueError(f"global model names differ from the local network: {sorted(set(params) ^ set(omega))}")
+    with torch.no_grad():
+        for name, p in params.items():
+            src = omega[name]
+            if src.shape != p.shape:
+                raise ValueError(
+                    f"global model tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(p.shape)}"
+                )
+            p.copy_(src)

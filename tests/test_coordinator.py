@@ -1,0 +1,299 @@
+"""The round coordinator without any transport: membership, rounds, refusals, persistence."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from services.aggregator.coordinator import (
+    AlreadyExists,
+    CoordinatorConfig,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Phase,
+    RoundCoordinator,
+    RoundSummary,
+    Submission,
+    Unauthenticated,
+)
+from services.aggregator.store import MemoryStateStore, Snapshot, StateError, StateStore
+
+
+def config(**kw: object) -> CoordinatorConfig:
+    base = dict(dataset="mtfl", min_nodes=2, round_timeout=30.0, heartbeat_interval=0.05, heartbeat_timeout=30.0)
+    base.update(kw)
+    return CoordinatorConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def store() -> MemoryStateStore:
+    return MemoryStateStore()
+
+
+@pytest.fixture
+def coord(store: MemoryStateStore) -> Iterator[RoundCoordinator]:
+    c = RoundCoordinator(config(), store)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def gradient(c: RoundCoordinator, value: float = 0.01) -> dict[str, torch.Tensor]:
+    return {k: torch.full(s, value) for k, s in c.expected_shapes().items()}
+
+
+def submission(
+    c: RoundCoordinator, node: str, round_: int, loss: float = 1.0, f0: float = 1.0, **kw: object
+) -> Submission:
+    base = dict(
+        node_id=node,
+        round=round_,
+        gradient=gradient(c),
+        loss=loss,
+        initial_loss=f0,
+        loss_ratio=loss / f0,
+        num_samples=10,
+        test_loss=0.5,
+        test_metrics={"accuracy": 0.5},
+    )
+    base.update(kw)
+    return Submission(**base)  # type: ignore[arg-type]
+
+
+def register(c: RoundCoordinator, name: str, task: str = "gender") -> str:
+    return c.register(name=name, dataset="mtfl", task=task, num_samples=10).session_token
+
+
+def wait_for(pred, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+def run_round(c: RoundCoordinator, tokens: dict[str, str]) -> int:
+    tickets = {n: c.fetch_round(n, t, 5.0) for n, t in tokens.items()}
+    k = next(iter(tickets.values())).round
+    for n, t in tokens.items():
+        c.submit(t, submission(c, n, k))
+    wait_for(lambda: c.round == k + 1 and c.phase in (Phase.WAITING, Phase.OPEN, Phase.DONE))
+    return k
+
+
+def test_round_opens_with_min_nodes_and_closes_when_all_submitted(
+    coord: RoundCoordinator, store: MemoryStateStore
+) -> None:
+    ta = register(coord, "a", "gender")
+    assert coord.fetch_round("a", ta, 0.1) is None  # one node: below min_nodes
+    tb = register(coord, "b", "smile")
+    ticket = coord.fetch_round("a", ta, 5.0)
+    assert ticket is not None and ticket.round == 0 and ticket.deadline_unix > time.time()
+    omega0 = {k: v.clone() for k, v in ticket.omega.items()}
+    run_round(coord, {"a": ta, "b": tb})
+    saved = store.load()
+    assert saved is not None and saved.server.round == 1
+    assert any(not torch.equal(saved.server.omega[k], omega0[k]) for k in omega0)
+    assert sum(w.p for w in saved.server.weights.values()) == pytest.approx(2.0)
+    assert saved.members["a"].initial_loss == 1.0
+
+
+def test_every_bad_submit_is_refused_and_changes_nothing(coord: RoundCoordinator, store: MemoryStateStore) -> None:
+    ta, _tb = register(coord, "a"), register(coord, "b", "smile")
+    k = coord.fetch_round("a", ta, 5.0).round
+    before = store.load()
+    nan = gradient(coord)
+    first = next(iter(nan))
+    nan[first] = nan[first].clone().fill_(float("nan"))
+    wrong_shape = gradient(coord)
+    wrong_shape[first] = torch.zeros(3)
+    cases = [
+        (Unauthenticated, ta[:-1] + "x", submission(coord, "a", k)),
+        (NotFound, ta, submission(coord, "ghost", k)),
+        (Unauthenticated, ta, submission(coord, "b", k)),  # a's token cannot act for b
+        (FailedPrecondition, ta, submission(coord, "a", k + 1)),
+        (InvalidArgument, ta, submission(coord, "a", k, gradient=nan)),
+        (InvalidArgument, ta, submission(coord, "a", k, gradient=wrong_shape)),
+        (InvalidArgument, ta, submission(coord, "a", k, gradient={first: nan[first]})),
+        (InvalidArgument, ta, submission(coord, "a", k, loss_ratio=0.0)),
+        (InvalidArgument, ta, submission(coord, "a", k, loss_ratio=float("nan"))),
+        (InvalidArgument, ta, submission(coord, "a", k, loss=2.0, f0=1.0, loss_ratio=0.5)),
+        (InvalidArgument, ta, submission(coord, "a", k, num_samples=-1)),
+    ]
+    for error, token, sub in cases:
+        with pytest.raises(error):
+            coord.submit(token, sub)
+    coord.submit(ta, submission(coord, "a", k))
+    with pytest.raises(AlreadyExists):
+        coord.submit(ta, submission(coord, "a", k))
+    assert coord.round == k and coord.phase is Phase.OPEN
+    after = store.load()
+    assert after.server.round == before.server.round and after.server.weights == before.server.weights
+
+
+def test_newcomer_joins_the_next_round_with_weight_one(coord: RoundCoordinator) -> None:
+    tokens = {"a": register(coord, "a"), "b": register(coord, "b", "smile")}
+    k = coord.fetch_round("a", tokens["a"], 5.0).round
+    tc = register(coord, "c", "pose")
+    with pytest.raises(FailedPrecondition, match="not a participant"):
+        coord.submit(tc, submission(coord, "c", k))
+    for n in ("a", "b"):
+        coord.submit(tokens[n], submission(coord, n, k))
+    wait_for(lambda: coord.round == k + 1)
+    tokens["c"] = tc
+    ticket = coord.fetch_round("c", tc, 5.0)
+    assert ticket.round == k + 1
+    run_round(coord, tokens)
+    view = coord.view()
+    assert {n["node_id"] for n in view["nodes"]} == {"a", "b", "c"}
+    assert sum(n["weight"] for n in view["nodes"]) == pytest.approx(3.0)
+
+
+def test_straggler_is_left_out_at_the_deadline_and_back_next_round(store: MemoryStateStore) -> None:
+    c = RoundCoordinator(config(round_timeout=0.5), store)
+    c.start()
+    try:
+        ta, tb = register(c, "a"), register(c, "b", "smile")
+        k = c.fetch_round("a", ta, 5.0).round
+        c.submit(ta, submission(c, "a", k))
+        wait_for(lambda: c.round == k + 1)  # closed at the deadline without b
+        assert "b" not in store.load().server.weights
+        assert c.fetch_round("b", tb, 5.0).round == k + 1
+    finally:
+        c.stop()
+
+
+def test_deregistered_node_drops_out_and_round_closes_without_it(coord: RoundCoordinator) -> None:
+    ta, tb = register(coord, "a"), register(coord, "b", "smile")
+    k = coord.fetch_round("a", ta, 5.0).round
+    coord.submit(ta, submission(coord, "a", k))
+    coord.deregister("b", tb)
+    wait_for(lambda: coord.round == k + 1)
+    with pytest.raises(FailedPrecondition, match="deregistered"):
+        coord.heartbeat("b", tb)
+    assert coord.registered_count() == 1
+
+
+def test_silent_node_is_dropped_after_heartbeat_timeout(store: MemoryStateStore) -> None:
+    c = RoundCoordinator(config(heartbeat_interval=0.05, heartbeat_timeout=0.3), store)
+    c.start()
+    try:
+        register(c, "a")
+        wait_for(lambda: c.registered_count() == 0)
+    finally:
+        c.stop()
+
+
+def test_restart_resumes_identity_weight_and_round(store: MemoryStateStore) -> None:
+    c = RoundCoordinator(config(), store)
+    c.start()
+    tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
+    run_round(c, tokens)
+    weights = {n["node_id"]: n["weight"] for n in c.view()["nodes"]}
+    c.stop()
+    c2 = RoundCoordinator(config(), store)
+    c2.start()
+    try:
+        assert c2.round == 1
+        reg = c2.register(
+            name="a", dataset="mtfl", task="gender", num_samples=10, node_id="a", session_token=tokens["a"]
+        )
+        assert reg.resumed and reg.initial_loss == 1.0 and reg.weight == pytest.approx(weights["a"])
+        with pytest.raises(AlreadyExists):
+            register(c2, "b", "smile")  # the name is taken: b resumes with its id and token
+        with pytest.raises(Unauthenticated):
+            c2.register(name="b", dataset="mtfl", task="smile", num_samples=10, node_id="b", session_token="forged")
+    finally:
+        c2.stop()
+    with pytest.raises(StateError, match="belongs to"):
+        RoundCoordinator(config(dataset="radcom"), store).load()
+
+
+def test_register_validation() -> None:
+    c = RoundCoordinator(config(enrollment_token="s3cret"), MemoryStateStore())
+    c.load()
+    with pytest.raises(Unauthenticated):
+        c.register(name="a", dataset="mtfl", task="gender", num_samples=1, enrollment_token="wrong")
+    ok = dict(name="a", dataset="mtfl", task="gender", num_samples=1, enrollment_token="s3cret")
+    for bad in ({"dataset": "radcom"}, {"task": "modulation"}, {"name": "bad name!"}, {"num_samples": 0}):
+        with pytest.raises(InvalidArgument):
+            c.register(**{**ok, **bad})
+    assert c.register(**ok).node_id == "a"
+
+
+class FlakyStore(StateStore):
+    def __init__(self) -> None:
+        self.inner = MemoryStateStore()
+        self.fail = False
+
+    def load(self) -> Snapshot | None:
+        return self.inner.load()
+
+    def save(self, snapshot: Snapshot) -> None:
+        if self.fail:
+            raise StateError("disk: No space left on device")
+        self.inner.save(snapshot)
+
+    def describe(self) -> str:
+        return "flaky"
+
+
+def test_failed_commit_halts_training_until_the_disk_recovers() -> None:
+    store = FlakyStore()
+    summaries: list[RoundSummary] = []
+    c = RoundCoordinator(config(), store, listeners=[summaries.append])
+    c.start()
+    try:
+        tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
+        store.fail = True
+        k = c.fetch_round("a", tokens["a"], 5.0).round
+        for n, t in tokens.items():
+            c.submit(t, submission(c, n, k))
+        wait_for(lambda: c.phase is Phase.HALTED)
+        assert "No space" in c.view()["halted_reason"]
+        assert c.fetch_round("a", tokens["a"], 0.2) is None  # no new round while halted
+        assert store.load().server.round == k
+        store.fail = False
+        wait_for(lambda: c.phase is Phase.OPEN)
+        assert store.load().server.round == k + 1
+    finally:
+        c.stop()
+
+
+def test_done_after_configured_rounds(store: MemoryStateStore) -> None:
+    c = RoundCoordinator(config(rounds=2), store)
+    c.start()
+    try:
+        tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
+        run_round(c, tokens)
+        run_round(c, tokens)
+        wait_for(lambda: c.phase is Phase.DONE)
+        assert c.fetch_round("a", tokens["a"], 1.0) is None
+    finally:
+        c.stop()
+
+
+def test_concurrent_duplicate_submits_count_once(coord: RoundCoordinator) -> None:
+    ta, _tb = register(coord, "a"), register(coord, "b", "smile")
+    k = coord.fetch_round("a", ta, 5.0).round
+    outcomes: list[str] = []
+
+    def go() -> None:
+        try:
+            coord.submit(ta, submission(coord, "a", k))
+            outcomes.append("ok")
+        except AlreadyExists:
+            outcomes.append("dup")
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["dup"] * 7 + ["ok"]
