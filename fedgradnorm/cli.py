@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedgradnorm.algorithm import ALGORITHMS
+from fedgradnorm.config import ConfigError
 from fedgradnorm.data.base import DataError
 from fedgradnorm.logs import configure_logging
 
@@ -127,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format",
         choices=("auto", "console", "json"),
-        default="auto",
-        help="log lines: console on a terminal, JSON otherwise (default auto)",
+        default=os.environ.get("FEDGRADNORM_LOG_FORMAT", "auto"),
+        help="log lines: console on a terminal, JSON otherwise [env FEDGRADNORM_LOG_FORMAT; default auto]",
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning, error (default info)")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("FEDGRADNORM_LOG_LEVEL", "info"),
+        help="debug, info, warning, error [env FEDGRADNORM_LOG_LEVEL; default info]",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("simulate", help="run the in-process simulator (all clients and the server in one process)")
@@ -191,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level)
     try:
         return int(args.func(args))
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"fedgradnorm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

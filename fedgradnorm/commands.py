@@ -1,44 +1,101 @@
-"""Subcommands beyond the library's own: the main job (demo) and, as they land, the services."""
+"""Subcommands beyond the library's own: the services, the state query and the main job (demo).
+
+gRPC and the services are imported only when one of these commands runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
-from pathlib import Path
+
+from fedgradnorm import config as cfgmod
+
+
+def _aggregator(args: argparse.Namespace) -> int:
+    from services.aggregator.config import ServiceConfig
+    from services.aggregator.coordinator import CoordinatorConfig
+    from services.aggregator.server import serve_forever
+
+    return serve_forever(cfgmod.build(ServiceConfig, args), cfgmod.build(CoordinatorConfig, args))
+
+
+def register_aggregator(sub: argparse._SubParsersAction) -> None:
+    from services.aggregator.config import ServiceConfig
+    from services.aggregator.coordinator import CoordinatorConfig
+
+    p = sub.add_parser(
+        "aggregator",
+        help="run the aggregator service (holds omega and p, runs the FedGradNorm server step)",
+        description="Every flag can also be set by the FEDGRADNORM_<NAME> environment variable.",
+    )
+    cfgmod.add_flags(p, ServiceConfig, {"listen": "gRPC address HOST:PORT (port 0 picks a free one)"})
+    cfgmod.add_flags(p, CoordinatorConfig, {"rounds": "stop after this many rounds (0: never)"})
+    p.set_defaults(func=_aggregator)
+
+
+def _edge_node(args: argparse.Namespace) -> int:
+    from services.edge_node.config import EdgeConfig
+    from services.edge_node.main import serve_edge_node
+
+    return serve_edge_node(cfgmod.build(EdgeConfig, args), max_rounds=args.max_rounds)
+
+
+def register_edge_node(sub: argparse._SubParsersAction) -> None:
+    from services.edge_node.config import EdgeConfig
+
+    p = sub.add_parser(
+        "edge-node",
+        help="run an edge node: one task's client loop against an aggregator",
+        description="Every flag can also be set by the FEDGRADNORM_<NAME> environment variable.",
+    )
+    cfgmod.add_flags(p, EdgeConfig)
+    p.add_argument("--max-rounds", type=int, default=0, help="leave after this many rounds (0: until the end)")
+    p.set_defaults(func=_edge_node)
+
+
+def _state(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+    from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.aggregator) as channel:
+        state = pb_grpc.AggregatorStub(channel).GetState(pb.GetStateRequest(), timeout=args.timeout)
+    print(json.dumps(MessageToDict(state, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def register_state(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("state", help="print the aggregator's state (round, nodes, weights) as JSON")
+    p.add_argument("--aggregator", default="127.0.0.1:50051", help="aggregator address HOST:PORT")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=_state)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedgradnorm.cli import cmd_compare
+    from fedgradnorm.demo import run_demo
 
-    ns = argparse.Namespace(
-        dataset="radcom",
-        data=None,
-        rounds=args.rounds,
-        seed=args.seed,
-        tau_h=5,
-        tau_omega=5,
-        batch_size=64,
-        allocation="balanced",
-        test_fraction=0.2,
-        gamma=0.9,
-        alpha=0.004,
-        beta=0.0002,
-        omega_tilde="",
-        synthetic_size=args.synthetic_size,
-        tasks="",
-        out=str(Path(args.out)),
-        quiet=False,
-    )
-    return cmd_compare(ns)
+    return run_demo(args)
 
 
 def register_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job: FedGradNorm against FedRep on synthetic RadCom")
+    p = sub.add_parser(
+        "demo",
+        help="the main job: an aggregator and three RadCom edge nodes on loopback, FedGradNorm then FedRep",
+    )
     p.add_argument("--out", default="runs/main", help="output folder (default runs/main)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic-size", type=int, default=60, help="RadCom samples per key (default 60)")
+    p.add_argument("--algorithms", default="fedgradnorm,fedrep", help="comma-separated, run one after the other")
     p.set_defaults(func=_demo)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [register_demo]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+    register_aggregator,
+    register_edge_node,
+    register_state,
+    register_demo,
+]

@@ -65,7 +65,7 @@ def plot_comparison(runs: Mapping[str, str | Path], out_png: str | Path, quantit
     key = _auto_quantity(first) if quantity == "auto" else quantity
     tasks: Sequence[str] = list(dict.fromkeys(r["task"] for r in first))
     n = len(tasks) + 1
-    cols = min(3, n)
+    cols = 2 if n <= 4 else 3
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     flat = axes.ravel()

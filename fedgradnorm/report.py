@@ -7,6 +7,8 @@ from pathlib import Path
 
 from fedgradnorm.plotting import load_metrics
 
+SHORT = {"accuracy": "accuracy", "landmark_error_px": "error px"}
+
 
 def final_records(path: str | Path) -> dict[str, dict]:
     records = load_metrics(path)
@@ -15,20 +17,22 @@ def final_records(path: str | Path) -> dict[str, dict]:
 
 
 def final_table(runs: Mapping[str, str | Path]) -> str:
+    """One row per task and run: weight p, train loss F_k, test loss and the task's test metric."""
     finals = {label: final_records(p) for label, p in runs.items()}
     tasks = list(next(iter(finals.values())))
-    header = f"{'task':<12}" + "".join(
-        f"{label + ' ' + col:>26}" for label in finals for col in ("p", "train loss", "test loss", "metric")
-    )
+    width = max(len(label) for label in finals)
+    header = f"{'task':<12} {'run':<{width}} {'p':>7} {'train loss':>11} {'test loss':>10} {'test metric':>20}"
     lines = [header, "-" * len(header)]
     for task in tasks:
-        row = f"{task:<12}"
-        for recs in finals.values():
-            r = recs[task]
-            metric = r["test_metric"]
-            short = "acc" if metric == "accuracy" else "err px"
-            row += f"{r['weight']:>26.3f}{r['train_loss']:>26.4f}{r['test_loss']:>26.4f}"
-            row += f"{f'{r[metric]:.3f} {short}':>26}"
-        lines.append(row)
+        for label, recs in finals.items():
+            r = recs.get(task)
+            if r is None:
+                continue
+            metric = r.get("test_metric")
+            shown = f"{r[metric]:.3f} {SHORT.get(metric, metric)}" if metric and r.get(metric) is not None else "-"
+            test_loss = f"{r['test_loss']:.4f}" if r.get("test_loss") is not None else "-"
+            lines.append(
+                f"{task:<12} {label:<{width}} {r['weight']:>7.3f} {r['train_loss']:>11.4f} {test_loss:>10} {shown:>20}"
+            )
     last_round = max(r["round"] for r in next(iter(finals.values())).values())
     return f"after round {last_round} (rounds counted from 0)\n" + "\n".join(lines)

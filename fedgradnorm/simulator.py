@@ -23,12 +23,12 @@ from fedgradnorm.algorithm import (
     ClientUpdate,
     ServerConfig,
     ServerState,
-    StepResult,
     server_step,
 )
-from fedgradnorm.client import Evaluation, LocalClient, load_omega_
+from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
 from fedgradnorm.models import build_shared
+from fedgradnorm.records import round_record
 from fedgradnorm.tasks import Federation, federation
 
 log = structlog.get_logger("fedgradnorm.simulator")
@@ -78,35 +78,6 @@ class SimulationConfig:
         return DataSource(self.dataset, self.data, synthetic_seed=self.seed, synthetic_size=self.synthetic_size)
 
 
-def round_record(
-    round_: int,
-    client: LocalClient,
-    loss: float,
-    evaluation: Evaluation,
-    step: StepResult,
-    algorithm: str,
-) -> dict[str, Any]:
-    """One line of metrics.jsonl (the services write the same shape)."""
-    report = step.reports[client.name]
-    return {
-        "round": round_,
-        "client": client.name,
-        "task": client.task.name,
-        "algorithm": algorithm,
-        "weight": report.weight,
-        "train_loss": loss,
-        "loss_ratio": report.loss_ratio,
-        "grad_norm": report.grad_norm,
-        "relative_rate": report.relative_rate,
-        "target_grad_norm": report.target,
-        "f_grad": step.f_grad,
-        "test_loss": evaluation.test_loss,
-        "test_metric": evaluation.metric,
-        evaluation.metric: evaluation.value,
-        "num_samples": client.num_samples,
-    }
-
-
 @dataclass
 class Simulation:
     """A running simulation; iterate :meth:`rounds` to advance it one round at a time."""
@@ -146,7 +117,20 @@ class Simulation:
             losses[name], evals[name] = result.loss, evaluation
         step = server_step(self.state, updates, self.config.server_config())
         records = [
-            round_record(k, c, losses[n], evals[n], step, self.config.algorithm) for n, c in self.clients.items()
+            round_record(
+                round_=k,
+                client=n,
+                task=c.task.name,
+                algorithm=self.config.algorithm,
+                report=step.reports[n],
+                f_grad=step.f_grad,
+                train_loss=losses[n],
+                test_loss=evals[n].test_loss,
+                test_metric=evals[n].metric,
+                test_value=evals[n].value,
+                num_samples=c.num_samples,
+            )
+            for n, c in self.clients.items()
         ]
         self.records.extend(records)
         return records

@@ -287,6 +287,10 @@ class RoundCoordinator:
     def loaded(self) -> bool:
         return self._state is not None
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         if self._state is None:
             self.load()
@@ -455,9 +459,12 @@ class RoundCoordinator:
         self._cond.notify_all()
         log.info("node.left", node=node_id, why=why)
 
-    def fetch_round(self, node_id: str, token: str, wait_seconds: float) -> RoundTicket | None:
+    def fetch_round(
+        self, node_id: str, token: str, wait_seconds: float, alive: Callable[[], bool] = lambda: True
+    ) -> RoundTicket | None:
         """Wait up to ``wait_seconds`` for an open round that includes the node and that it has not
-        yet submitted to; None when there is none by then (the node asks again)."""
+        yet submitted to; None when there is none by then (the node asks again) or when ``alive``
+        turns false (the caller went away)."""
         end = time.monotonic() + max(0.0, min(wait_seconds, 300.0))
         with self._cond:
             while True:
@@ -473,9 +480,9 @@ class RoundCoordinator:
                 if self._phase is Phase.DONE:
                     return None
                 remaining = end - time.monotonic()
-                if remaining <= 0 or self._stop.is_set():
+                if remaining <= 0 or self._stop.is_set() or not alive():
                     return None
-                self._cond.wait(remaining)
+                self._cond.wait(min(remaining, 1.0))
 
     def check_submit(self, node_id: str, token: str, round_: int) -> None:
         """Everything that can be refused before the payload is read."""

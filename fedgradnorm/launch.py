@@ -1,0 +1,143 @@
+"""Start and stop the services as real processes (the demo, the tests and the benchmarks use it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        env = {**os.environ, "FEDGRADNORM_LOG_FORMAT": "json", **self.env}
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash the state must survive."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; always reaps the process."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedgradnorm.cli", "--log-format", "json", *args]
+
+
+def wait_ready(ready_file: Path, proc: ServiceProcess, timeout: float = 120.0) -> dict[str, Any]:
+    """Wait until the aggregator wrote its ready file; fail with its log if it died first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if ready_file.exists():
+            return json.loads(ready_file.read_text())
+        if not proc.alive():
+            raise RuntimeError(
+                f"{proc.name} exited with {proc.proc.returncode if proc.proc else '?'}:\n{proc.log_text()[-4000:]}"
+            )
+        time.sleep(0.05)
+    raise TimeoutError(f"{proc.name} not ready after {timeout} s:\n{proc.log_text()[-4000:]}")
+
+
+def start_aggregator(
+    workdir: Path, flags: Sequence[str], name: str = "aggregator", env: dict[str, str] | None = None
+) -> tuple[ServiceProcess, dict[str, Any]]:
+    ready = workdir / f"{name}.ready.json"
+    if ready.exists():
+        ready.unlink()
+    proc = ServiceProcess(
+        name,
+        cli(
+            "aggregator",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+            str(ready),
+            *flags,
+        ),
+        workdir / f"{name}.log",
+        env=env or {},
+    ).start()
+    try:
+        return proc, wait_ready(ready, proc)
+    except BaseException:
+        proc.stop()
+        raise
+
+
+def start_edge_node(
+    workdir: Path,
+    port: int,
+    task: str,
+    flags: Sequence[str],
+    name: str | None = None,
+    env: dict[str, str] | None = None,
+) -> ServiceProcess:
+    name = name or task
+    return ServiceProcess(
+        name,
+        cli(
+            "edge-node",
+            "--aggregator",
+            f"127.0.0.1:{port}",
+            "--task",
+            task,
+            "--name",
+            name,
+            "--state-dir",
+            str(workdir / f"node-{name}"),
+            *flags,
+        ),
+        workdir / f"node-{name}.log",
+        env=env or {},
+    ).start()

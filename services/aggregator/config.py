@@ -1,0 +1,32 @@
+"""The aggregator service's own settings (transport, files); the round settings are CoordinatorConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedgradnorm.wire import DEFAULT_CHUNK_BYTES
+
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9464"  # "" disables the metrics endpoint
+    state_dir: str = "aggregator-state"
+    metrics_log: str = ""  # JSON lines per round and node; default <state_dir>/metrics.jsonl
+    ready_file: str = ""  # written once serving: {"grpc_port": ..., "metrics_port": ...}
+    max_workers: int = 64
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    wire_dtype: str = "float32"
+    max_fetch_wait: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, not {self.wire_dtype!r}")
+        if self.max_workers < 4:
+            raise ValueError("max_workers must be at least 4")
+        if not 1024 <= self.chunk_bytes <= 3 << 20:
+            raise ValueError("chunk_bytes must be between 1 KiB and 3 MiB (gRPC's message limit is 4 MiB)")
+        if ":" not in self.listen:
+            raise ValueError(f"listen must be HOST:PORT, not {self.listen!r}")

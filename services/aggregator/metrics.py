@@ -1,0 +1,83 @@
+"""Prometheus metrics of the aggregator, on a port of their own (``/metrics``).
+
+Per-node series carry ``node`` and ``task`` labels; when a node leaves, its series are removed
+rather than frozen at their last value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.aggregator.coordinator import RoundSummary
+
+NODE_LABELS = ("node", "task")
+
+
+class AggregatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.weight = Gauge("fedgradnorm_task_weight", "Loss weight p of the node's task", NODE_LABELS, registry=r)
+        self.loss_ratio = Gauge(
+            "fedgradnorm_task_loss_ratio", "Inverse training rate F~ = F_k / F_0", NODE_LABELS, registry=r
+        )
+        self.train_loss = Gauge(
+            "fedgradnorm_task_train_loss", "Training loss F_k of the last round", NODE_LABELS, registry=r
+        )
+        self.test_metric = Gauge(
+            "fedgradnorm_task_test_metric", "Test metric reported by the node", (*NODE_LABELS, "metric"), registry=r
+        )
+        self.test_loss = Gauge("fedgradnorm_task_test_loss", "Test loss reported by the node", NODE_LABELS, registry=r)
+        self.grad_norm = Gauge(
+            "fedgradnorm_task_grad_norm", "Gradient norm on the last shared layer", NODE_LABELS, registry=r
+        )
+        self.round = Gauge("fedgradnorm_round", "The current round number", registry=r)
+        self.round_duration = Histogram(
+            "fedgradnorm_round_duration_seconds",
+            "Wall time from a round's opening to its close",
+            buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.participants = Gauge(
+            "fedgradnorm_round_participants", "Nodes whose update the last round used", registry=r
+        )
+        self.registered = Gauge("fedgradnorm_registered_nodes", "Registered nodes", registry=r)
+        self.updates = Counter("fedgradnorm_updates_total", "Submitted updates by outcome", ("outcome",), registry=r)
+        self.bytes = Counter("fedgradnorm_bytes_total", "Payload bytes on the wire", ("direction",), registry=r)
+        self.f_grad = Gauge("fedgradnorm_f_grad", "GradNorm auxiliary loss F_grad of the last round", registry=r)
+        self._series: dict[str, tuple[str, set[str]]] = {}  # node -> (task, metric names)
+
+    def on_round(self, summary: RoundSummary) -> None:
+        self.round.set(summary.round + 1)
+        self.round_duration.observe(summary.duration_seconds)
+        self.participants.set(len(summary.submitted))
+        self.f_grad.set(summary.step.f_grad)
+        for node, sub in summary.submitted.items():
+            task = summary.members[node].task
+            rep = summary.step.reports[node]
+            self.weight.labels(node, task).set(rep.weight)
+            self.loss_ratio.labels(node, task).set(rep.loss_ratio)
+            self.grad_norm.labels(node, task).set(rep.grad_norm)
+            self.train_loss.labels(node, task).set(sub.loss)
+            if sub.test_loss is not None:
+                self.test_loss.labels(node, task).set(sub.test_loss)
+            for metric, value in sub.test_metrics.items():
+                self.test_metric.labels(node, task, metric).set(value)
+            self._series[node] = (task, set(sub.test_metrics) | self._series.get(node, (task, set()))[1])
+        for node, member in summary.members.items():
+            if not member.registered:
+                self.forget(node)
+
+    def forget(self, node: str) -> None:
+        """Remove a departed node's series."""
+        if node not in self._series:
+            return
+        task, metrics = self._series.pop(node)
+        for gauge in (self.weight, self.loss_ratio, self.grad_norm, self.train_loss, self.test_loss):
+            with contextlib.suppress(KeyError):
+                gauge.remove(node, task)
+        for metric in metrics:
+            with contextlib.suppress(KeyError):
+                self.test_metric.remove(node, task, metric)

@@ -1,0 +1,154 @@
+"""Assemble and run the aggregator process: gRPC (service, health, reflection), metrics, state."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+from fedgradnorm.records import append_jsonl, round_record
+from services.aggregator.config import ServiceConfig
+from services.aggregator.coordinator import CoordinatorConfig, Phase, RoundCoordinator, RoundSummary
+from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.servicer import AggregatorServicer
+from services.aggregator.store import FileStateStore
+
+log = structlog.get_logger("fedgradnorm.aggregator")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 4 << 20),
+    ("grpc.max_send_message_length", 4 << 20),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class RoundLog:
+    """Appends the metrics.jsonl records of every closed round (same shape as the simulator's)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, s: RoundSummary) -> None:
+        records = []
+        for node, sub in sorted(s.submitted.items()):
+            member = s.members[node]
+            metric = next(iter(sub.test_metrics), None)
+            records.append(
+                round_record(
+                    round_=s.round,
+                    client=node,
+                    task=member.task,
+                    algorithm=s.algorithm,
+                    report=s.step.reports[node],
+                    f_grad=s.step.f_grad,
+                    train_loss=sub.loss,
+                    test_loss=sub.test_loss,
+                    test_metric=metric,
+                    test_value=sub.test_metrics.get(metric) if metric else None,
+                    num_samples=sub.num_samples,
+                )
+            )
+        append_jsonl(self.path, records)
+
+
+@dataclass
+class RunningAggregator:
+    server: grpc.Server
+    coordinator: RoundCoordinator
+    health: health.HealthServicer
+    metrics: AggregatorMetrics
+    grpc_port: int
+    metrics_port: int | None
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.coordinator.stop()
+
+
+def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> RunningAggregator:
+    """Start serving: health says NOT_SERVING until the state is loaded, SERVING after."""
+    metrics = AggregatorMetrics()
+    store = FileStateStore(service.state_dir)
+    log_path = Path(service.metrics_log or os.path.join(service.state_dir, "metrics.jsonl"))
+    coordinator = RoundCoordinator(rounds, store, listeners=[metrics.on_round, RoundLog(log_path)])
+
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=service.max_workers), options=GRPC_OPTIONS)
+    pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(coordinator, service, metrics), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(service.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {service.listen}")
+    metrics_port = None
+    if service.metrics_listen:
+        host, mport = _split_host_port(service.metrics_listen)
+        httpd, _ = start_http_server(mport, addr=host, registry=metrics.registry)
+        metrics_port = httpd.server_port
+    server.start()
+    log.info("aggregator.listening", grpc_port=port, metrics_port=metrics_port, state=store.describe())
+
+    coordinator.start()  # loads or initialises the state; raises StateError on a corrupt one
+    metrics.round.set(coordinator.round)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = RunningAggregator(server, coordinator, health_servicer, metrics, port, metrics_port)
+    threading.Thread(target=_watch_halt, args=(running,), name="health-watch", daemon=True).start()
+    if service.ready_file:
+        tmp = service.ready_file + ".tmp"
+        Path(tmp).write_text(json.dumps({"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
+        os.replace(tmp, service.ready_file)
+    return running
+
+
+def _watch_halt(running: RunningAggregator) -> None:
+    """Readiness follows the coordinator: NOT_SERVING for the service while commits fail."""
+    last = None
+    while running.coordinator.running:
+        halted = running.coordinator.phase is Phase.HALTED
+        if halted != last:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING if halted else health_pb2.HealthCheckResponse.SERVING
+            running.health.set(SERVICE_NAME, status)
+            last = halted
+        running.metrics.registered.set(running.coordinator.registered_count())
+        threading.Event().wait(1.0)
+
+
+def serve_forever(service: ServiceConfig, rounds: CoordinatorConfig) -> int:
+    running = start_aggregator(service, rounds)
+    done = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("aggregator.stopping", signal=signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    done.wait()
+    running.stop()
+    log.info("aggregator.stopped", round=running.coordinator.round)
+    return 0

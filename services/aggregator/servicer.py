@@ -1,0 +1,249 @@
+"""The gRPC face of the aggregator: unpack, call the coordinator, map domain errors to status codes.
+
+No FedGradNorm logic lives here; every decision is the coordinator's, every number the library's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import structlog
+
+from fedgradnorm import wire
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
+from services.aggregator.config import ServiceConfig
+from services.aggregator.coordinator import (
+    AlreadyExists,
+    CoordinatorError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Phase,
+    ResourceExhausted,
+    RoundCoordinator,
+    Submission,
+    Unauthenticated,
+    Unavailable,
+)
+from services.aggregator.metrics import AggregatorMetrics
+
+log = structlog.get_logger("fedgradnorm.aggregator")
+
+STATUS: dict[type[CoordinatorError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+PHASES = {
+    Phase.WAITING: pb.PHASE_WAITING_FOR_NODES,
+    Phase.OPEN: pb.PHASE_ROUND_OPEN,
+    Phase.STEPPING: pb.PHASE_STEPPING,
+    Phase.DONE: pb.PHASE_DONE,
+    Phase.HALTED: pb.PHASE_HALTED,
+}
+
+DTYPE_NAMES = {
+    "float32": tensor_pb2.DTYPE_FLOAT32,
+    "float16": tensor_pb2.DTYPE_FLOAT16,
+    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
+}
+
+
+def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+    if isinstance(error, CoordinatorError):
+        context.abort(STATUS.get(type(error), grpc.StatusCode.FAILED_PRECONDITION), str(error))
+    if isinstance(error, wire.WireError):
+        context.abort(error.grpc_status(), str(error))
+    raise error
+
+
+class AggregatorServicer(pb_grpc.AggregatorServicer):
+    def __init__(self, coordinator: RoundCoordinator, config: ServiceConfig, metrics: AggregatorMetrics) -> None:
+        self.coord = coordinator
+        self.config = config
+        self.metrics = metrics
+        self.wire_dtype = DTYPE_NAMES[config.wire_dtype]
+        self.accepted = tuple(DTYPE_NAMES.values())
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+        try:
+            reg = self.coord.register(
+                name=request.node_name,
+                dataset=request.dataset,
+                task=request.task,
+                num_samples=request.num_samples,
+                enrollment_token=request.enrollment_token,
+                node_id=request.node_id,
+                session_token=request.session_token,
+            )
+        except CoordinatorError as e:
+            _abort(context, e)
+        self.metrics.registered.set(self.coord.registered_count())
+        cfg = self.coord.config
+        resp = pb.RegisterResponse(
+            node_id=reg.node_id,
+            session_token=reg.session_token,
+            network=cfg.network,
+            algorithm=cfg.algorithm,
+            omega_tilde=list(self.coord.server_config.omega_tilde),
+            round_config=pb.RoundConfig(
+                tau_h=cfg.tau_h, tau_omega=cfg.tau_omega, beta=cfg.beta, batch_size=cfg.batch_size
+            ),
+            seed=cfg.seed,
+            wire_dtype=self.wire_dtype,
+            accepted_dtypes=list(self.accepted),
+            max_chunk_bytes=self.config.chunk_bytes,
+            max_update_bytes=self.coord.model_bytes(),
+            heartbeat_interval_seconds=cfg.heartbeat_interval,
+            weight=reg.weight,
+            resumed=reg.resumed,
+        )
+        if reg.initial_loss is not None:
+            resp.initial_loss = reg.initial_loss
+        return resp
+
+    def FetchRound(
+        self, request: pb.FetchRoundRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.FetchRoundResponse]:
+        dtype = request.dtype or self.wire_dtype
+        if dtype not in self.accepted:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad_dtype: dtype {dtype} is not among {self.accepted}")
+        wait = min(max(request.wait_seconds, 0.0), self.config.max_fetch_wait)
+        try:
+            ticket = self.coord.fetch_round(request.node_id, request.session_token, wait, alive=context.is_active)
+        except CoordinatorError as e:
+            _abort(context, e)
+        if ticket is None:
+            status = pb.ROUND_STATUS_FINISHED if self.coord.phase is Phase.DONE else pb.ROUND_STATUS_NOT_YET
+            yield pb.FetchRoundResponse(header=pb.RoundHeader(status=status, round=self.coord.round))
+            return
+        specs = wire.tensor_specs(ticket.omega, dtype)
+        total = wire.payload_nbytes(specs)
+        yield pb.FetchRoundResponse(
+            header=pb.RoundHeader(
+                status=pb.ROUND_STATUS_OPEN,
+                round=ticket.round,
+                deadline_unix_seconds=ticket.deadline_unix,
+                tensors=specs,
+                total_bytes=total,
+            )
+        )
+        for data in wire.iter_chunks(ticket.omega, dtype, self.config.chunk_bytes):
+            yield pb.FetchRoundResponse(chunk=tensor_pb2.TensorChunk(data=data))
+        self.metrics.bytes.labels("sent").inc(total)
+
+    def SubmitUpdate(
+        self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
+    ) -> pb.SubmitUpdateResponse:
+        received = 0
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise InvalidArgument("the first message of SubmitUpdate must be a SubmitHeader", reason="bad_stream")
+            h = first.header
+            self.coord.check_submit(h.node_id, h.session_token, h.round)  # before any payload is buffered
+            asm = wire.TensorAssembler.from_header(
+                h, self.coord.expected_shapes(), max_bytes=self.coord.model_bytes(), allowed_dtypes=self.accepted
+            )
+            for msg in request_iterator:
+                if msg.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument("only TensorChunk messages may follow the header", reason="bad_stream")
+                asm.feed(msg.chunk.data)
+                received += len(msg.chunk.data)
+            gradient = asm.finish()
+            self.coord.submit(
+                h.session_token,
+                Submission(
+                    node_id=h.node_id,
+                    round=h.round,
+                    gradient=gradient,
+                    loss=h.loss,
+                    initial_loss=h.initial_loss,
+                    loss_ratio=h.loss_ratio,
+                    num_samples=h.num_samples,
+                    test_loss=h.test_loss if h.HasField("test_loss") else None,
+                    test_metrics=dict(h.test_metrics),
+                ),
+            )
+        except CoordinatorError as e:
+            self.metrics.updates.labels(e.reason).inc()
+            _abort(context, e)
+        except wire.WireError as e:
+            self.metrics.updates.labels(e.code).inc()
+            _abort(context, e)
+        finally:
+            self.metrics.bytes.labels("received").inc(received)
+        self.metrics.updates.labels("accepted").inc()
+        return pb.SubmitUpdateResponse(accepted=True, round=h.round)
+
+    def Deregister(self, request: pb.DeregisterRequest, context: grpc.ServicerContext) -> pb.DeregisterResponse:
+        try:
+            self.coord.deregister(request.node_id, request.session_token)
+        except CoordinatorError as e:
+            _abort(context, e)
+        self.metrics.registered.set(self.coord.registered_count())
+        self.metrics.forget(request.node_id)
+        return pb.DeregisterResponse()
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        try:
+            round_ = self.coord.heartbeat(request.node_id, request.session_token)
+        except (NotFound, FailedPrecondition):
+            return pb.HeartbeatResponse(round=self.coord.round, registered=False)
+        except CoordinatorError as e:
+            _abort(context, e)
+        return pb.HeartbeatResponse(round=round_, registered=True)
+
+    def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
+        view = self.coord.view()
+        cfg = self.coord.config
+        nodes = []
+        for n in view["nodes"]:
+            node = pb.NodeState(
+                node_id=n["node_id"],
+                node_name=n["name"],
+                task=n["task"],
+                weight=n["weight"],
+                loss_ratio=n["loss_ratio"] or 0.0,
+                grad_norm=n["grad_norm"] or 0.0,
+                train_loss=n["train_loss"] or 0.0,
+                test_metrics=n["test_metrics"],
+                num_samples=n["num_samples"],
+                active=n["registered"],
+                last_round=n["last_round"],
+                registered_unix_seconds=n["registered_unix"],
+            )
+            if n["initial_loss"] is not None:
+                node.initial_loss = n["initial_loss"]
+            if n["test_loss"] is not None:
+                node.test_loss = n["test_loss"]
+            nodes.append(node)
+        return pb.GetStateResponse(
+            round=view["round"],
+            phase=PHASES[self.coord.phase],
+            algorithm=cfg.algorithm,
+            dataset=cfg.dataset,
+            network=cfg.network,
+            hyperparameters=pb.Hyperparameters(
+                gamma=cfg.gamma,
+                alpha=cfg.alpha,
+                beta=cfg.beta,
+                tau_h=cfg.tau_h,
+                tau_omega=cfg.tau_omega,
+                batch_size=cfg.batch_size,
+                min_nodes=cfg.min_nodes,
+                round_timeout_seconds=cfg.round_timeout,
+            ),
+            nodes=nodes,
+            halted_reason=view["halted_reason"] or "",
+        )

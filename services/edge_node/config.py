@@ -1,0 +1,42 @@
+"""The edge node's settings, from flags or FEDGRADNORM_* environment variables."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from fedgradnorm.tasks import federation
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    aggregator: str = "127.0.0.1:50051"
+    dataset: str = "radcom"
+    task: str = "modulation"
+    name: str = ""  # default: the task name (simulator-compatible); in Kubernetes, the pod's name
+    data: str = ""  # real data file/folder; "" generates the synthetic set from seed
+    seed: int = 0  # seed of the synthetic data and of the partition (must match the federation's)
+    synthetic_size: int = 100
+    allocation: str = "balanced"
+    test_fraction: float = 0.2
+    state_dir: str = "edge-state"
+    enrollment_token: str = field(default="", repr=False)
+    fetch_wait: float = 10.0
+    max_backoff: float = 10.0
+    metrics_listen: str = ""  # e.g. 0.0.0.0:9465; "" disables
+    wire_dtype: str = ""  # "" takes the aggregator's announcement
+    no_train: bool = False  # benchmark switch: submit a zero gradient without training
+    torch_threads: int = 0  # 0: torch's default
+
+    def __post_init__(self) -> None:
+        fed = federation(self.dataset)
+        if self.task not in fed.task_names:
+            raise ValueError(f"task {self.task!r} is not a {self.dataset} task; tasks: {list(fed.task_names)}")
+        if self.fetch_wait <= 0 or self.max_backoff <= 0:
+            raise ValueError("fetch_wait and max_backoff must be positive")
+        if self.wire_dtype not in ("", "float32", "float16", "bfloat16"):
+            raise ValueError(f"wire_dtype must be float32, float16 or bfloat16, not {self.wire_dtype!r}")
+
+    @property
+    def node_name(self) -> str:
+        return self.name or self.task or socket.gethostname()

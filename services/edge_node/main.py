@@ -1,0 +1,30 @@
+"""Run an edge node process until the federation finishes or SIGTERM arrives."""
+
+from __future__ import annotations
+
+import signal
+
+import structlog
+from prometheus_client import start_http_server
+
+from services.edge_node.config import EdgeConfig
+from services.edge_node.node import EdgeNode
+
+log = structlog.get_logger("fedgradnorm.edge_node")
+
+
+def serve_edge_node(config: EdgeConfig, max_rounds: int = 0) -> int:
+    node = EdgeNode(config)
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("node.stopping", signal=signal.Signals(signum).name)
+        node.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if config.metrics_listen:
+        host, _, port = config.metrics_listen.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0", registry=node.metrics.registry)
+    rounds = node.run(max_rounds=max_rounds)
+    log.info("node.done", rounds=rounds)
+    return 0

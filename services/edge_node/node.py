@@ -1,0 +1,381 @@
+"""The edge node: a long-lived gRPC client loop around the library's client step.
+
+register (or resume) -> loop { FetchRound -> LocalClient.run_round -> SubmitUpdate -> save state }
+with a heartbeat thread beside it. Torch, the data and the model are loaded once; nothing is
+rebuilt per round. The aggregator being away is retried with capped exponential backoff; SIGTERM
+stops the loop between steps, then the node deregisters.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fedgradnorm import wire
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
+from fedgradnorm.algorithm import ClientConfig
+from fedgradnorm.client import LocalClient, load_omega_
+from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
+from fedgradnorm.models import build_shared
+from fedgradnorm.tasks import federation
+from services.edge_node.config import EdgeConfig
+from services.edge_node.store import Identity, NodeStateError, NodeStore
+
+log = structlog.get_logger("fedgradnorm.edge_node")
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+REJOIN = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
+DTYPES = {
+    "float32": tensor_pb2.DTYPE_FLOAT32,
+    "float16": tensor_pb2.DTYPE_FLOAT16,
+    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
+}
+
+
+class EdgeNodeError(RuntimeError):
+    """A condition the node cannot train through (bad global model, refused registration...)."""
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.step_seconds = Histogram(
+            "fedgradnorm_edge_step_seconds",
+            "Local client step wall time",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+            registry=r,
+        )
+        self.samples_per_second = Gauge(
+            "fedgradnorm_edge_samples_per_second", "Training throughput of the last step", registry=r
+        )
+        self.train_loss = Gauge("fedgradnorm_edge_train_loss", "F_k of the last step", registry=r)
+        self.loss_ratio = Gauge("fedgradnorm_edge_loss_ratio", "F~ of the last step", registry=r)
+        self.test_loss = Gauge("fedgradnorm_edge_test_loss", "Test loss of the last evaluation", registry=r)
+        self.test_metric = Gauge(
+            "fedgradnorm_edge_test_metric", "Test metric of the last evaluation", ("metric",), registry=r
+        )
+        self.connected = Gauge("fedgradnorm_edge_connected", "1 while the aggregator answers, 0 otherwise", registry=r)
+        self.round = Gauge("fedgradnorm_edge_round", "Last round this node submitted to", registry=r)
+        self.reconnects = Counter(
+            "fedgradnorm_edge_reconnects_total", "Retries after the aggregator was away", registry=r
+        )
+
+
+@dataclass
+class Session:
+    identity: Identity
+    config: ClientConfig
+    seed: int
+    dtype: int
+    chunk_bytes: int
+    heartbeat_interval: float
+    initial_loss: float | None
+
+
+class EdgeNode:
+    def __init__(self, config: EdgeConfig, *, data: ClientData | None = None) -> None:
+        self.config = config
+        self.fed = federation(config.dataset)
+        self.task = self.fed.task(config.task)
+        self.store = NodeStore(config.state_dir)
+        self.metrics = NodeMetrics()
+        self.stop_event = threading.Event()
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.identity = self.store.load_identity()  # fail fast on a corrupt state folder
+        if self.identity is not None and (self.identity.task, self.identity.dataset) != (config.task, config.dataset):
+            raise NodeStateError(
+                f"{self.store.identity_path}: identity is for {self.identity.dataset}/{self.identity.task}, "
+                f"not {config.dataset}/{config.task}"
+            )
+        if data is None:
+            source = DataSource(config.dataset, config.data or None, config.seed, config.synthetic_size)
+            alloc = Allocation.parse(config.allocation, config.test_fraction)
+            data = load_clients(source, self.fed.task_names, alloc, config.seed)[config.task]
+        self.data = data
+        self.shared = build_shared(self.fed.network, 0)  # weights come from the aggregator every round
+        self.expected = {k: tuple(v.shape) for k, v in self.shared.named_parameters()}
+        self.client: LocalClient | None = None
+        self.channel = grpc.insecure_channel(config.aggregator, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.AggregatorStub(self.channel)
+        self.session: Session | None = None
+        self.rounds_done = 0
+        self._zero_gradient: dict[str, torch.Tensor] | None = None
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def _retry(self, what: str, call: Callable[[], object]) -> object:
+        """Call until it succeeds or the node is stopped; back off while the aggregator is away."""
+        delay = 0.2
+        while True:
+            try:
+                result = call()
+                self.metrics.connected.set(1)
+                return result
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or self.stop_event.is_set():
+                    raise
+                self.metrics.connected.set(0)
+                self.metrics.reconnects.inc()
+                log.warning("aggregator.unreachable", call=what, code=e.code().name, retry_in=round(delay, 2))
+                if self.stop_event.wait(delay * (0.5 + random.random() / 2)):
+                    raise
+                delay = min(delay * 2, self.config.max_backoff)
+
+    def register(self) -> Session:
+        cfg = self.config
+        ident = self.identity
+
+        def call() -> pb.RegisterResponse:
+            return self.stub.Register(
+                pb.RegisterRequest(
+                    enrollment_token=cfg.enrollment_token,
+                    node_name=cfg.node_name,
+                    dataset=cfg.dataset,
+                    task=cfg.task,
+                    num_samples=len(self.data.train),
+                    node_id=ident.node_id if ident else "",
+                    session_token=ident.session_token if ident else "",
+                ),
+                timeout=30,
+            )
+
+        try:
+            resp = self._retry("Register", call)
+        except grpc.RpcError as e:
+            raise EdgeNodeError(f"registration refused: {e.code().name}: {e.details()}") from e
+        assert isinstance(resp, pb.RegisterResponse)
+        if resp.network != self.fed.network:
+            raise EdgeNodeError(f"aggregator trains {resp.network}, this node's task needs {self.fed.network}")
+        identity = Identity(resp.node_id, resp.session_token, cfg.aggregator, cfg.dataset, cfg.task)
+        self.store.save_identity(identity)
+        self.identity = identity
+        rc = resp.round_config
+        session = Session(
+            identity=identity,
+            config=ClientConfig(tau_h=rc.tau_h, tau_omega=rc.tau_omega, beta=rc.beta, batch_size=rc.batch_size),
+            seed=resp.seed,
+            dtype=DTYPES[cfg.wire_dtype] if cfg.wire_dtype else resp.wire_dtype,
+            chunk_bytes=resp.max_chunk_bytes,
+            heartbeat_interval=resp.heartbeat_interval_seconds,
+            initial_loss=resp.initial_loss if resp.HasField("initial_loss") else None,
+        )
+        self._build_client(session)
+        log.info("node.registered", node=identity.node_id, task=cfg.task, resumed=resp.resumed, weight=resp.weight)
+        self.session = session
+        return session
+
+    def _build_client(self, session: Session) -> None:
+        if self.client is not None and self.client.config == session.config and self.client.seed == session.seed:
+            return
+        client = LocalClient(session.identity.node_id, self.task, self.data, session.config, session.seed)
+        blob = self.store.load_client()
+        if blob is not None:
+            try:
+                client.load_state_bytes(blob)
+            except Exception as e:
+                raise NodeStateError(
+                    f"{self.store.client_path}: corrupt personal model ({type(e).__name__}: {e})"
+                ) from e
+        if client.initial_loss is None and session.initial_loss is not None:
+            client.initial_loss = session.initial_loss
+        self.client = client
+
+    # -- the round loop -------------------------------------------------------------------------
+
+    def fetch(self) -> tuple[pb.RoundHeader, dict[str, torch.Tensor] | None]:
+        s = self.session
+        assert s is not None
+        stream = self.stub.FetchRound(
+            pb.FetchRoundRequest(
+                node_id=s.identity.node_id,
+                session_token=s.identity.session_token,
+                wait_seconds=self.config.fetch_wait,
+                dtype=s.dtype,
+            ),
+            timeout=self.config.fetch_wait + 60,
+        )
+        first = next(stream)
+        if first.WhichOneof("payload") != "header":
+            raise EdgeNodeError("aggregator sent a chunk before the round header")
+        header = first.header
+        if header.status != pb.ROUND_STATUS_OPEN:
+            stream.cancel()
+            return header, None
+        try:
+            asm = wire.TensorAssembler.from_header(
+                header, self.expected, max_bytes=4 * sum(v.numel() for v in self.shared.parameters())
+            )
+            for msg in stream:
+                asm.feed(msg.chunk.data)
+            omega = asm.finish()
+        except wire.WireError as e:
+            stream.cancel()
+            raise EdgeNodeError(f"global model of round {header.round} refused: {e}") from e
+        if not all(bool(torch.isfinite(t).all()) for t in omega.values()):
+            raise EdgeNodeError(f"global model of round {header.round} contains NaN or infinity")
+        return header, omega
+
+    def train(self, round_: int, omega: dict[str, torch.Tensor]) -> pb.SubmitHeader:
+        """The library's client step on omega_k; returns the header and stashes the gradient."""
+        assert self.client is not None and self.session is not None
+        if self.config.no_train:
+            if self._zero_gradient is None:
+                self._zero_gradient = {k: torch.zeros_like(v) for k, v in omega.items()}
+            self._gradient = self._zero_gradient
+            loss = f0 = ratio = 1.0
+            test_loss, test_metrics = None, {}
+        else:
+            load_omega_(self.shared, omega)
+            t0 = time.perf_counter()
+            result, evaluation = self.client.run_round(self.shared, round_)
+            dt = time.perf_counter() - t0
+            self.metrics.step_seconds.observe(dt)
+            steps = self.session.config.tau_h + self.session.config.tau_omega
+            self.metrics.samples_per_second.set(
+                steps * min(self.session.config.batch_size, self.client.num_samples) / dt
+            )
+            self.metrics.train_loss.set(result.loss)
+            self.metrics.loss_ratio.set(result.loss_ratio)
+            self.metrics.test_loss.set(evaluation.test_loss)
+            self.metrics.test_metric.labels(evaluation.metric).set(evaluation.value)
+            self._gradient = result.gradient
+            loss, f0, ratio = result.loss, result.initial_loss, result.loss_ratio
+            test_loss, test_metrics = evaluation.test_loss, {evaluation.metric: evaluation.value}
+        s = self.session
+        header = pb.SubmitHeader(
+            node_id=s.identity.node_id,
+            session_token=s.identity.session_token,
+            round=round_,
+            tensors=wire.tensor_specs(self._gradient, s.dtype),
+            loss=loss,
+            initial_loss=f0,
+            loss_ratio=ratio,
+            num_samples=self.client.num_samples,
+            test_metrics=test_metrics,
+        )
+        header.total_bytes = wire.payload_nbytes(header.tensors)
+        if test_loss is not None:
+            header.test_loss = test_loss
+        return header
+
+    def _submit_stream(self, header: pb.SubmitHeader) -> Iterator[pb.SubmitUpdateRequest]:
+        assert self.session is not None
+        yield pb.SubmitUpdateRequest(header=header)
+        for data in wire.iter_chunks(self._gradient, self.session.dtype, self.session.chunk_bytes):
+            yield pb.SubmitUpdateRequest(chunk=tensor_pb2.TensorChunk(data=data))
+
+    def submit(self, header: pb.SubmitHeader) -> bool:
+        try:
+            self.stub.SubmitUpdate(self._submit_stream(header), timeout=120)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                log.warning("update.not_used", round=header.round, code=e.code().name, why=e.details())
+                return False
+            raise
+        return True
+
+    def run_once(self) -> bool:
+        """Fetch one round (waiting up to fetch_wait), train, submit. False when training is over."""
+        header, omega = self._retry("FetchRound", self.fetch)  # type: ignore[misc]
+        if header.status == pb.ROUND_STATUS_FINISHED:
+            return False
+        if omega is None:
+            return True
+        structlog.contextvars.bind_contextvars(round=header.round, node=self.config.node_name)
+        try:
+            submit_header = self.train(header.round, omega)
+            if self.stop_event.is_set():
+                log.info("round.abandoned", why="stopping")
+                return False
+            accepted = self._retry("SubmitUpdate", lambda: self.submit(submit_header))
+            if accepted:
+                assert self.client is not None
+                if not self.config.no_train:
+                    self.store.save_client(self.client.state_bytes())
+                self.rounds_done += 1
+                self.metrics.round.set(header.round)
+                log.info("round.submitted", loss=round(submit_header.loss, 5), ratio=round(submit_header.loss_ratio, 5))
+        finally:
+            structlog.contextvars.unbind_contextvars("round", "node")
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stop_event.is_set():
+            s = self.session
+            interval = s.heartbeat_interval if s else 5.0
+            if self.stop_event.wait(interval):
+                return
+            if s is None:
+                continue
+            try:
+                resp = self.stub.Heartbeat(
+                    pb.HeartbeatRequest(node_id=s.identity.node_id, session_token=s.identity.session_token),
+                    timeout=interval,
+                )
+                self.metrics.connected.set(1)
+                if not resp.registered:
+                    self._needs_register.set()
+            except grpc.RpcError as e:
+                self.metrics.connected.set(0)
+                log.debug("heartbeat.failed", code=e.code().name)
+
+    def run(self, max_rounds: int = 0) -> int:
+        """Register and train until the aggregator finishes, ``max_rounds`` rounds, or stop()."""
+        self._needs_register = threading.Event()
+        self.register()
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while not self.stop_event.is_set():
+                if self._needs_register.is_set():
+                    self._needs_register.clear()
+                    self.register()
+                try:
+                    if not self.run_once():
+                        break
+                except grpc.RpcError as e:
+                    if e.code() in REJOIN or (
+                        e.code() == grpc.StatusCode.FAILED_PRECONDITION and "deregistered" in (e.details() or "")
+                    ):
+                        log.warning("node.rejoining", code=e.code().name, why=e.details())
+                        self.register()
+                        continue
+                    if self.stop_event.is_set():
+                        break
+                    raise
+                if max_rounds and self.rounds_done >= max_rounds:
+                    break
+        finally:
+            self.stop_event.set()
+            beat.join(timeout=5)
+            self.deregister()
+            self.channel.close()
+        return self.rounds_done
+
+    def deregister(self) -> None:
+        s = self.session
+        if s is None:
+            return
+        try:
+            self.stub.Deregister(
+                pb.DeregisterRequest(node_id=s.identity.node_id, session_token=s.identity.session_token), timeout=5
+            )
+            log.info("node.deregistered", node=s.identity.node_id)
+        except grpc.RpcError as e:
+            log.warning("deregister.failed", code=e.code().name)
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -1,0 +1,75 @@
+"""The edge node's state folder: its identity at the aggregator and its personal model.
+
+``identity.json`` holds the node id and session token (so a restart resumes instead of enrolling
+anew); ``client.pt`` holds the head h^(i), its Adam moments and F_0. Both are replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class NodeStateError(RuntimeError):
+    """A state folder that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    node_id: str
+    session_token: str
+    aggregator: str
+    dataset: str
+    task: str
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class NodeStore:
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.identity_path = self.directory / "identity.json"
+        self.client_path = self.directory / "client.pt"
+
+    def load_identity(self) -> Identity | None:
+        if not self.identity_path.exists():
+            return None
+        try:
+            raw = json.loads(self.identity_path.read_text())
+            return Identity(**{k: str(raw[k]) for k in Identity.__dataclass_fields__})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise NodeStateError(
+                f"{self.identity_path}: corrupt node identity ({type(e).__name__}: {e}); "
+                "delete the state folder to enrol as a new node"
+            ) from e
+
+    def save_identity(self, identity: Identity) -> None:
+        _atomic_write(self.identity_path, json.dumps(asdict(identity), indent=2).encode())
+        os.chmod(self.identity_path, 0o600)
+
+    def load_client(self) -> bytes | None:
+        if not self.client_path.exists():
+            return None
+        try:
+            return self.client_path.read_bytes()
+        except OSError as e:
+            raise NodeStateError(f"{self.client_path}: cannot read ({e.strerror})") from e
+
+    def save_client(self, blob: bytes) -> None:
+        _atomic_write(self.client_path, blob)
