@@ -21,3 +21,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Synthetic data sets are generated once per test session into a private cache folder,
+    shared with the service processes the tests start (they inherit the environment)."""
+    import os
+
+    old = os.environ.get("FEDGRADNORM_CACHE_DIR")
+    os.environ["FEDGRADNORM_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FEDGRADNORM_CACHE_DIR", None)
+        else:
+            os.environ["FEDGRADNORM_CACHE_DIR"] = old

@@ -67,6 +67,11 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     raise error
 
 
+def _require_loaded(coord: RoundCoordinator, context: grpc.ServicerContext) -> None:
+    if not coord.loaded:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "the aggregator is loading its state; retry shortly")
+
+
 class AggregatorServicer(pb_grpc.AggregatorServicer):
     def __init__(self, coordinator: RoundCoordinator, config: ServiceConfig, metrics: AggregatorMetrics) -> None:
         self.coord = coordinator
@@ -76,6 +81,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.accepted = tuple(DTYPE_NAMES.values())
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+        _require_loaded(self.coord, context)
         try:
             reg = self.coord.register(
                 name=request.node_name,
@@ -115,6 +121,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def FetchRound(
         self, request: pb.FetchRoundRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FetchRoundResponse]:
+        _require_loaded(self.coord, context)
         dtype = request.dtype or self.wire_dtype
         if dtype not in self.accepted:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad_dtype: dtype {dtype} is not among {self.accepted}")
@@ -145,6 +152,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
+        _require_loaded(self.coord, context)
         received = 0
         try:
             first = next(request_iterator, None)
@@ -187,6 +195,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return pb.SubmitUpdateResponse(accepted=True, round=h.round)
 
     def Deregister(self, request: pb.DeregisterRequest, context: grpc.ServicerContext) -> pb.DeregisterResponse:
+        _require_loaded(self.coord, context)
         try:
             self.coord.deregister(request.node_id, request.session_token)
         except CoordinatorError as e:
@@ -196,6 +205,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return pb.DeregisterResponse()
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        _require_loaded(self.coord, context)
         try:
             round_ = self.coord.heartbeat(request.node_id, request.session_token)
         except (NotFound, FailedPrecondition):
@@ -205,6 +215,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return pb.HeartbeatResponse(round=round_, registered=True)
 
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
+        _require_loaded(self.coord, context)
         view = self.coord.view()
         cfg = self.coord.config
         nodes = []

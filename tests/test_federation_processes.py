@@ -1,0 +1,177 @@
+"""The deployed form as real processes on loopback: it matches the simulator, survives SIGKILL,
+and lets a node join by hand while it trains."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
+from fedgradnorm.simulator import Simulation, SimulationConfig
+from fedgradnorm.tasks import federation
+from services.aggregator.store import STATE_FILE, FileStateStore
+from tests.grpc_client import connect, register, state
+
+TASKS = federation("radcom").task_names
+HYPER = ["--tau-h", "2", "--tau-omega", "2", "--batch-size", "16", "--seed", "0"]
+
+
+def stop_all(procs: list[ServiceProcess]) -> None:
+    for p in reversed(procs):
+        p.stop()
+
+
+def wait_exit(procs: list[ServiceProcess], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    for p in procs:
+        rc = p.wait(max(1.0, end - time.monotonic()))
+        assert rc == 0, f"{p.name} exited with {rc}:\n{p.log_text()[-3000:]}"
+
+
+def test_services_match_the_simulator(tmp_path: Path) -> None:
+    rounds = 3
+    sim = Simulation.build(
+        SimulationConfig(dataset="radcom", rounds=rounds, seed=0, tau_h=2, tau_omega=2, batch_size=16, synthetic_size=4)
+    )
+    for _ in sim.rounds():
+        pass
+
+    procs: list[ServiceProcess] = []
+    try:
+        agg, ready = start_aggregator(
+            tmp_path,
+            [
+                "--dataset",
+                "radcom",
+                "--rounds",
+                str(rounds),
+                "--min-nodes",
+                "3",
+                *HYPER,
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+        )
+        procs.append(agg)
+        nodes = [
+            start_edge_node(tmp_path, ready["grpc_port"], t, ["--seed", "0", "--synthetic-size", "4"]) for t in TASKS
+        ]
+        procs += nodes
+        wait_exit(nodes, timeout=240)
+    finally:
+        stop_all(procs)
+
+    snap = FileStateStore(tmp_path / "state").load()
+    assert snap is not None and snap.server.round == rounds
+    for name, ref in sim.state.omega.items():
+        torch.testing.assert_close(snap.server.omega[name], ref, rtol=1e-5, atol=1e-6)
+    assert set(snap.server.weights) == set(TASKS)
+    for task in TASKS:
+        assert snap.server.weights[task].p == pytest.approx(sim.state.weights[task].p, abs=1e-6)
+    records = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == rounds * len(TASKS)
+    for r, s in zip(
+        sorted(records, key=lambda r: (r["round"], r["client"])),
+        sorted(sim.records, key=lambda r: (r["round"], r["client"])),
+        strict=True,
+    ):
+        assert r["train_loss"] == pytest.approx(s["train_loss"], rel=1e-5)
+        assert r["accuracy"] == pytest.approx(s["accuracy"], abs=1e-6)
+
+
+def test_aggregator_sigkill_resumes_from_last_committed_round(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    flags = ["--dataset", "mtfl", "--min-nodes", "2", *HYPER, "--state-dir", str(state_dir)]
+    agg, ready = start_aggregator(tmp_path, flags)
+    try:
+        channel, stub = connect(ready["grpc_port"])
+        nodes = [register(stub, "a", "gender"), register(stub, "b", "smile")]
+        for _ in range(2):
+            fetched = [n.fetch() for n in nodes]
+            for n, (h, omega) in zip(nodes, fetched, strict=True):
+                n.submit(
+                    h.round,
+                    {k: torch.full_like(v, 0.01 * (1 + h.round)) for k, v in omega.items()},
+                    loss=0.9,
+                    initial_loss=1.0,
+                    loss_ratio=0.9,
+                )
+            k = fetched[0][0].round
+            while state(stub).round <= k:
+                time.sleep(0.02)
+        committed = FileStateStore(state_dir).load()
+        header, _ = nodes[0].fetch()  # round 2 is open: kill mid-round
+        agg.kill()
+        channel.close()
+        assert (state_dir / STATE_FILE).exists()
+
+        agg, ready = start_aggregator(tmp_path, flags, name="aggregator-2")
+        channel, stub = connect(ready["grpc_port"])
+        for n in nodes:
+            n.stub = stub
+        s = state(stub)
+        assert s.round == committed.server.round == 2
+        assert {n.node_id: n.weight for n in s.nodes} == {k: w.p for k, w in committed.server.weights.items()}
+        header, omega = nodes[0].fetch()  # the sessions survived the crash
+        assert header.round == 2
+        for name, t in committed.server.omega.items():
+            assert torch.equal(omega[name], t), name  # bit for bit
+        for n in nodes:
+            h, om = n.fetch() if n is not nodes[0] else (header, omega)
+            n.submit(
+                2, {k: torch.full_like(v, 0.01) for k, v in om.items()}, loss=0.8, initial_loss=1.0, loss_ratio=0.8
+            )
+        while state(stub).round < 3:
+            time.sleep(0.02)
+        channel.close()
+    finally:
+        agg.stop()
+
+
+def test_fourth_node_started_by_hand_joins_the_next_round(tmp_path: Path) -> None:
+    procs: list[ServiceProcess] = []
+    try:
+        agg, ready = start_aggregator(
+            tmp_path,
+            [
+                "--dataset",
+                "radcom",
+                "--rounds",
+                "6",
+                "--min-nodes",
+                "3",
+                *HYPER,
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+        )
+        procs.append(agg)
+        port = ready["grpc_port"]
+        data = ["--seed", "0", "--synthetic-size", "4"]
+        procs += [start_edge_node(tmp_path, port, t, data) for t in TASKS]
+        channel, stub = connect(port)
+        with channel:
+            end = time.monotonic() + 180
+            while state(stub).round < 2:
+                assert time.monotonic() < end
+                time.sleep(0.1)
+            joined_at = state(stub).round
+            extra = start_edge_node(
+                tmp_path, port, "modulation", ["--seed", "1", "--synthetic-size", "4"], name="modulation-2"
+            )
+            procs.append(extra)
+            wait_exit(procs[1:], timeout=240)
+            nodes = {n.node_id: n for n in state(stub).nodes}
+        assert nodes["modulation-2"].last_round == 5
+        records = [json.loads(x) for x in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
+        rounds_of_extra = sorted(r["round"] for r in records if r["client"] == "modulation-2")
+        assert rounds_of_extra and rounds_of_extra[0] > joined_at - 1
+        assert rounds_of_extra == list(range(rounds_of_extra[0], 6))
+        last = [r for r in records if r["round"] == 5]
+        assert len(last) == 4 and sum(r["weight"] for r in last) == pytest.approx(4.0)
+    finally:
+        stop_all(procs)
