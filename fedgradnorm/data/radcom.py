@@ -1,0 +1,891 @@
+"""RadComDynamic (Jagannath & Jagannath, 2021): reader of the published HDF5 file, and generator.
+
+Published format (``RadComDynamic.hdf5``; ``RadComAWGN.hdf5`` and ``RadComOta2.45GHz.hdf5`` share it):
+
+- one HDF5 dataset per sample, directly at the root of the file, no groups;
+- the dataset name is ``str()`` of a Python tuple ``(modulation, signal, snr, index)``, for example
+  ``"('pulsed', 'Airborne-detection', 10, 0)"``, with ``snr`` in dB and ``index`` 0..699 as Python ints;
+- the value is 256 floats: the in-phase samples 0..127, then the quadrature samples 128..255, of 128
+  complex baseband samples at 10 MS/s (12.8 µs);
+- SNR −20 dB to 18 dB in steps of 2; 700 samples per (modulation, signal, SNR); the 9 (modulation,
+  signal) pairs of :data:`PAIRS`: 9 × 20 × 700 = 126,000 samples.
+
+:func:`read_radcom` parses every name with :func:`ast.literal_eval` (never ``eval``) and accepts a value of
+shape (256,), (256, 1), (1, 256) or (2, 128) (row 0 = I, row 1 = Q) of any real integer or float type, or
+128 complex values (shape (128,), (128, 1) or (1, 128)); each of these flattens to I then Q without
+ambiguity. Shape (128, 2) and anything else is refused, as are non-finite values. The signal label
+``Raw`` of ``RadComAWGN.hdf5`` is read as ``Satcom``. Any (modulation, signal) combination of known labels
+is accepted (the pairs of the dynamic file are inferred, not published), and any integer SNR. Samples come
+back sorted by (modulation, signal, snr, index); the class index of a label is its position in
+:data:`MODULATIONS` or :data:`SIGNALS`, and the anomaly label is 1 exactly when ``snr < -4``.
+
+Reading 126,000 tiny datasets is dominated by HDF5's per-object cost, so the reader opens each dataset
+through h5py's low-level API, checks its type and shape, and for the usual contiguous layout takes only
+the file offset; the raw bytes are then read in one pass over the file. The decoded arrays are cached in an
+``.npz`` (see :func:`read_radcom`).
+
+:func:`generate_radcom` writes the same format, with h5py's default HDF5 settings and float32 values (the
+published file's dtype is not documented; GNU Radio, which made it, works in complex64), from synthetic
+but physically motivated waveforms. Each waveform is defined in continuous time and evaluated on a time grid that the
+sample-rate offset warps. Time parameters are scaled so that the 12.8 µs window holds the structure that
+tells the classes apart (real radar repetition intervals are milliseconds, and real audio is flat over
+12.8 µs):
+
+==========  ===============  =============================================  ===============================
+modulation  signal           waveform                                       drawn per sample
+==========  ===============  =============================================  ===============================
+pulsed      4 radar classes  pulsed CW with 50 ns linear edges (see below)  width ±5 %, PRI ±3 %, timing
+fmcw        Radar-Altimeter  sawtooth linear chirp, 4 MHz in 6.4 µs         sweep ±5 %, timing
+bpsk        Satcom           ±1 symbols, raised cosine (roll-off 0.35),     symbols, symbol timing
+                             1.25 MBd (8 samples per symbol)
+amdsb       AM radio         full-carrier AM, 1 + μ·m(t)                    depth μ in 0.5..0.9, message
+amssb       AM radio         upper sideband, suppressed carrier:            message
+                             the analytic signal of m(t)
+ask         short-range      on-off keying, raised cosine (roll-off 1.0),   bits (at least one on), timing
+                             625 kb/s (16 samples per bit)
+==========  ===============  =============================================  ===============================
+
+The AM message m(t) is a sum of 3 tones of 30..300 kHz with random amplitudes and phases, scaled into
+[-1, 1]; its analytic signal (for SSB) is the same sum of complex exponentials.
+
+The four pulsed radar classes differ in pulse width, pulse repetition interval (PRI), duty cycle and
+carrier offset from the tuned frequency:
+
+==================  ============  ========  ======  ==============
+signal              pulse width   PRI       duty    carrier offset
+==================  ============  ========  ======  ==============
+Air-Ground-MTI      0.3 µs        3.0 µs    10 %    −1.5 MHz
+Airborne-detection  1.0 µs        4.0 µs    25 %    0 Hz
+Airborne-range      0.5 µs        2.0 µs    25 %    +1.0 MHz
+Ground mapping      2.5 µs        8.0 µs    31 %    +0.5 MHz
+==================  ============  ========  ======  ==============
+
+Every waveform gets a random phase and a receiver tuning error (normal, standard deviation 2 kHz). Then the
+dynamic channel of the published set (GNU Radio's dynamic channel model), in its order:
+
+1. sample-rate offset: a random walk of the rate deviation (standard deviation 0.05 Hz per sample, clipped
+   at ±60 Hz, started uniformly in that range), applied by warping the sampling times;
+2. carrier frequency offset: a random walk (0.05 Hz per sample, clipped at ±250 Hz), integrated to phase;
+3. frequency-selective Rician fading: three paths with fractional delays [0.2, 0.3, 0.1] samples and
+   magnitudes [1, 0.5, 0.5], each delayed by a 5-tap sinc filter and multiplied by its own fading process
+   (K = 3, a line-of-sight term plus 5 sinusoids, maximum Doppler 2 Hz, started at a random time);
+4. complex AWGN at the labeled SNR relative to that vector's power after the channel.
+
+Finally each 256-float vector is scaled to unit root mean square (the mean of its 256 squares is 1). At
+high SNR the classes are easy to tell apart; at −20 dB a vector is mostly noise, so the anomaly task
+(SNR < −4 dB) is learnable from how much structure a vector holds. Generation is vectorized per
+(modulation, signal, SNR) key and seeded from (seed, key) through :func:`zlib.crc32`, so a given seed always
+writes the same values.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from fedgradnorm.data.base import DataError, MultiTaskArrays
+
+__all__ = [
+    "ANOMALY_SNR_DB",
+    "MODULATIONS",
+    "N_IQ",
+    "PAIRS",
+    "SAMPLES_PER_KEY",
+    "SAMPLE_RATE",
+    "SIGNALS",
+    "SNRS",
+    "TASKS",
+    "generate_radcom",
+    "read_radcom",
+]
+
+log = logging.getLogger(__name__)
+
+MODULATIONS: tuple[str, ...] = ("amdsb", "amssb", "ask", "bpsk", "fmcw", "pulsed")
+SIGNALS: tuple[str, ...] = (
+    "AM radio",
+    "Air-Ground-MTI",
+    "Airborne-detection",
+    "Airborne-range",
+    "Ground mapping",
+    "Radar-Altimeter",
+    "Satcom",
+    "short-range",
+)
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("amdsb", "AM radio"),
+    ("amssb", "AM radio"),
+    ("ask", "short-range"),
+    ("bpsk", "Satcom"),
+    ("fmcw", "Radar-Altimeter"),
+    ("pulsed", "Air-Ground-MTI"),
+    ("pulsed", "Airborne-detection"),
+    ("pulsed", "Airborne-range"),
+    ("pulsed", "Ground mapping"),
+)
+SNRS: tuple[int, ...] = tuple(range(-20, 20, 2))
+ANOMALY_SNR_DB = -4
+SAMPLES_PER_KEY = 700
+SAMPLE_RATE = 10e6
+N_IQ = 128
+TASKS: tuple[str, ...] = ("modulation", "signal", "anomaly")
+
+_VECTOR = 2 * N_IQ
+_MOD_INDEX = {name: i for i, name in enumerate(MODULATIONS)}
+_SIG_INDEX = {name: i for i, name in enumerate(SIGNALS)}
+_SIGNAL_ALIASES = {"Raw": "Satcom"}
+_KEY_FORM = "\"('modulation', 'signal', snr, index)\""
+_MAX_KEY_CHARS = 200
+_REAL_SHAPES = {(_VECTOR,), (_VECTOR, 1), (1, _VECTOR), (2, N_IQ)}
+_COMPLEX_SHAPES = {(N_IQ,), (N_IQ, 1), (1, N_IQ)}
+
+_CACHE_VERSION = 1
+_CACHE_ENV = "FEDGRADNORM_CACHE_DIR"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reader
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """The arrays a file decodes to (and the cache holds), in sorted sample order."""
+
+    x: np.ndarray
+    modulation: np.ndarray
+    signal: np.ndarray
+    snr: np.ndarray
+
+    def to_arrays(self) -> MultiTaskArrays:
+        anomaly = (self.snr < ANOMALY_SNR_DB).astype(np.int64)
+        return MultiTaskArrays(
+            x=self.x,
+            targets={"modulation": self.modulation, "signal": self.signal, "anomaly": anomaly},
+            extras={"snr": self.snr},
+        )
+
+
+def read_radcom(path: str | Path, *, cache: bool = True) -> MultiTaskArrays:
+    """Read a RadCom HDF5 file of the published format (see the module docstring).
+
+    Returns ``x`` float32 [n, 256] (I then Q), targets ``modulation``, ``signal`` and ``anomaly`` (int64
+    class indices) and extras ``snr`` (int64, dB), sorted by (modulation, signal, snr, index).
+
+    With ``cache`` the decoded arrays are kept in an ``.npz`` in the first writable folder of
+    ``$FEDGRADNORM_CACHE_DIR`` (when set), ``.fedgradnorm_cache`` beside the file, ``~/.cache/fedgradnorm``;
+    the cache is keyed by the file's absolute path, size, mtime and inode, so a changed or replaced file is
+    decoded again, and
+    a cache that fails to load or to validate is ignored and rebuilt. Raises :class:`DataError` naming the
+    file and the problem for every unusable input.
+    """
+    path = Path(path)
+    stat = _stat_input(path)
+    key = _cache_key(path, stat) if cache else ""
+    if cache:
+        cached = _cache_load(path, key)
+        if cached is not None:
+            return cached.to_arrays()
+    decoded = _decode_file(path)
+    if cache:
+        if _identity(_stat_input(path)) == _identity(stat):
+            _cache_store(path, key, decoded)
+        else:
+            log.warning("%s changed while it was read; its decoded arrays are not cached", path)
+    return decoded.to_arrays()
+
+
+def _stat_input(path: Path) -> os.stat_result:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except OSError as err:
+        raise DataError(path, f"cannot access the file: {err.strerror or err}") from None
+    if path.is_dir():
+        raise DataError(path, "is a directory, not an HDF5 file")
+    if stat.st_size == 0:
+        raise DataError(path, "file is empty (0 bytes); expected an HDF5 file")
+    return stat
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    """What must stay the same for decoded arrays to remain valid: size, modification time, inode."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def _decode_file(path: Path) -> _Decoded:
+    try:
+        is_hdf5 = h5py.is_hdf5(str(path))
+    except OSError as err:
+        raise DataError(path, f"cannot open the file: {err}") from None
+    if not is_hdf5:
+        raise DataError(path, "not an HDF5 file (no HDF5 signature found)")
+    try:
+        with h5py.File(path, "r") as f:
+            names = _root_names(path, f)
+            x, labels = _read_datasets(path, f, names)
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise DataError(path, f"cannot read the HDF5 file: {err}") from None
+    return _finish(path, names, x, labels)
+
+
+def _root_names(path: Path, f: h5py.File) -> list[str]:
+    names = []
+    for raw in f.id:
+        try:
+            names.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(path, f"dataset name {raw!r} is not UTF-8 text") from None
+    if not names:
+        raise DataError(path, f"no datasets at the root; expected one dataset per sample named {_KEY_FORM}")
+    return names
+
+
+def _parse_key(path: Path, key: str) -> tuple[int, int, int, int]:
+    """(modulation index, signal index, snr, index) of a dataset name of the published form."""
+    bad_form = DataError(path, f"dataset name {key!r} is not of the published form {_KEY_FORM}")
+    if len(key) > _MAX_KEY_CHARS:
+        raise bad_form
+    try:
+        value = ast.literal_eval(key)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise bad_form from None
+    if not isinstance(value, tuple) or len(value) != 4:
+        raise bad_form
+    modulation, signal, snr, index = value
+    if not (isinstance(modulation, str) and isinstance(signal, str) and _is_int(snr) and _is_int(index)):
+        raise bad_form
+    if modulation not in _MOD_INDEX:
+        raise DataError(path, f"dataset {key!r}: unknown modulation {modulation!r} (known: {', '.join(MODULATIONS)})")
+    signal = _SIGNAL_ALIASES.get(signal, signal)
+    if signal not in _SIG_INDEX:
+        raise DataError(path, f"dataset {key!r}: unknown signal {signal!r} (known: {', '.join(SIGNALS)})")
+    if index < 0:
+        raise DataError(path, f"dataset {key!r}: negative sample index {index}")
+    return _MOD_INDEX[modulation], _SIG_INDEX[signal], snr, index
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_datasets(path: Path, f: h5py.File, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All vectors as float32 [n, 256] and the parsed keys as int64 [n, 4], in file order.
+
+    The names are parsed first, in a pass of their own (faster than alternating with HDF5 calls).
+    Datasets of the first real type met (the whole file, in practice) that have contiguous storage are
+    read afterwards in one pass over the raw file bytes at their offsets; the others through HDF5, which
+    converts the type. Comparing HDF5 types is cheaper than building a numpy dtype for every dataset.
+    """
+    n = len(names)
+    labels = np.array([_parse_key(path, name) for name in names], np.int64).reshape(n, 4)
+    x = np.empty((n, _VECTOR), np.float32)
+    offsets = np.full(n, -1, np.int64)
+    raw_type: h5py.h5t.TypeID | None = None
+    raw_dtype = np.dtype(np.float32)
+    for i, name in enumerate(names):
+        dsid = _open_dataset(path, f, name)
+        tid, shape = dsid.get_type(), dsid.shape
+        same = raw_type is not None and tid.equal(raw_type)
+        dtype = raw_dtype if same else tid.dtype
+        complex_values = _check_value_type(path, name, dtype, shape)
+        if raw_type is None and not complex_values:
+            raw_type, raw_dtype, same = tid, dtype, True
+        offset = dsid.get_offset() if same else None
+        if offset is None:
+            x[i] = _read_through_hdf5(dsid, shape, complex_values)
+        else:
+            offsets[i] = offset
+    _read_raw(path, f, names, offsets, raw_dtype, x)
+    return x, labels
+
+
+def _open_dataset(path: Path, f: h5py.File, name: str) -> h5py.h5d.DatasetID:
+    raw = name.encode("utf-8")
+    try:
+        return h5py.h5d.open(f.id, raw)
+    except KeyError as err:
+        problem = str(err).strip("'\"")
+    try:
+        kind = h5py.h5o.get_info(f.id, raw).type
+    except (KeyError, RuntimeError) as err:
+        raise DataError(path, f"cannot open {name!r}: {problem} ({err})") from None
+    if kind == h5py.h5o.TYPE_GROUP:
+        raise DataError(path, f"{name!r} is a group; expected a dataset of 256 floats at the root")
+    raise DataError(path, f"{name!r} is not a dataset; expected a dataset of 256 floats at the root")
+
+
+def _check_value_type(path: Path, name: str, dtype: np.dtype, shape: tuple[int, ...] | None) -> bool:
+    """Whether the dataset holds complex values; raises unless its type and shape are accepted."""
+    if dtype.kind in "fiu":
+        if shape in _REAL_SHAPES:
+            return False
+        expected = "256 floats (128 I then 128 Q) of shape (256,), (256, 1), (1, 256) or (2, 128)"
+    elif dtype.kind == "c":
+        if shape in _COMPLEX_SHAPES:
+            return True
+        expected = "128 complex values of shape (128,), (128, 1) or (1, 128)"
+    else:
+        raise DataError(path, f"dataset {name!r} holds values of type {dtype}; expected 256 floats")
+    size = math.prod(shape) if shape is not None else 0
+    raise DataError(path, f"dataset {name!r} has shape {shape} ({size} values); expected {expected}")
+
+
+def _read_through_hdf5(dsid: h5py.h5d.DatasetID, shape: tuple[int, ...], complex_values: bool) -> np.ndarray:
+    buf = np.empty(shape, np.complex64 if complex_values else np.float32)
+    dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, buf)
+    if complex_values:
+        flat = buf.reshape(N_IQ)
+        return np.concatenate([flat.real, flat.imag])
+    return buf.reshape(_VECTOR)
+
+
+def _read_raw(path: Path, f: h5py.File, names: list[str], offsets: np.ndarray, dtype: np.dtype, x: np.ndarray) -> None:
+    """Fill the rows of ``x`` whose ``offsets`` are set from the raw bytes of the file."""
+    rows = np.flatnonzero(offsets >= 0)
+    if len(rows) == 0:
+        return
+    width = _VECTOR * dtype.itemsize
+    raw = np.empty((len(rows), width), np.uint8)
+    order = np.argsort(offsets[rows], kind="stable")
+    with open(path, "rb") as fh:
+        view = memoryview(raw.reshape(-1))
+        for j in order:
+            fh.seek(int(offsets[rows[j]]))
+            if fh.readinto(view[j * width : (j + 1) * width]) != width:
+                raise DataError(path, f"dataset {names[rows[j]]!r} lies beyond the end of the file")
+    x[rows] = raw.view(dtype).reshape(len(rows), _VECTOR)
+    _check_raw_matches_hdf5(path, f, names[rows[0]], x[rows[0]])
+
+
+def _check_raw_matches_hdf5(path: Path, f: h5py.File, name: str, row: np.ndarray) -> None:
+    """Guard the raw-offset read: one row read both ways must agree."""
+    dsid = h5py.h5o.open(f.id, name.encode("utf-8"))
+    expected = _read_through_hdf5(dsid, dsid.shape, False)
+    if not np.array_equal(expected, row, equal_nan=True):
+        raise DataError(path, f"dataset {name!r}: raw bytes at its file offset disagree with HDF5's read")
+
+
+def _finish(path: Path, names: list[str], x: np.ndarray, labels: np.ndarray) -> _Decoded:
+    """Sort by (modulation, signal, snr, index) and check for duplicates and non-finite values."""
+    order = np.lexsort((labels[:, 3], labels[:, 2], labels[:, 1], labels[:, 0]))
+    labels = labels[order]
+    same = np.flatnonzero((labels[1:] == labels[:-1]).all(axis=1))
+    if len(same):
+        first, second = names[order[same[0]]], names[order[same[0] + 1]]
+        raise DataError(path, f"datasets {first!r} and {second!r} name the same sample")
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = names[int(np.flatnonzero(~finite)[0])]
+        raise DataError(path, f"dataset {bad!r} holds non-finite values (NaN or infinity)")
+    return _Decoded(
+        x=x[order],
+        modulation=np.ascontiguousarray(labels[:, 0]),
+        signal=np.ascontiguousarray(labels[:, 1]),
+        snr=np.ascontiguousarray(labels[:, 2]),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cache of decoded arrays
+# --------------------------------------------------------------------------------------------------------
+
+
+def _cache_key(path: Path, stat: os.stat_result) -> str:
+    size, mtime_ns, inode = _identity(stat)
+    payload = {
+        "version": _CACHE_VERSION,
+        "path": str(path.resolve()),
+        "bytes": size,
+        "mtime_ns": mtime_ns,
+        "inode": inode,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _cache_prefix(path: Path) -> str:
+    """File-name prefix shared by every cache version of one input file."""
+    owner = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+    return f"radcom-{path.stem}-{owner}-"
+
+
+def _cache_dirs(path: Path) -> list[Path]:
+    """Where cache files may live, in order of preference; a folder that cannot be written is skipped."""
+    dirs = []
+    env = os.environ.get(_CACHE_ENV)
+    if env:
+        dirs.append(Path(env).expanduser())
+    dirs.append(path.parent / ".fedgradnorm_cache")
+    dirs.append(Path.home() / ".cache" / "fedgradnorm")
+    return dirs
+
+
+def _cache_load(path: Path, key: str) -> _Decoded | None:
+    name = f"{_cache_prefix(path)}{key}.npz"
+    for folder in _cache_dirs(path):
+        file = folder / name
+        if not file.is_file():
+            continue
+        decoded = _read_cache_file(file, key)
+        if decoded is not None:
+            return decoded
+        log.warning("ignoring corrupt RadCom cache %s; it will be rebuilt", file)
+    return None
+
+
+def _read_cache_file(file: Path, key: str) -> _Decoded | None:
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            stored_key = str(data["key"])
+            decoded = _Decoded(x=data["x"], modulation=data["modulation"], signal=data["signal"], snr=data["snr"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+    return decoded if stored_key == key and _valid_decoded(decoded) else None
+
+
+def _valid_decoded(d: _Decoded) -> bool:
+    n = len(d.x)
+    labels_ok = all(a.dtype == np.int64 and a.shape == (n,) for a in (d.modulation, d.signal, d.snr))
+    return (
+        n > 0
+        and d.x.dtype == np.float32
+        and d.x.shape == (n, _VECTOR)
+        and labels_ok
+        and 0 <= int(d.modulation.min()) <= int(d.modulation.max()) < len(MODULATIONS)
+        and 0 <= int(d.signal.min()) <= int(d.signal.max()) < len(SIGNALS)
+    )
+
+
+def _cache_store(path: Path, key: str, decoded: _Decoded) -> None:
+    prefix = _cache_prefix(path)
+    arrays = {"x": decoded.x, "modulation": decoded.modulation, "signal": decoded.signal, "snr": decoded.snr}
+    for folder in _cache_dirs(path):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _atomic_write(folder / f"{prefix}{key}.npz", lambda fh: np.savez(fh, key=np.array(key), **arrays))
+        except OSError as err:
+            log.debug("RadCom cache folder %s is not writable (%s); trying the next one", folder, err)
+            continue
+        _remove_stale(folder, prefix, key)
+        return
+    log.warning("no writable cache folder for %s; decoded arrays are not cached", path)
+
+
+def _remove_stale(folder: Path, prefix: str, key: str) -> None:
+    for old in folder.glob(f"{prefix}*.npz"):
+        if old.name != f"{prefix}{key}.npz":
+            try:
+                old.unlink()
+            except OSError:
+                log.debug("could not remove stale RadCom cache %s", old)
+
+
+def _tmp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
+    """Write through a new temporary file in the same folder, then rename it over ``path``."""
+    tmp = _tmp_beside(path)
+    try:
+        with open(tmp, "xb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generator: waveforms
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PulsedRadar:
+    width_s: float
+    pri_s: float
+    offset_hz: float
+
+
+_PULSED: dict[str, _PulsedRadar] = {
+    "Air-Ground-MTI": _PulsedRadar(width_s=0.3e-6, pri_s=3.0e-6, offset_hz=-1.5e6),
+    "Airborne-detection": _PulsedRadar(width_s=1.0e-6, pri_s=4.0e-6, offset_hz=0.0),
+    "Airborne-range": _PulsedRadar(width_s=0.5e-6, pri_s=2.0e-6, offset_hz=1.0e6),
+    "Ground mapping": _PulsedRadar(width_s=2.5e-6, pri_s=8.0e-6, offset_hz=0.5e6),
+}
+_EDGE_S = 50e-9
+_TUNING_STD_HZ = 2e3
+_FMCW_PERIOD_S = 6.4e-6
+_FMCW_SWEEP_HZ = 4e6
+_BPSK_SYMBOL_S = 8 / SAMPLE_RATE
+_BPSK_ROLLOFF = 0.35
+_ASK_BIT_S = 16 / SAMPLE_RATE
+_ASK_ROLLOFF = 1.0
+_PULSE_SPAN = 4
+_AM_TONES = 3
+_AM_TONE_HZ = (30e3, 300e3)
+_AM_DEPTH = (0.5, 0.9)
+
+_Waveform = Callable[[np.random.Generator, np.ndarray], np.ndarray]
+
+
+def _rows(rng: np.random.Generator, t: np.ndarray, low: float, high: float) -> np.ndarray:
+    """One uniform draw per sample (row of ``t``), shaped to broadcast along time."""
+    return rng.uniform(low, high, (t.shape[0], 1))
+
+
+def _carrier(rng: np.random.Generator, t: np.ndarray, offset_hz: float = 0.0) -> np.ndarray:
+    """A carrier at ``offset_hz`` plus the tuning error, with a random phase."""
+    freq = offset_hz + rng.normal(0.0, _TUNING_STD_HZ, (t.shape[0], 1))
+    phase = _rows(rng, t, 0.0, 2 * np.pi)
+    return np.exp(1j * (2 * np.pi * freq * t + phase))
+
+
+def _pulsed(radar: _PulsedRadar) -> _Waveform:
+    def waveform(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+        width = radar.width_s * _rows(rng, t, 0.95, 1.05)
+        pri = radar.pri_s * _rows(rng, t, 0.97, 1.03)
+        tau = np.mod(t + pri * _rows(rng, t, 0.0, 1.0), pri)
+        envelope = np.clip(tau / _EDGE_S, 0.0, 1.0) * np.clip((width - tau) / _EDGE_S, 0.0, 1.0)
+        return envelope * _carrier(rng, t, radar.offset_hz)
+
+    return waveform
+
+
+def _fmcw(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    sweep = _FMCW_SWEEP_HZ * _rows(rng, t, 0.95, 1.05)
+    tau = np.mod(t + _FMCW_PERIOD_S * _rows(rng, t, 0.0, 1.0), _FMCW_PERIOD_S)
+    chirp = 2 * np.pi * (-sweep / 2 * tau + sweep / (2 * _FMCW_PERIOD_S) * tau**2)
+    return np.exp(1j * chirp) * _carrier(rng, t)
+
+
+def _raised_cosine(u: np.ndarray, rolloff: float) -> np.ndarray:
+    """Raised-cosine pulse at ``u`` symbol periods from its centre, cut at ±_PULSE_SPAN periods."""
+    x = 2 * rolloff * u
+    singular = np.abs(np.abs(x) - 1.0) < 1e-9
+    denominator = np.where(singular, 1.0, 1.0 - x**2)
+    pulse = np.sinc(u) * np.cos(np.pi * rolloff * u) / denominator
+    limit = np.pi / 4 * np.sinc(1 / (2 * rolloff))
+    pulse = np.where(singular, limit, pulse)
+    return np.where(np.abs(u) <= _PULSE_SPAN, pulse, 0.0)
+
+
+def _symbol_train(
+    rng: np.random.Generator,
+    t: np.ndarray,
+    symbol_s: float,
+    rolloff: float,
+    draw: Callable[[tuple[int, int]], np.ndarray],
+) -> np.ndarray:
+    """Sum of raised-cosine pulses carrying the symbols that ``draw`` makes, with a random symbol timing.
+
+    ``draw`` receives the shape (samples, symbols); column ``j`` is the symbol centred at time
+    ``(j - _PULSE_SPAN - 1) * symbol_s - start`` with ``start`` uniform in [0, symbol_s). Each time point
+    sums only the 2 * _PULSE_SPAN + 1 pulses around it (the others are cut to zero).
+    """
+    columns = math.floor(float(t.max()) / symbol_s) + 2 * _PULSE_SPAN + 4
+    symbols = draw((t.shape[0], columns))
+    start = symbol_s * _rows(rng, t, 0.0, 1.0)
+    position = (t + start) / symbol_s + _PULSE_SPAN + 1
+    base = np.floor(position).astype(np.int64)
+    train = np.zeros(t.shape)
+    for lag in range(-_PULSE_SPAN, _PULSE_SPAN + 1):
+        column = np.clip(base + lag, 0, columns - 1)
+        train += _raised_cosine(position - column, rolloff) * np.take_along_axis(symbols, column, axis=1)
+    return train
+
+
+def _bpsk(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    def draw(shape: tuple[int, int]) -> np.ndarray:
+        return rng.integers(0, 2, shape) * 2.0 - 1.0
+
+    return _symbol_train(rng, t, _BPSK_SYMBOL_S, _BPSK_ROLLOFF, draw) * _carrier(rng, t)
+
+
+def _ask(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    bits_in_window = round(N_IQ / SAMPLE_RATE / _ASK_BIT_S)
+    inside = slice(_PULSE_SPAN + 2, _PULSE_SPAN + 1 + bits_in_window)  # bits centred inside the window
+
+    def draw(shape: tuple[int, int]) -> np.ndarray:
+        bits = rng.integers(0, 2, shape).astype(np.float64)
+        dark = np.flatnonzero(bits[:, inside].sum(axis=1) == 0)
+        width = inside.stop - inside.start
+        bits[dark, inside.start + rng.integers(0, width, len(dark))] = 1.0
+        return bits
+
+    return _symbol_train(rng, t, _ASK_BIT_S, _ASK_ROLLOFF, draw) * _carrier(rng, t)
+
+
+def _am_tones(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    """Analytic message: a sum of tones, scaled so the real message stays within [-1, 1]."""
+    b = t.shape[0]
+    freq = rng.uniform(*_AM_TONE_HZ, (b, _AM_TONES, 1))
+    amp = rng.uniform(0.3, 1.0, (b, _AM_TONES, 1))
+    phase = rng.uniform(0.0, 2 * np.pi, (b, _AM_TONES, 1))
+    tones = amp * np.exp(1j * (2 * np.pi * freq * t[:, None, :] + phase))
+    return tones.sum(axis=1) / amp.sum(axis=1)
+
+
+def _amdsb(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    depth = _rows(rng, t, *_AM_DEPTH)
+    return (1.0 + depth * _am_tones(rng, t).real) * _carrier(rng, t)
+
+
+def _amssb(rng: np.random.Generator, t: np.ndarray) -> np.ndarray:
+    return _am_tones(rng, t) * _carrier(rng, t)
+
+
+_WAVEFORMS: dict[tuple[str, str], _Waveform] = {
+    ("amdsb", "AM radio"): _amdsb,
+    ("amssb", "AM radio"): _amssb,
+    ("ask", "short-range"): _ask,
+    ("bpsk", "Satcom"): _bpsk,
+    ("fmcw", "Radar-Altimeter"): _fmcw,
+    **{("pulsed", signal): _pulsed(radar) for signal, radar in _PULSED.items()},
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generator: dynamic channel
+# --------------------------------------------------------------------------------------------------------
+
+_SRO_STD_HZ = 0.05
+_SRO_MAX_HZ = 60.0
+_CFO_STD_HZ = 0.05
+_CFO_MAX_HZ = 250.0
+_PATH_DELAYS = np.array([0.2, 0.3, 0.1])
+_PATH_MAGS = np.array([1.0, 0.5, 0.5])
+_FIR_TAPS = 5
+_HALF = _FIR_TAPS // 2
+_RICIAN_K = 3.0
+_SINUSOIDS = 5
+_MAX_DOPPLER_HZ = 2.0
+_FADING_START_S = 100.0
+
+
+def _bounded_walk(rng: np.random.Generator, b: int, m: int, std: float, limit: float) -> np.ndarray:
+    """[b, m] random walks started uniformly in [-limit, limit], clipped at ±limit."""
+    start = rng.uniform(-limit, limit, (b, 1))
+    return np.clip(start + np.cumsum(rng.normal(0.0, std, (b, m)), axis=1), -limit, limit)
+
+
+def _sampling_times(rng: np.random.Generator, b: int) -> np.ndarray:
+    """[b, N_IQ + 4] sampling times (s) from -2 samples on, spaced by the drifting sample rate."""
+    m = N_IQ + 2 * _HALF
+    ratio = 1.0 + _bounded_walk(rng, b, m, _SRO_STD_HZ, _SRO_MAX_HZ) / SAMPLE_RATE
+    elapsed = np.concatenate([np.zeros((b, 1)), np.cumsum(ratio[:, :-1], axis=1)], axis=1)
+    return (elapsed - _HALF) / SAMPLE_RATE
+
+
+def _frequency_offset(rng: np.random.Generator, b: int, m: int) -> np.ndarray:
+    freq = _bounded_walk(rng, b, m, _CFO_STD_HZ, _CFO_MAX_HZ)
+    return np.exp(1j * 2 * np.pi * np.cumsum(freq, axis=1) / SAMPLE_RATE)
+
+
+def _rician_fading(rng: np.random.Generator, b: int, duration_s: float) -> np.ndarray:
+    """[b, paths, 2] Rician gains of unit mean power at the start and the end of the window.
+
+    Each path is a line-of-sight term plus a sum of sinusoids, started at a random time. With a 2 Hz
+    maximum Doppler a gain turns by less than 2e-4 rad in 12.8 µs, so between the two ends it is linear to
+    rounding precision.
+    """
+    paths = len(_PATH_DELAYS)
+    t = _FADING_START_S * rng.uniform(0.0, 1.0, (b, paths, 1)) + np.array([0.0, duration_s])
+    los_angle = rng.uniform(0.0, 2 * np.pi, (b, paths, 1))
+    los_phase = rng.uniform(0.0, 2 * np.pi, (b, paths, 1))
+    los = np.exp(1j * (2 * np.pi * _MAX_DOPPLER_HZ * np.cos(los_angle) * t + los_phase))
+    angle = rng.uniform(0.0, 2 * np.pi, (b, paths, _SINUSOIDS, 1))
+    phase = rng.uniform(0.0, 2 * np.pi, (b, paths, _SINUSOIDS, 1))
+    doppler = _MAX_DOPPLER_HZ * np.cos(angle)
+    scatter = np.exp(1j * (2 * np.pi * doppler * t[:, :, None, :] + phase)).sum(axis=2) / math.sqrt(_SINUSOIDS)
+    return math.sqrt(_RICIAN_K / (_RICIAN_K + 1)) * los + math.sqrt(1 / (_RICIAN_K + 1)) * scatter
+
+
+def _multipath(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
+    """Sum of the fractionally delayed, faded paths of ``x`` [b, N_IQ + 4]: [b, N_IQ].
+
+    Path ``p`` is delayed by a 5-tap sinc filter ``sinc(lag - delay_p)``, lags -2..2, and scaled by its
+    magnitude and fading gain; the combined taps vary linearly from the start to the end of the window.
+    """
+    gains = _rician_fading(rng, x.shape[0], (N_IQ - 1) / SAMPLE_RATE)
+    lags = np.arange(-_HALF, _HALF + 1)
+    path_taps = _PATH_MAGS[:, None] * np.sinc(lags[None, :] - _PATH_DELAYS[:, None])
+    first, last = gains[..., 0] @ path_taps, gains[..., 1] @ path_taps
+    weight = np.linspace(0.0, 1.0, N_IQ)
+    y = np.zeros((x.shape[0], N_IQ), np.complex128)
+    for j, lag in enumerate(lags):
+        taps = first[:, j : j + 1] + (last - first)[:, j : j + 1] * weight
+        y += taps * x[:, _HALF - lag : _HALF - lag + N_IQ]
+    return y
+
+
+def _add_noise(rng: np.random.Generator, y: np.ndarray, snr_db: int) -> np.ndarray:
+    power = np.mean(np.abs(y) ** 2, axis=1, keepdims=True)
+    std = np.sqrt(power / 10 ** (snr_db / 10) / 2)
+    return y + std * (rng.standard_normal(y.shape) + 1j * rng.standard_normal(y.shape))
+
+
+def _normalized_iq(y: np.ndarray) -> np.ndarray:
+    v = np.concatenate([y.real, y.imag], axis=1)
+    return (v / np.sqrt(np.mean(v**2, axis=1, keepdims=True))).astype(np.float32)
+
+
+def _key_rng(seed: int, modulation: str, signal: str, snr: int) -> np.random.Generator:
+    digest = zlib.crc32(f"{modulation}|{signal}|{snr}".encode())
+    return np.random.default_rng(np.random.SeedSequence([seed, digest]))
+
+
+def _synthesize(seed: int, modulation: str, signal: str, snr: int, count: int) -> np.ndarray:
+    """``count`` normalized float32 vectors [count, 256] of one (modulation, signal, snr) key."""
+    rng = _key_rng(seed, modulation, signal, snr)
+    t = _sampling_times(rng, count)
+    x = _WAVEFORMS[(modulation, signal)](rng, t)
+    x = x * _frequency_offset(rng, count, t.shape[1])
+    y = _add_noise(rng, _multipath(rng, x), snr)
+    return _normalized_iq(y)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generator: file
+# --------------------------------------------------------------------------------------------------------
+
+
+def generate_radcom(
+    path: str | Path,
+    *,
+    samples_per_key: int = SAMPLES_PER_KEY,
+    seed: int = 0,
+    snrs: Iterable[int] = SNRS,
+    pairs: Iterable[tuple[str, str]] = PAIRS,
+) -> Path:
+    """Write a synthetic RadComDynamic file of the published format to ``path`` and return the path.
+
+    One float32 dataset of 256 values per sample at the root, named ``str((modulation, signal, snr,
+    index))`` with ``index`` 0..samples_per_key-1, for every pair in ``pairs`` and SNR in ``snrs``. The
+    same arguments always write the same values (and, as no timestamps are stored, the same bytes). The
+    file is written to a temporary name beside ``path`` and renamed over it, so a failure leaves any
+    previous file in place. Raises ``ValueError`` for bad arguments and ``OSError`` when writing fails.
+    """
+    path = Path(path)
+    snr_list = _check_generator_args(samples_per_key, seed, snrs)
+    pair_list = _check_pairs(pairs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(path)
+    try:
+        with _write_errors(path):
+            f = h5py.File(tmp, "w-")
+        try:
+            writer = _DatasetWriter(f)
+            for modulation, signal in pair_list:
+                for snr in snr_list:
+                    vectors = _synthesize(seed, modulation, signal, snr, samples_per_key)
+                    with _write_errors(path):
+                        for index, vector in enumerate(vectors):
+                            writer.add(str((modulation, signal, snr, index)), vector)
+        finally:
+            with _write_errors(path):
+                f.close()
+        writer.fill(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """Turn h5py's RuntimeError for a failed write (a full disk, say) into an OSError naming ``path``."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise OSError(f"{path}: cannot write the HDF5 file: {err}") from err
+
+
+def _check_generator_args(samples_per_key: int, seed: int, snrs: Iterable[int]) -> list[int]:
+    if not _is_int(samples_per_key) or samples_per_key < 1:
+        raise ValueError(f"samples_per_key must be a positive int, got {samples_per_key!r}")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    snr_list = list(snrs)
+    if not snr_list or not all(_is_int(s) for s in snr_list) or len(set(snr_list)) != len(snr_list):
+        raise ValueError(f"snrs must be distinct ints, at least one, got {snr_list!r}")
+    return snr_list
+
+
+def _check_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    pair_list: list[tuple[str, str]] = []
+    for pair in pairs:
+        known = next((p for p in PAIRS if p == tuple(pair)), None)
+        if known is None:
+            raise ValueError(f"no waveform for pair {pair!r}; known pairs: {list(PAIRS)!r}")
+        pair_list.append(known)
+    if not pair_list or len(set(pair_list)) != len(pair_list):
+        raise ValueError(f"pairs must be distinct (modulation, signal) pairs, at least one, got {pair_list!r}")
+    return pair_list
+
+
+class _DatasetWriter:
+    """Creates root datasets of 256 little-endian float32 through h5py's low-level API.
+
+    Layout is contiguous (h5py's default), without fill values or object timestamps, and the storage of
+    each dataset is allocated when it is created. Creating a dataset is HDF5's main per-object cost; rather
+    than also paying for one ``H5Dwrite`` per dataset, the values are written after the file is closed, in
+    one pass of plain writes at each dataset's file offset (the bytes HDF5 itself would write there for
+    unfiltered contiguous storage), and two datasets are then read back through HDF5 as a check.
+    """
+
+    def __init__(self, f: h5py.File) -> None:
+        self._root = f.id
+        self._space = h5py.h5s.create_simple((_VECTOR,))
+        self._type = h5py.h5t.py_create(np.dtype("<f4"))
+        self._dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        self._dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+        self._dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        self._dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        self._dcpl.set_obj_track_times(False)
+        self._lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+        self._lcpl.set_char_encoding(h5py.h5t.CSET_UTF8)
+        self._pending: list[tuple[int, str, bytes]] = []
+
+    def add(self, name: str, vector: np.ndarray) -> None:
+        values = np.ascontiguousarray(vector, dtype="<f4")
+        dsid = h5py.h5d.create(
+            self._root, name.encode("utf-8"), self._type, self._space, dcpl=self._dcpl, lcpl=self._lcpl
+        )
+        offset = dsid.get_offset()
+        if offset is None:
+            dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, values)
+        else:
+            self._pending.append((offset, name, values.tobytes()))
+
+    def fill(self, file: Path) -> None:
+        """Write the values of the datasets added so far into the closed ``file``, then check two of them."""
+        if not self._pending:
+            return
+        with open(file, "r+b") as fh:
+            for offset, _, values in sorted(self._pending):
+                fh.seek(offset)
+                fh.write(values)
+        with h5py.File(file, "r") as f:
+            for _, name, values in (self._pending[0], self._pending[-1]):
+                if f[name][()].astype("<f4").tobytes() != values:
+                    raise RuntimeError(f"{file}: dataset {name!r} does not read back as written")
