@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fedgradnorm import config as cfgmod
 
@@ -55,13 +56,17 @@ def register_edge_node(sub: argparse._SubParsersAction) -> None:
 
 
 def _state(args: argparse.Namespace) -> int:
-    import grpc
     from google.protobuf.json_format import MessageToDict
 
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+    from fedgradnorm.tls import ClientTLS
 
-    with grpc.insecure_channel(args.aggregator) as channel:
+    tls = cfgmod.build(ClientTLSFlags, args)
+    tls_config = ClientTLS(
+        ca=tls.tls_ca, cert=tls.tls_cert, key=tls.tls_key, server_name=tls.tls_server_name, insecure=tls.insecure
+    )
+    with tls_config.channel(args.aggregator, []) as channel:
         state = pb_grpc.AggregatorStub(channel).GetState(pb.GetStateRequest(), timeout=args.timeout)
     print(json.dumps(MessageToDict(state, preserving_proto_field_name=True), indent=2))
     return 0
@@ -71,7 +76,41 @@ def register_state(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("state", help="print the aggregator's state (round, nodes, weights) as JSON")
     p.add_argument("--aggregator", default="127.0.0.1:50051", help="aggregator address HOST:PORT")
     p.add_argument("--timeout", type=float, default=10.0)
+    cfgmod.add_flags(p, ClientTLSFlags)
     p.set_defaults(func=_state)
+
+
+@dataclass(frozen=True)
+class ClientTLSFlags:
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_server_name: str = ""
+    insecure: bool = False
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedgradnorm.certs import make_certificates
+
+    names = [n.strip() for n in args.server_names.split(",") if n.strip()]
+    paths = make_certificates(args.out, names, days=args.days)
+    for what, path in paths.items():
+        print(f"{what:<12} {path}")
+    return 0
+
+
+def register_certs(sub: argparse._SubParsersAction) -> None:
+    from fedgradnorm.certs import DEFAULT_SERVER_NAMES
+
+    p = sub.add_parser("certs", help="make a development CA, an aggregator certificate and an edge-node certificate")
+    p.add_argument("--out", required=True, help="folder for ca.pem, server.pem/.key, client.pem/.key")
+    p.add_argument(
+        "--server-names",
+        default=",".join(DEFAULT_SERVER_NAMES),
+        help="DNS names and IP addresses the aggregator is reached by (comma-separated)",
+    )
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p.set_defaults(func=_certs)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -97,5 +136,6 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_aggregator,
     register_edge_node,
     register_state,
+    register_certs,
     register_demo,
 ]

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from fedgradnorm.certs import make_certificates
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
 from fedgradnorm.plotting import plot_comparison
 from fedgradnorm.report import final_table
@@ -38,7 +39,7 @@ def follow_rounds(metrics: Path, seen: int, expected_per_round: int) -> int:
     return max(seen, complete)
 
 
-def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_size: int) -> Path:
+def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_size: int, certs: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     if metrics.exists():
@@ -63,17 +64,20 @@ def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_
             "--metrics-log",
             str(metrics),
         ],
+        certs=certs,
     )
     procs.append(agg)
     try:
         print(
             f"\n== {algorithm}: aggregator on 127.0.0.1:{ready['grpc_port']} (metrics :{ready['metrics_port']}), "
-            f"edge nodes {', '.join(tasks)}",
+            f"edge nodes {', '.join(tasks)}; mutual TLS",
             flush=True,
         )
         for task in tasks:
             procs.append(
-                start_edge_node(out, ready["grpc_port"], task, [*common, "--synthetic-size", str(synthetic_size)])
+                start_edge_node(
+                    out, ready["grpc_port"], task, [*common, "--synthetic-size", str(synthetic_size)], certs=certs
+                )
             )
         seen = 0
         while any(p.alive() for p in procs[1:]):
@@ -93,8 +97,10 @@ def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     runs = {}
     t0 = time.perf_counter()
+    certs = out / "certs"
+    make_certificates(certs)  # the deployed default: mutual TLS, also on loopback
     for algorithm in [a for a in args.algorithms.split(",") if a]:
-        runs[algorithm] = run_federation(out / algorithm, algorithm, args.rounds, args.seed, args.synthetic_size)
+        runs[algorithm] = run_federation(out / algorithm, algorithm, args.rounds, args.seed, args.synthetic_size, certs)
     png = plot_comparison(runs, out / "comparison.png")
     print()
     print(final_table(runs))

@@ -87,8 +87,41 @@ def wait_ready(ready_file: Path, proc: ServiceProcess, timeout: float = 120.0) -
     raise TimeoutError(f"{proc.name} not ready after {timeout} s:\n{proc.log_text()[-4000:]}")
 
 
+def server_tls_flags(certs: Path | None) -> list[str]:
+    """Mutual TLS with the certificates of `fedgradnorm certs` in ``certs``; plaintext when None."""
+    if certs is None:
+        return ["--insecure", "true"]
+    return [
+        "--tls-cert",
+        str(certs / "server.pem"),
+        "--tls-key",
+        str(certs / "server.key"),
+        "--tls-client-ca",
+        str(certs / "ca.pem"),
+    ]
+
+
+def client_tls_flags(certs: Path | None) -> list[str]:
+    if certs is None:
+        return ["--insecure", "true"]
+    return [
+        "--tls-ca",
+        str(certs / "ca.pem"),
+        "--tls-cert",
+        str(certs / "client.pem"),
+        "--tls-key",
+        str(certs / "client.key"),
+        "--tls-server-name",
+        "localhost",
+    ]
+
+
 def start_aggregator(
-    workdir: Path, flags: Sequence[str], name: str = "aggregator", env: dict[str, str] | None = None
+    workdir: Path,
+    flags: Sequence[str],
+    name: str = "aggregator",
+    env: dict[str, str] | None = None,
+    certs: Path | None = None,
 ) -> tuple[ServiceProcess, dict[str, Any]]:
     ready = workdir / f"{name}.ready.json"
     if ready.exists():
@@ -103,6 +136,7 @@ def start_aggregator(
             "127.0.0.1:0",
             "--ready-file",
             str(ready),
+            *server_tls_flags(certs),
             *flags,
         ),
         workdir / f"{name}.log",
@@ -122,6 +156,7 @@ def start_edge_node(
     flags: Sequence[str],
     name: str | None = None,
     env: dict[str, str] | None = None,
+    certs: Path | None = None,
 ) -> ServiceProcess:
     name = name or task
     return ServiceProcess(
@@ -136,6 +171,7 @@ def start_edge_node(
             name,
             "--state-dir",
             str(workdir / f"node-{name}"),
+            *client_tls_flags(certs),
             *flags,
         ),
         workdir / f"node-{name}.log",

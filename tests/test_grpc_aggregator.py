@@ -31,7 +31,10 @@ def start(tmp_path: Path) -> Iterator[Start]:
         rounds = dict(dataset="mtfl", min_nodes=2, round_timeout=30.0, heartbeat_interval=0.2, heartbeat_timeout=30.0)
         rounds.update(kw)
         service = ServiceConfig(
-            listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", state_dir=str(state_dir or tmp_path / "state")
+            listen="127.0.0.1:0",
+            metrics_listen="127.0.0.1:0",
+            state_dir=str(state_dir or tmp_path / "state"),
+            insecure=True,
         )
         agg = start_aggregator(service, CoordinatorConfig(**rounds))  # type: ignore[arg-type]
         running.append(agg)

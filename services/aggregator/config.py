@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedgradnorm.tls import ServerTLS
 from fedgradnorm.wire import DEFAULT_CHUNK_BYTES
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
@@ -20,6 +21,10 @@ class ServiceConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     wire_dtype: str = "float32"
     max_fetch_wait: float = 30.0
+    tls_cert: str = ""  # PEM certificate the aggregator presents
+    tls_key: str = ""
+    tls_client_ca: str = ""  # set: mutual TLS, every edge node must present a certificate signed by it
+    insecure: bool = False  # plaintext gRPC; only when asked for explicitly (logged as a warning)
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in WIRE_DTYPES:
@@ -28,5 +33,14 @@ class ServiceConfig:
             raise ValueError("max_workers must be at least 4")
         if not 1024 <= self.chunk_bytes <= 3 << 20:
             raise ValueError("chunk_bytes must be between 1 KiB and 3 MiB (gRPC's message limit is 4 MiB)")
+        if self.insecure and (self.tls_cert or self.tls_key or self.tls_client_ca):
+            raise ValueError("insecure is set together with TLS files; choose one")
+        if not self.insecure and not (self.tls_cert and self.tls_key):
+            raise ValueError(
+                "TLS needs tls_cert and tls_key (make them with `fedgradnorm certs`); set insecure=true for plaintext"
+            )
         if ":" not in self.listen:
             raise ValueError(f"listen must be HOST:PORT, not {self.listen!r}")
+
+    def tls(self) -> ServerTLS:
+        return ServerTLS(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca, insecure=self.insecure)

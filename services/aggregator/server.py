@@ -101,16 +101,23 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(service.listen)
+    creds = service.tls().credentials()
+    port = server.add_secure_port(service.listen, creds) if creds else server.add_insecure_port(service.listen)
     if port == 0:
         raise OSError(f"cannot listen on {service.listen}")
     metrics_port = None
     if service.metrics_listen:
-        host, mport = _split_host_port(service.metrics_listen)
+        host, mport = _split_host_port(service.metrics_listen)  # plaintext HTTP: scraped inside the cluster
         httpd, _ = start_http_server(mport, addr=host, registry=metrics.registry)
         metrics_port = httpd.server_port
     server.start()
-    log.info("aggregator.listening", grpc_port=port, metrics_port=metrics_port, state=store.describe())
+    log.info(
+        "aggregator.listening",
+        grpc_port=port,
+        metrics_port=metrics_port,
+        state=store.describe(),
+        tls="off" if creds is None else ("mutual" if service.tls_client_ca else "server"),
+    )
 
     coordinator.start()  # loads or initialises the state; raises StateError on a corrupt one
     metrics.round.set(coordinator.round)

@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 
 from fedgradnorm.tasks import federation
+from fedgradnorm.tls import ClientTLS
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class EdgeConfig:
     wire_dtype: str = ""  # "" takes the aggregator's announcement
     no_train: bool = False  # benchmark switch: submit a zero gradient without training
     torch_threads: int = 0  # 0: torch's default
+    tls_ca: str = ""  # CA that signed the aggregator's certificate
+    tls_cert: str = ""  # this node's client certificate (mutual TLS)
+    tls_key: str = ""
+    tls_server_name: str = ""  # name to check in the aggregator's certificate when dialling an IP
+    insecure: bool = False  # plaintext gRPC; only when asked for explicitly (logged as a warning)
 
     def __post_init__(self) -> None:
         fed = federation(self.dataset)
@@ -34,9 +40,22 @@ class EdgeConfig:
             raise ValueError(f"task {self.task!r} is not a {self.dataset} task; tasks: {list(fed.task_names)}")
         if self.fetch_wait <= 0 or self.max_backoff <= 0:
             raise ValueError("fetch_wait and max_backoff must be positive")
+        if self.insecure and (self.tls_ca or self.tls_cert or self.tls_key):
+            raise ValueError("insecure is set together with TLS files; choose one")
+        if not self.insecure and not self.tls_ca:
+            raise ValueError("TLS needs tls_ca (and tls_cert/tls_key for mutual TLS); set insecure=true for plaintext")
         if self.wire_dtype not in ("", "float32", "float16", "bfloat16"):
             raise ValueError(f"wire_dtype must be float32, float16 or bfloat16, not {self.wire_dtype!r}")
 
     @property
     def node_name(self) -> str:
         return self.name or self.task or socket.gethostname()
+
+    def tls(self) -> ClientTLS:
+        return ClientTLS(
+            ca=self.tls_ca,
+            cert=self.tls_cert,
+            key=self.tls_key,
+            server_name=self.tls_server_name,
+            insecure=self.insecure,
+        )

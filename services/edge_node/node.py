@@ -108,7 +108,7 @@ class EdgeNode:
         self.shared = build_shared(self.fed.network, 0)  # weights come from the aggregator every round
         self.expected = {k: tuple(v.shape) for k, v in self.shared.named_parameters()}
         self.client: LocalClient | None = None
-        self.channel = grpc.insecure_channel(config.aggregator, options=CHANNEL_OPTIONS)
+        self.channel = config.tls().channel(config.aggregator, CHANNEL_OPTIONS)
         self.stub = pb_grpc.AggregatorStub(self.channel)
         self.session: Session | None = None
         self.rounds_done = 0

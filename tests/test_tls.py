@@ -1,0 +1,99 @@
+"""Mutual TLS between the aggregator and edge nodes, over real sockets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+from fedgradnorm.certs import make_certificates
+from fedgradnorm.tls import ClientTLS, TLSConfigError
+from services.aggregator.config import ServiceConfig
+from services.aggregator.coordinator import CoordinatorConfig
+from services.aggregator.server import RunningAggregator, start_aggregator
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pki")
+    make_certificates(root / "good")
+    make_certificates(root / "rogue")  # another CA, same names
+    return root / "good", root / "rogue"
+
+
+@pytest.fixture
+def mtls_aggregator(pki: tuple[Path, Path], tmp_path: Path) -> Iterator[RunningAggregator]:
+    good, _ = pki
+    service = ServiceConfig(
+        listen="127.0.0.1:0",
+        metrics_listen="",
+        state_dir=str(tmp_path / "s"),
+        tls_cert=str(good / "server.pem"),
+        tls_key=str(good / "server.key"),
+        tls_client_ca=str(good / "ca.pem"),
+    )
+    agg = start_aggregator(service, CoordinatorConfig(dataset="mtfl", min_nodes=2))
+    try:
+        yield agg
+    finally:
+        agg.stop(grace=0.2)
+
+
+def call_register(channel: grpc.Channel) -> pb.RegisterResponse:
+    return pb_grpc.AggregatorStub(channel).Register(
+        pb.RegisterRequest(node_name="n", dataset="mtfl", task="gender", num_samples=3), timeout=5
+    )
+
+
+def test_client_with_certificate_of_the_ca_is_served(
+    mtls_aggregator: RunningAggregator, pki: tuple[Path, Path]
+) -> None:
+    good, _ = pki
+    tls = ClientTLS(
+        ca=str(good / "ca.pem"), cert=str(good / "client.pem"), key=str(good / "client.key"), server_name="localhost"
+    )
+    with tls.channel(f"127.0.0.1:{mtls_aggregator.grpc_port}", []) as ch:
+        assert call_register(ch).node_id == "n"
+
+
+@pytest.mark.parametrize("case", ["no client certificate", "rogue client certificate", "plaintext", "rogue server CA"])
+def test_unauthenticated_peers_are_refused(
+    mtls_aggregator: RunningAggregator, pki: tuple[Path, Path], case: str
+) -> None:
+    good, rogue = pki
+    address = f"127.0.0.1:{mtls_aggregator.grpc_port}"
+    tls = {
+        "no client certificate": ClientTLS(ca=str(good / "ca.pem"), server_name="localhost"),
+        "rogue client certificate": ClientTLS(
+            ca=str(good / "ca.pem"),
+            cert=str(rogue / "client.pem"),
+            key=str(rogue / "client.key"),
+            server_name="localhost",
+        ),
+        "plaintext": ClientTLS(insecure=True),
+        "rogue server CA": ClientTLS(
+            ca=str(rogue / "ca.pem"),
+            cert=str(good / "client.pem"),
+            key=str(good / "client.key"),
+            server_name="localhost",
+        ),
+    }[case]
+    with tls.channel(address, []) as ch, pytest.raises(grpc.RpcError) as e:
+        call_register(ch)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert mtls_aggregator.coordinator.registered_count() == 0
+
+
+def test_tls_configuration_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tls_cert and tls_key"):
+        ServiceConfig(state_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="choose one"):
+        ServiceConfig(insecure=True, tls_cert="x", tls_key="y")
+    with pytest.raises(TLSConfigError, match=r"missing\.key"):
+        ServiceConfig(tls_cert=str(tmp_path / "missing.pem"), tls_key=str(tmp_path / "missing.key")).tls().credentials()
+    with pytest.raises(TLSConfigError, match="tls_ca"):
+        ClientTLS().channel("127.0.0.1:1", [])
