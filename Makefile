@@ -6,13 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/main
 
-.PHONY: help venv run test lint fmt proto bench clean
+.PHONY: help venv run test test-faults lint fmt proto bench reproduce clean
 
 help:
 	@echo "make run    - the main job: FedGradNorm vs FedRep on synthetic RadCom (loopback, no downloads)"
 	@echo "make test   - the test suite"
 	@echo "make lint   - ruff"
 	@echo "make proto  - regenerate gRPC stubs from proto/"
+	@echo "make test-faults - the long fault-injection loops"
+	@echo "make bench  - benchmarks -> docs/benchmarks.md"
+	@echo "make reproduce - the paper's experiments -> docs/results.md"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +43,18 @@ fmt: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m fedgradnorm.protogen
+
+# The long fault loops (repeated SIGKILLs, partitions); `make test` runs the short ones.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m long
+
+# Benchmarks of the system against its limits; rewrites docs/benchmarks.md from one run.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --doc docs/benchmarks.md
+
+# The paper's experiments on synthetic data; rewrites docs/results.md and docs/img/results-*.png.
+reproduce: $(STAMP)
+	$(BIN)/python -m experiments.reproduce --doc docs/results.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

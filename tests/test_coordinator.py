@@ -16,6 +16,7 @@ from services.aggregator.coordinator import (
     InvalidArgument,
     NotFound,
     Phase,
+    ResourceExhausted,
     RoundCoordinator,
     RoundSummary,
     Submission,
@@ -297,3 +298,25 @@ def test_concurrent_duplicate_submits_count_once(coord: RoundCoordinator) -> Non
     for t in threads:
         t.join()
     assert sorted(outcomes) == ["dup"] * 7 + ["ok"]
+
+
+def test_registration_attempts_are_rate_limited_per_peer_and_name() -> None:
+    c = RoundCoordinator(config(enrollment_token="t", register_burst=3, register_rate=0.001), MemoryStateStore())
+    c.load()
+    ok = dict(dataset="mtfl", task="gender", num_samples=1, enrollment_token="t", peer="10.0.0.1")
+    assert c.register(name="a", **ok).node_id == "a"  # attempt 1
+    for _ in range(2):  # attempts 2 and 3: answered (the name is taken)
+        with pytest.raises(AlreadyExists):
+            c.register(name="a", **ok)
+    with pytest.raises(ResourceExhausted, match="too many registration attempts"):  # attempt 4: over the burst
+        c.register(name="a", **ok)
+    assert c.register(name="b", **ok).node_id == "b"  # another node name is its own bucket
+    assert c.register(name="a2", **{**ok, "peer": "10.0.0.2"}).node_id == "a2"
+    bad = {**ok, "enrollment_token": "wrong", "peer": "10.0.0.9"}
+    outcomes = []
+    for i in range(20):
+        try:
+            c.register(name=f"x{i}", **bad)
+        except (Unauthenticated, ResourceExhausted) as e:
+            outcomes.append(type(e).__name__)
+    assert outcomes[:12] == ["Unauthenticated"] * 12 and outcomes[-1] == "ResourceExhausted"

@@ -124,6 +124,8 @@ class CoordinatorConfig:
     seed: int = 0
     max_nodes: int = 1024
     enrollment_token: str = field(default="", repr=False)
+    register_burst: int = 5  # registration attempts per (peer, node name) before the rate applies
+    register_rate: float = 0.2  # refill per second of that bucket; failed enrolments share one per peer
 
     def __post_init__(self) -> None:
         federation(self.dataset)
@@ -132,6 +134,8 @@ class CoordinatorConfig:
             raise ValueError("need 1 <= min_nodes <= max_nodes")
         if self.round_timeout <= 0 or self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("round_timeout and heartbeat_interval must be positive, heartbeat_timeout larger")
+        if self.register_burst < 1 or self.register_rate <= 0:
+            raise ValueError("register_burst must be >= 1 and register_rate positive")
         if self.tau_h < 0 or self.tau_omega < 1 or self.batch_size < 1 or self.rounds < 0:
             raise ValueError("need tau_h >= 0, tau_omega >= 1, batch_size >= 1, rounds >= 0")
 
@@ -211,6 +215,27 @@ class _OpenRound:
     submitted: dict[str, Submission] = field(default_factory=dict)
 
 
+class RateLimiter:
+    """Token buckets by key, bounded in the number of keys it remembers."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            allowed = tokens >= 1.0
+            self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+            if len(self._buckets) > self.max_keys:  # forget the longest idle
+                for k, _ in sorted(self._buckets.items(), key=lambda kv: kv[1][1])[: self.max_keys // 10]:
+                    del self._buckets[k]
+            return allowed
+
+
 def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -250,6 +275,8 @@ class RoundCoordinator:
         self._server_config: ServerConfig | None = None
         self._expected: dict[str, tuple[int, ...]] = {}
         self.halted_reason: str | None = None
+        self._attempts = RateLimiter(config.register_rate, config.register_burst)
+        self._failures = RateLimiter(config.register_rate, 4 * config.register_burst)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -378,10 +405,19 @@ class RoundCoordinator:
         enrollment_token: str = "",
         node_id: str = "",
         session_token: str = "",
+        peer: str = "",
     ) -> Registration:
+        """Enrol a node or resume one. ``peer`` (the caller's host) keys the attempt rate limits."""
+        if not self._attempts.allow(f"{peer}|{name}"):
+            raise ResourceExhausted(
+                f"too many registration attempts for {name!r} from {peer or 'this peer'}; back off and retry",
+                reason="rate_limited",
+            )
         if self.config.enrollment_token and not hmac.compare_digest(
             _hash_token(enrollment_token or ""), _hash_token(self.config.enrollment_token)
         ):
+            if not self._failures.allow(peer):
+                raise ResourceExhausted(f"too many failed enrolments from {peer or 'this peer'}", reason="rate_limited")
             raise Unauthenticated("enrollment token is missing or wrong", reason="bad_enrollment")
         if dataset != self.config.dataset:
             raise InvalidArgument(

@@ -67,6 +67,15 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     raise error
 
 
+def _peer_host(context: grpc.ServicerContext) -> str:
+    """'ipv4:10.0.0.7:51234' -> '10.0.0.7' (the port changes per connection)."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return rest.rpartition(":")[0] if kind == "ipv4" else peer
+
+
 def _require_loaded(coord: RoundCoordinator, context: grpc.ServicerContext) -> None:
     if not coord.loaded:
         context.abort(grpc.StatusCode.UNAVAILABLE, "the aggregator is loading its state; retry shortly")
@@ -91,6 +100,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 enrollment_token=request.enrollment_token,
                 node_id=request.node_id,
                 session_token=request.session_token,
+                peer=_peer_host(context),
             )
         except CoordinatorError as e:
             _abort(context, e)
