@@ -11,6 +11,7 @@ from pathlib import Path
 from fedgradnorm.algorithm import ALGORITHMS
 from fedgradnorm.config import ConfigError
 from fedgradnorm.data.base import DataError
+from fedgradnorm.errors import FatalError
 from fedgradnorm.logs import configure_logging
 
 
@@ -197,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_format, args.log_level)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FatalError, ValueError, FileNotFoundError) as e:
         print(f"fedgradnorm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DTYPES",
     "DTYPE_BFLOAT16",
+    "DTYPE_BY_NAME",
     "DTYPE_FLOAT16",
     "DTYPE_FLOAT32",
     "DType",
@@ -65,6 +66,9 @@ DTYPES: Mapping[DType, torch.dtype] = {
     DTYPE_FLOAT16: torch.float16,
     DTYPE_BFLOAT16: torch.bfloat16,
 }
+
+#: Names used in configuration (``--wire-dtype float16``) -> wire DType values.
+DTYPE_BY_NAME: Mapping[str, int] = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16, "bfloat16": DTYPE_BFLOAT16}
 
 #: A sensible chunk size: well under gRPC's default 4 MiB message limit.
 DEFAULT_CHUNK_BYTES = 1 << 20

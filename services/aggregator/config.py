@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedgradnorm.tls import ServerTLS
-from fedgradnorm.wire import DEFAULT_CHUNK_BYTES
+from fedgradnorm.wire import DEFAULT_CHUNK_BYTES, DTYPE_BY_NAME
 
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
+WIRE_DTYPES = tuple(DTYPE_BY_NAME)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,11 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
         tls="off" if creds is None else ("mutual" if service.tls_client_ca else "server"),
     )
 
-    coordinator.start()  # loads or initialises the state; raises StateError on a corrupt one
+    try:
+        coordinator.start()  # loads or initialises the state; raises StateError on a corrupt one
+    except BaseException:
+        server.stop(0)
+        raise
     metrics.round.set(coordinator.round)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -142,7 +147,7 @@ def _watch_halt(running: RunningAggregator) -> None:
             running.health.set(SERVICE_NAME, status)
             last = halted
         running.metrics.registered.set(running.coordinator.registered_count())
-        threading.Event().wait(1.0)
+        time.sleep(1.0)
 
 
 def serve_forever(service: ServiceConfig, rounds: CoordinatorConfig) -> int:

@@ -52,12 +52,6 @@ PHASES = {
     Phase.HALTED: pb.PHASE_HALTED,
 }
 
-DTYPE_NAMES = {
-    "float32": tensor_pb2.DTYPE_FLOAT32,
-    "float16": tensor_pb2.DTYPE_FLOAT16,
-    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
-}
-
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     if isinstance(error, CoordinatorError):
@@ -86,8 +80,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.coord = coordinator
         self.config = config
         self.metrics = metrics
-        self.wire_dtype = DTYPE_NAMES[config.wire_dtype]
-        self.accepted = tuple(DTYPE_NAMES.values())
+        self.wire_dtype = wire.DTYPE_BY_NAME[config.wire_dtype]
+        self.accepted = tuple(wire.DTYPE_BY_NAME.values())
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
         _require_loaded(self.coord, context)

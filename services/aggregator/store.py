@@ -21,12 +21,13 @@ from typing import Any
 import torch
 
 from fedgradnorm.algorithm import AdamState, ClientWeight, ServerState
+from fedgradnorm.errors import FatalError
 
 FORMAT_VERSION = 1
 STATE_FILE = "aggregator-state.pt"
 
 
-class StateError(RuntimeError):
+class StateError(FatalError):
     """The stored state cannot be read or written; the message names the file and the problem."""
 
 
@@ -81,7 +82,7 @@ def decode_snapshot(blob: bytes, origin: str) -> Snapshot:
     try:
         payload = torch.load(io.BytesIO(blob), weights_only=True)
     except Exception as e:  # torch raises several types for a corrupt archive
-        raise StateError(f"{origin}: not a readable aggregator state ({type(e).__name__}: {e})") from e
+        raise StateError(f"{origin}: not a readable aggregator state (corrupt or truncated: {type(e).__name__})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         raise StateError(
             f"{origin}: unknown state format {payload.get('format') if isinstance(payload, dict) else '?'}"

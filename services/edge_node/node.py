@@ -26,6 +26,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.algorithm import ClientConfig
 from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
+from fedgradnorm.errors import FatalError
 from fedgradnorm.models import build_shared
 from fedgradnorm.tasks import federation
 from services.edge_node.config import EdgeConfig
@@ -36,14 +37,9 @@ log = structlog.get_logger("fedgradnorm.edge_node")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 REJOIN = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
-DTYPES = {
-    "float32": tensor_pb2.DTYPE_FLOAT32,
-    "float16": tensor_pb2.DTYPE_FLOAT16,
-    "bfloat16": tensor_pb2.DTYPE_BFLOAT16,
-}
 
 
-class EdgeNodeError(RuntimeError):
+class EdgeNodeError(FatalError):
     """A condition the node cannot train through (bad global model, refused registration...)."""
 
 
@@ -113,6 +109,8 @@ class EdgeNode:
         self.session: Session | None = None
         self.rounds_done = 0
         self._zero_gradient: dict[str, torch.Tensor] | None = None
+        self._gradient: dict[str, torch.Tensor] = {}
+        self._needs_register = threading.Event()
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -167,7 +165,7 @@ class EdgeNode:
             identity=identity,
             config=ClientConfig(tau_h=rc.tau_h, tau_omega=rc.tau_omega, beta=rc.beta, batch_size=rc.batch_size),
             seed=resp.seed,
-            dtype=DTYPES[cfg.wire_dtype] if cfg.wire_dtype else resp.wire_dtype,
+            dtype=wire.DTYPE_BY_NAME[cfg.wire_dtype] if cfg.wire_dtype else resp.wire_dtype,
             chunk_bytes=resp.max_chunk_bytes,
             heartbeat_interval=resp.heartbeat_interval_seconds,
             initial_loss=resp.initial_loss if resp.HasField("initial_loss") else None,
@@ -216,7 +214,10 @@ class EdgeNode:
             return header, None
         try:
             asm = wire.TensorAssembler.from_header(
-                header, self.expected, max_bytes=4 * sum(v.numel() for v in self.shared.parameters())
+                header,
+                self.expected,
+                max_bytes=4 * sum(v.numel() for v in self.shared.parameters()),
+                check_finite=True,
             )
             for msg in stream:
                 asm.feed(msg.chunk.data)
@@ -224,8 +225,6 @@ class EdgeNode:
         except wire.WireError as e:
             stream.cancel()
             raise EdgeNodeError(f"global model of round {header.round} refused: {e}") from e
-        if not all(bool(torch.isfinite(t).all()) for t in omega.values()):
-            raise EdgeNodeError(f"global model of round {header.round} contains NaN or infinity")
         return header, omega
 
     def train(self, round_: int, omega: dict[str, torch.Tensor]) -> pb.SubmitHeader:
@@ -334,7 +333,6 @@ class EdgeNode:
 
     def run(self, max_rounds: int = 0) -> int:
         """Register and train until the aggregator finishes, ``max_rounds`` rounds, or stop()."""
-        self._needs_register = threading.Event()
         self.register()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()

@@ -12,8 +12,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedgradnorm.errors import FatalError
 
-class NodeStateError(RuntimeError):
+
+class NodeStateError(FatalError):
     """A state folder that cannot be used; the message names the file and the problem."""
 
 
