@@ -172,3 +172,28 @@ def test_fourth_node_started_by_hand_joins_the_next_round(tmp_path: Path) -> Non
         assert len(last) == 4 and sum(r["weight"] for r in last) == pytest.approx(4.0)
     finally:
         stop_all(procs)
+
+
+def test_edge_node_sigterm_stops_cleanly_and_deregisters(tmp_path: Path) -> None:
+    procs: list[ServiceProcess] = []
+    try:
+        agg, ready = start_aggregator(
+            tmp_path, ["--dataset", "radcom", "--min-nodes", "1", *HYPER, "--state-dir", str(tmp_path / "state")]
+        )
+        procs.append(agg)
+        node = start_edge_node(tmp_path, ready["grpc_port"], "anomaly", ["--seed", "0", "--synthetic-size", "4"])
+        procs.append(node)
+        channel, stub = connect(ready["grpc_port"])
+        with channel:
+            end = time.monotonic() + 120
+            while state(stub).round < 2:
+                assert time.monotonic() < end and node.alive(), node.log_text()[-2000:]
+                time.sleep(0.1)
+            assert node.stop(timeout=30) == 0
+            (anomaly,) = state(stub).nodes
+            assert not anomaly.active and anomaly.last_round >= 1
+        assert "node.deregistered" in node.log_text()
+        identity = json.loads((tmp_path / "node-anomaly" / "identity.json").read_text())
+        assert identity["node_id"] == "anomaly" and (tmp_path / "node-anomaly" / "client.pt").exists()
+    finally:
+        stop_all(procs)
