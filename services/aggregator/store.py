@@ -60,9 +60,9 @@ class Snapshot:
     members: dict[str, MemberRecord]
 
 
-def encode_snapshot(snap: Snapshot) -> bytes:
+def _payload(snap: Snapshot) -> dict[str, Any]:
     s = snap.server
-    payload = {
+    return {
         "format": FORMAT_VERSION,
         "identity": snap.identity,
         "round": s.round,
@@ -73,8 +73,11 @@ def encode_snapshot(snap: Snapshot) -> bytes:
         "weights": {k: asdict(w) for k, w in s.weights.items()},
         "members": {k: asdict(m) for k, m in snap.members.items()},
     }
+
+
+def encode_snapshot(snap: Snapshot) -> bytes:
     buf = io.BytesIO()
-    torch.save(payload, buf)
+    torch.save(_payload(snap), buf)
     return buf.getvalue()
 
 
@@ -156,13 +159,13 @@ class FileStateStore(StateStore):
         return decode_snapshot(blob, str(self.path))
 
     def save(self, snapshot: Snapshot) -> None:
-        blob = encode_snapshot(snapshot)
+        payload = _payload(snapshot)
         tmp_name = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=self.directory)
             with os.fdopen(fd, "wb") as f:
-                f.write(blob)
+                torch.save(payload, f)  # straight into the file: no second copy of the model in memory
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp_name, self.path)
@@ -172,8 +175,12 @@ class FileStateStore(StateStore):
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        except OSError as e:
-            raise StateError(f"{self.path}: cannot commit the round's state ({e.strerror or e})") from e
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
+            cause: BaseException | None = e
+            while cause is not None and not getattr(cause, "strerror", None):
+                cause = cause.__context__
+            why = cause.strerror if cause is not None else str(e).splitlines()[0]  # type: ignore[attr-defined]
+            raise StateError(f"{self.path}: cannot commit the round's state ({why})") from e
         finally:
             if tmp_name is not None:
                 with contextlib.suppress(OSError):
