@@ -76,7 +76,12 @@ def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_
         for task in tasks:
             procs.append(
                 start_edge_node(
-                    out, ready["grpc_port"], task, [*common, "--synthetic-size", str(synthetic_size)], certs=certs
+                    out,
+                    ready["grpc_port"],
+                    task,
+                    # three nodes share the machine's cores: one torch thread each avoids oversubscription
+                    [*common, "--synthetic-size", str(synthetic_size), "--torch-threads", "1"],
+                    certs=certs,
                 )
             )
         seen = 0
