@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedgradnorm.atomic import atomic_write_bytes
 
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "aggregator", "radcom-aggregator", "mtfl-aggregator")
 
@@ -33,11 +34,8 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    if private:
-        os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    """Replace ``path`` atomically; a private key is readable by its owner only from the start."""
+    atomic_write_bytes(path, data, mode=0o600 if private else None, durable=False)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -25,6 +25,7 @@ from fedgradnorm.algorithm import (
     ServerState,
     server_step,
 )
+from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
 from fedgradnorm.models import build_shared
@@ -141,11 +142,8 @@ class Simulation:
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Replace ``path`` atomically with one JSON object a line."""
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records), durable=False)
 
 
 def run_simulation(config: SimulationConfig, out_dir: str | Path, progress: bool = True) -> Path:

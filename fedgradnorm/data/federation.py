@@ -7,7 +7,6 @@ so no data ever crosses the network.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedgradnorm.data.base import DataError, MultiTaskArrays
+from fedgradnorm.data.cache import default_cache_dir
 
 # Table II of the paper: the gender and glasses clients hold 500 samples, the others 3,000.
 IMBALANCED_MTFL = {"gender": 500, "glasses": 500, "*": 3000}
@@ -109,8 +109,8 @@ def allocate(
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("FEDGRADNORM_CACHE_DIR") or os.path.join(Path.home(), ".cache", "fedgradnorm")
-    path = Path(base)
+    """Where synthetic data sets are generated (see :func:`fedgradnorm.data.cache.default_cache_dir`); created."""
+    path = default_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

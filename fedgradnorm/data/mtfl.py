@@ -31,14 +31,10 @@ the pixels and whose landmarks are exactly the points that were drawn, for tests
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import tempfile
-import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
@@ -47,7 +43,9 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+from fedgradnorm.atomic import atomic_write_bytes
 from fedgradnorm.data.base import DataError, MultiTaskArrays
+from fedgradnorm.data.cache import ArrayCache, CacheEntry
 
 __all__ = [
     "ATTRIBUTES",
@@ -80,7 +78,6 @@ _ATTRIBUTE_MEANING = {
 }
 _RESAMPLE = Image.Resampling.BILINEAR
 _CACHE_VERSION = 1
-_CACHE_ENV = "FEDGRADNORM_CACHE_DIR"
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -113,7 +110,7 @@ def read_mtfl(
     (x1..x5, y1..y5 in pixels of the resized image, or divided by ``size`` when ``normalize_landmarks``)
     and ``gender``, ``smile``, ``glasses``, ``pose`` int64 ``[n]`` class indices.
 
-    With ``cache`` the decoded arrays are kept in an ``.npz`` file (see :func:`_cache_dirs`) keyed by the
+    With ``cache`` the decoded arrays are kept in an ``.npz`` file (see :mod:`fedgradnorm.data.cache`) keyed by the
     annotation file's absolute path, size in bytes and mtime_ns and by ``size``; editing or touching the
     annotation file invalidates it. Normalisation is a division applied after loading, so both settings
     share one cache file. Raises :class:`DataError` naming the file and the problem for every bad input.
@@ -146,15 +143,16 @@ def _annotation_path(root: Path, split: str) -> Path:
 
 
 def _load_or_decode(root: Path, annotation: Path, size: int, cache: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    key = _cache_key(annotation, size) if cache else ""
     if cache:
-        cached = _cache_load(annotation, key, size)
+        entry = _cache_entry(annotation, size)
+        cached = _CACHE.load(entry, lambda arrays: _valid_cache(arrays, size))
         if cached is not None:
-            return cached
+            return cached["pixels"], cached["landmarks"], cached["labels"]
     records = _parse_annotations(annotation)
     arrays = _decode(root, annotation, records, size)
     if cache:
-        _cache_store(annotation, key, size, arrays)
+        pixels, landmarks, labels = arrays
+        _CACHE.store(entry, {"pixels": pixels, "landmarks": landmarks, "labels": labels})
     return arrays
 
 
@@ -273,65 +271,35 @@ def _load_image(path: Path, annotation: Path, line_no: int, size: int) -> tuple[
 # Cache of decoded arrays
 # --------------------------------------------------------------------------------------------------------
 
+_CACHE = ArrayCache(
+    "mtfl",
+    "MTFL",
+    ("pixels", "landmarks", "labels"),
+    version=_CACHE_VERSION,
+    contents="decoded images",
+    mode=0o644,
+    logger=log,
+)
 
-def _cache_key(annotation: Path, size: int) -> str:
+
+def _cache_entry(annotation: Path, size: int) -> CacheEntry:
+    """The entry of one (annotation file, size); see :mod:`fedgradnorm.data.cache` for where it lives."""
     stat = annotation.stat()
-    payload = {
-        "version": _CACHE_VERSION,
+    fields = {
         "annotation": str(annotation.resolve()),
         "bytes": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "size": size,
         "resample": _RESAMPLE.name,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return _CACHE.entry(annotation, fields, variant=f"s{size}-")
 
 
-def _cache_prefix(annotation: Path, size: int) -> str:
-    """File-name prefix shared by every cache version of one (annotation file, size)."""
-    owner = hashlib.sha256(str(annotation.resolve()).encode()).hexdigest()[:10]
-    return f"mtfl-{annotation.stem}-{owner}-s{size}-"
-
-
-def _cache_dirs(annotation: Path) -> list[Path]:
-    """Where cache files may live, in order of preference.
-
-    ``$FEDGRADNORM_CACHE_DIR`` when set, then a ``.fedgradnorm_cache`` folder beside the annotation file,
-    then ``~/.cache/fedgradnorm``; a folder that cannot be written is skipped.
-    """
-    dirs = []
-    env = os.environ.get(_CACHE_ENV)
-    if env:
-        dirs.append(Path(env).expanduser())
-    dirs.append(annotation.parent / ".fedgradnorm_cache")
-    dirs.append(Path.home() / ".cache" / "fedgradnorm")
-    return dirs
-
-
-def _cache_load(annotation: Path, key: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    name = _cache_prefix(annotation, size) + key + ".npz"
-    for folder in _cache_dirs(annotation):
-        path = folder / name
-        if not path.is_file():
-            continue
-        arrays = _read_cache_file(path, key, size)
-        if arrays is not None:
-            return arrays
-        log.warning("ignoring corrupt MTFL cache %s; it will be rebuilt", path)
-    return None
-
-
-def _read_cache_file(path: Path, key: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            stored_key = str(data["key"])
-            pixels, landmarks, labels = data["pixels"], data["landmarks"], data["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
+def _valid_cache(arrays: dict[str, np.ndarray], size: int) -> bool:
+    pixels, landmarks, labels = arrays["pixels"], arrays["landmarks"], arrays["labels"]
     n = len(pixels)
-    valid = (
-        stored_key == key
-        and pixels.dtype == np.uint8
+    return (
+        pixels.dtype == np.uint8
         and pixels.shape == (n, 1, size, size)
         and landmarks.dtype == np.float32
         and landmarks.shape == (n, 10)
@@ -340,47 +308,6 @@ def _read_cache_file(path: Path, key: str, size: int) -> tuple[np.ndarray, np.nd
         and n > 0
         and all(labels[:, i].min() >= 0 and labels[:, i].max() < NUM_CLASSES[a] for i, a in enumerate(ATTRIBUTES))
     )
-    return (pixels, landmarks, labels) if valid else None
-
-
-def _cache_store(annotation: Path, key: str, size: int, arrays: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-    prefix = _cache_prefix(annotation, size)
-    pixels, landmarks, labels = arrays
-    for folder in _cache_dirs(annotation):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write(
-                folder / f"{prefix}{key}.npz",
-                lambda f: np.savez(f, key=np.array(key), pixels=pixels, landmarks=landmarks, labels=labels),
-            )
-        except OSError as err:
-            log.debug("MTFL cache folder %s is not writable (%s); trying the next one", folder, err)
-            continue
-        _remove_stale(folder, prefix, key)
-        return
-    log.warning("no writable cache folder for %s; decoded images are not cached", annotation)
-
-
-def _remove_stale(folder: Path, prefix: str, key: str) -> None:
-    for old in folder.glob(f"{prefix}*.npz"):
-        if old.name != f"{prefix}{key}.npz":
-            try:
-                old.unlink()
-            except OSError:
-                log.debug("could not remove stale MTFL cache %s", old)
-
-
-def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -540,7 +467,7 @@ def generate_mtfl(
     for split_id, (split, n) in enumerate((("training", n_train), ("testing", n_test))):
         names = _file_names(split, n, np.random.default_rng([seed, split_id, 0]))
         lines = _render_all(out, names, seed, split_id, workers)
-        _atomic_write(out / f"{split}.txt", lambda f, lines=lines: f.write("".join(lines).encode("ascii")))
+        atomic_write_bytes(out / f"{split}.txt", "".join(lines).encode("ascii"), mode=0o644, durable=False)
     return out
 
 

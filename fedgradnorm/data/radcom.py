@@ -81,13 +81,9 @@ writes the same values.
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
 import logging
 import math
 import os
-import secrets
-import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -97,7 +93,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from fedgradnorm.atomic import atomic_replace
 from fedgradnorm.data.base import DataError, MultiTaskArrays
+from fedgradnorm.data.cache import ArrayCache, CacheEntry
 
 __all__ = [
     "ANOMALY_SNR_DB",
@@ -154,7 +152,6 @@ _REAL_SHAPES = {(_VECTOR,), (_VECTOR, 1), (1, _VECTOR), (2, N_IQ)}
 _COMPLEX_SHAPES = {(N_IQ,), (N_IQ, 1), (1, N_IQ)}
 
 _CACHE_VERSION = 1
-_CACHE_ENV = "FEDGRADNORM_CACHE_DIR"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -170,6 +167,9 @@ class _Decoded:
     modulation: np.ndarray
     signal: np.ndarray
     snr: np.ndarray
+
+    def fields(self) -> dict[str, np.ndarray]:
+        return {"x": self.x, "modulation": self.modulation, "signal": self.signal, "snr": self.snr}
 
     def to_arrays(self) -> MultiTaskArrays:
         anomaly = (self.snr < ANOMALY_SNR_DB).astype(np.int64)
@@ -195,15 +195,15 @@ def read_radcom(path: str | Path, *, cache: bool = True) -> MultiTaskArrays:
     """
     path = Path(path)
     stat = _stat_input(path)
-    key = _cache_key(path, stat) if cache else ""
     if cache:
-        cached = _cache_load(path, key)
+        entry = _cache_entry(path, stat)
+        cached = _CACHE.load(entry, _valid_decoded)
         if cached is not None:
-            return cached.to_arrays()
+            return _Decoded(**cached).to_arrays()
     decoded = _decode_file(path)
     if cache:
         if _identity(_stat_input(path)) == _identity(stat):
-            _cache_store(path, key, decoded)
+            _CACHE.store(entry, decoded.fields())
         else:
             log.warning("%s changed while it was read; its decoded arrays are not cached", path)
     return decoded.to_arrays()
@@ -407,60 +407,16 @@ def _finish(path: Path, names: list[str], x: np.ndarray, labels: np.ndarray) -> 
 # Cache of decoded arrays
 # --------------------------------------------------------------------------------------------------------
 
+_CACHE = ArrayCache("radcom", "RadCom", ("x", "modulation", "signal", "snr"), version=_CACHE_VERSION, logger=log)
 
-def _cache_key(path: Path, stat: os.stat_result) -> str:
+
+def _cache_entry(path: Path, stat: os.stat_result) -> CacheEntry:
     size, mtime_ns, inode = _identity(stat)
-    payload = {
-        "version": _CACHE_VERSION,
-        "path": str(path.resolve()),
-        "bytes": size,
-        "mtime_ns": mtime_ns,
-        "inode": inode,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    return _CACHE.entry(path, {"path": str(path.resolve()), "bytes": size, "mtime_ns": mtime_ns, "inode": inode})
 
 
-def _cache_prefix(path: Path) -> str:
-    """File-name prefix shared by every cache version of one input file."""
-    owner = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
-    return f"radcom-{path.stem}-{owner}-"
-
-
-def _cache_dirs(path: Path) -> list[Path]:
-    """Where cache files may live, in order of preference; a folder that cannot be written is skipped."""
-    dirs = []
-    env = os.environ.get(_CACHE_ENV)
-    if env:
-        dirs.append(Path(env).expanduser())
-    dirs.append(path.parent / ".fedgradnorm_cache")
-    dirs.append(Path.home() / ".cache" / "fedgradnorm")
-    return dirs
-
-
-def _cache_load(path: Path, key: str) -> _Decoded | None:
-    name = f"{_cache_prefix(path)}{key}.npz"
-    for folder in _cache_dirs(path):
-        file = folder / name
-        if not file.is_file():
-            continue
-        decoded = _read_cache_file(file, key)
-        if decoded is not None:
-            return decoded
-        log.warning("ignoring corrupt RadCom cache %s; it will be rebuilt", file)
-    return None
-
-
-def _read_cache_file(file: Path, key: str) -> _Decoded | None:
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            stored_key = str(data["key"])
-            decoded = _Decoded(x=data["x"], modulation=data["modulation"], signal=data["signal"], snr=data["snr"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
-        return None
-    return decoded if stored_key == key and _valid_decoded(decoded) else None
-
-
-def _valid_decoded(d: _Decoded) -> bool:
+def _valid_decoded(arrays: dict[str, np.ndarray]) -> bool:
+    d = _Decoded(**arrays)
     n = len(d.x)
     labels_ok = all(a.dtype == np.int64 and a.shape == (n,) for a in (d.modulation, d.signal, d.snr))
     return (
@@ -471,46 +427,6 @@ def _valid_decoded(d: _Decoded) -> bool:
         and 0 <= int(d.modulation.min()) <= int(d.modulation.max()) < len(MODULATIONS)
         and 0 <= int(d.signal.min()) <= int(d.signal.max()) < len(SIGNALS)
     )
-
-
-def _cache_store(path: Path, key: str, decoded: _Decoded) -> None:
-    prefix = _cache_prefix(path)
-    arrays = {"x": decoded.x, "modulation": decoded.modulation, "signal": decoded.signal, "snr": decoded.snr}
-    for folder in _cache_dirs(path):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write(folder / f"{prefix}{key}.npz", lambda fh: np.savez(fh, key=np.array(key), **arrays))
-        except OSError as err:
-            log.debug("RadCom cache folder %s is not writable (%s); trying the next one", folder, err)
-            continue
-        _remove_stale(folder, prefix, key)
-        return
-    log.warning("no writable cache folder for %s; decoded arrays are not cached", path)
-
-
-def _remove_stale(folder: Path, prefix: str, key: str) -> None:
-    for old in folder.glob(f"{prefix}*.npz"):
-        if old.name != f"{prefix}{key}.npz":
-            try:
-                old.unlink()
-            except OSError:
-                log.debug("could not remove stale RadCom cache %s", old)
-
-
-def _tmp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
-    """Write through a new temporary file in the same folder, then rename it over ``path``."""
-    tmp = _tmp_beside(path)
-    try:
-        with open(tmp, "xb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -788,10 +704,9 @@ def generate_radcom(
     snr_list = _check_generator_args(samples_per_key, seed, snrs)
     pair_list = _check_pairs(pairs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(path)
-    try:
+    with atomic_replace(path, durable=False) as tmp:
         with _write_errors(path):
-            f = h5py.File(tmp, "w-")
+            f = h5py.File(tmp, "w")  # the empty temporary is ours alone
         try:
             writer = _DatasetWriter(f)
             for modulation, signal in pair_list:
@@ -804,10 +719,6 @@ def generate_radcom(
             with _write_errors(path):
                 f.close()
         writer.fill(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.records import append_jsonl, round_record
 from services.aggregator.config import ServiceConfig
 from services.aggregator.coordinator import CoordinatorConfig, Phase, RoundCoordinator, RoundSummary
@@ -131,9 +132,8 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     running = RunningAggregator(server, coordinator, health_servicer, metrics, port, metrics_port)
     threading.Thread(target=_watch_halt, args=(running,), name="health-watch", daemon=True).start()
     if service.ready_file:
-        tmp = service.ready_file + ".tmp"
-        Path(tmp).write_text(json.dumps({"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
-        os.replace(tmp, service.ready_file)
+        ready = {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}
+        atomic_write_text(Path(service.ready_file), json.dumps(ready), durable=False)
     return running
 
 

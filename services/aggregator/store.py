@@ -10,10 +10,7 @@ or the new one on disk, never a mixture; :class:`MemoryStateStore` is the same c
 from __future__ import annotations
 
 import abc
-import contextlib
 import io
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from typing import Any
 import torch
 
 from fedgradnorm.algorithm import AdamState, ClientWeight, ServerState
+from fedgradnorm.atomic import atomic_write
 from fedgradnorm.errors import FatalError
 
 FORMAT_VERSION = 1
@@ -160,28 +158,13 @@ class FileStateStore(StateStore):
 
     def save(self, snapshot: Snapshot) -> None:
         payload = _payload(snapshot)
-        tmp_name = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=self.directory)
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)  # straight into the file: no second copy of the model in memory
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_name, self.path)
-            tmp_name = None
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            # torch.save writes straight into the file: no second copy of the model in memory.
+            atomic_write(self.path, lambda f: torch.save(payload, f), mode=0o600)
         except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
             cause: BaseException | None = e
             while cause is not None and not getattr(cause, "strerror", None):
                 cause = cause.__context__
             why = cause.strerror if cause is not None else str(e).splitlines()[0]  # type: ignore[attr-defined]
             raise StateError(f"{self.path}: cannot commit the round's state ({why})") from e
-        finally:
-            if tmp_name is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name)

@@ -7,11 +7,10 @@ anew); ``client.pt`` holds the head h^(i), its Adam moments and F_0. Both are re
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedgradnorm.atomic import atomic_write_bytes
 from fedgradnorm.errors import FatalError
 
 
@@ -29,18 +28,9 @@ class Identity:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` durably, readable by its owner only (it may hold the session token)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 class NodeStore:
@@ -63,7 +53,6 @@ class NodeStore:
 
     def save_identity(self, identity: Identity) -> None:
         _atomic_write(self.identity_path, json.dumps(asdict(identity), indent=2).encode())
-        os.chmod(self.identity_path, 0o600)
 
     def load_client(self) -> bytes | None:
         if not self.client_path.exists():
