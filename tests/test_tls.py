@@ -35,6 +35,7 @@ def mtls_aggregator(pki: tuple[Path, Path], tmp_path: Path) -> Iterator[RunningA
         tls_cert=str(good / "server.pem"),
         tls_key=str(good / "server.key"),
         tls_client_ca=str(good / "ca.pem"),
+        health_listen="127.0.0.1:0",
     )
     agg = start_aggregator(service, CoordinatorConfig(dataset="mtfl", min_nodes=2))
     try:
@@ -97,3 +98,15 @@ def test_tls_configuration_errors_are_clear(tmp_path: Path) -> None:
         ServiceConfig(tls_cert=str(tmp_path / "missing.pem"), tls_key=str(tmp_path / "missing.key")).tls().credentials()
     with pytest.raises(TLSConfigError, match="tls_ca"):
         ClientTLS().channel("127.0.0.1:1", [])
+
+
+def test_probe_port_serves_health_in_plaintext_and_nothing_else(mtls_aggregator: RunningAggregator) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{mtls_aggregator.health_port}") as ch:
+        for service in ("", "fedgradnorm.v1.Aggregator"):
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            call_register(ch)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED

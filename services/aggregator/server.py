@@ -80,10 +80,14 @@ class RunningAggregator:
     metrics: AggregatorMetrics
     grpc_port: int
     metrics_port: int | None
+    health_port: int | None = None
+    health_server: grpc.Server | None = None
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self.coordinator.stop()
 
 
@@ -107,6 +111,15 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     port = server.add_secure_port(service.listen, creds) if creds else server.add_insecure_port(service.listen)
     if port == 0:
         raise OSError(f"cannot listen on {service.listen}")
+    health_server, health_port = None, None
+    if service.health_listen:
+        # Plaintext, health service only: for probes (the kubelet's gRPC probes cannot speak TLS).
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(service.health_listen)
+        if health_port == 0:
+            raise OSError(f"cannot listen on {service.health_listen}")
+        health_server.start()
     metrics_port = None
     if service.metrics_listen:
         host, mport = _split_host_port(service.metrics_listen)  # plaintext HTTP: scraped inside the cluster
@@ -129,10 +142,12 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     metrics.round.set(coordinator.round)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningAggregator(server, coordinator, health_servicer, metrics, port, metrics_port)
+    running = RunningAggregator(
+        server, coordinator, health_servicer, metrics, port, metrics_port, health_port, health_server
+    )
     threading.Thread(target=_watch_halt, args=(running,), name="health-watch", daemon=True).start()
     if service.ready_file:
-        ready = {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}
+        ready = {"grpc_port": port, "metrics_port": metrics_port, "health_port": health_port, "pid": os.getpid()}
         atomic_write_text(Path(service.ready_file), json.dumps(ready), durable=False)
     return running
 
