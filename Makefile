@@ -58,3 +58,22 @@ reproduce: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# --- deployment (deploy/, Dockerfile, docs/operations.md) ---------------------------------------
+.PHONY: image dashboard dashboard-png test-deploy
+
+# The container image of both services, with podman (base image made locally by debootstrap).
+image: $(STAMP)
+	scripts/build-image.sh
+
+# deploy/grafana/fedgradnorm.json and its ConfigMap deploy/k8s/40-grafana-dashboard.yaml, from one source.
+dashboard: $(STAMP)
+	$(BIN)/python scripts/dashboard.py
+
+# docs/img/dashboard.png: the dashboard's panels drawn from a real Prometheus scraping a loopback run.
+dashboard-png: $(STAMP)
+	$(BIN)/python scripts/render_dashboard.py --out docs/img/dashboard.png
+
+# Build the image and run the RadCom manifests with `podman kube play`, adding a node at runtime.
+test-deploy: $(STAMP)
+	$(BIN)/python tests/deploy/podman_deploy.py

@@ -7,7 +7,9 @@ so no data ever crosses the network.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +132,18 @@ class DataSource:
         return f"synthetic {self.dataset} (seed {self.synthetic_seed}, size {self.synthetic_size})"
 
 
+def _generate_folder_once(root: Path, generate: Callable[[Path], object]) -> None:
+    """Generate into a private folder and rename it into place, so that processes generating the
+    same synthetic set at once (edge nodes sharing a cache) never read a half-written one."""
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    generate(tmp)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first: its folder is identical (same seed)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_pools(source: DataSource) -> tuple[MultiTaskArrays, MultiTaskArrays | None]:
     """(train pool, test pool or None); generates the synthetic set once into the cache."""
     if source.dataset == "radcom":
@@ -149,7 +163,12 @@ def load_pools(source: DataSource) -> tuple[MultiTaskArrays, MultiTaskArrays | N
             n_test = max(10, source.synthetic_size * 3 // 10)
             root = cache_dir() / f"mtfl-seed{source.synthetic_seed}-n{source.synthetic_size}"
             if not (root / "testing.txt").exists():
-                generate_mtfl(root, n_train=source.synthetic_size, n_test=n_test, seed=source.synthetic_seed)
+                _generate_folder_once(
+                    root,
+                    lambda tmp: generate_mtfl(
+                        tmp, n_train=source.synthetic_size, n_test=n_test, seed=source.synthetic_seed
+                    ),
+                )
         return read_mtfl(root, "training"), read_mtfl(root, "testing")
     raise DataError(source.path or source.dataset, f"unknown data set {source.dataset!r} (radcom or mtfl)")
 

@@ -14,6 +14,7 @@ WIRE_DTYPES = tuple(DTYPE_BY_NAME)
 class ServiceConfig:
     listen: str = "127.0.0.1:50051"
     metrics_listen: str = "127.0.0.1:9464"  # "" disables the metrics endpoint
+    torch_threads: int = 0  # 0: torch's default (one per core)
     health_listen: str = ""  # plaintext gRPC health service only, for probes; "" disables
     state_dir: str = "aggregator-state"
     metrics_log: str = ""  # JSON lines per round and node; default <state_dir>/metrics.jsonl

@@ -13,6 +13,42 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.aggregator.coordinator import RoundSummary
 
 NODE_LABELS = ("node", "task")
+UPDATE_OUTCOMES = (
+    "accepted",
+    "wrong_round",
+    "not_participant",
+    "duplicate",
+    "unknown_node",
+    "bad_token",
+    "deregistered",
+    "bad_value",
+    "bad_tensor",
+    "bad_stream",
+    "bad_dtype",
+    "duplicate_tensor",
+    "unknown_tensor",
+    "missing_tensor",
+    "order_mismatch",
+    "shape_mismatch",
+    "size_mismatch",
+    "too_large",
+    "overflow",
+    "truncated",
+    "not_finite",
+)
+REGISTRATION_OUTCOMES = (
+    "registered",
+    "resumed",
+    "bad_enrollment",
+    "rate_limited",
+    "name_taken",
+    "bad_task",
+    "bad_name",
+    "bad_value",
+    "unknown_node",
+    "bad_token",
+    "full",
+)
 
 
 class AggregatorMetrics:
@@ -47,6 +83,17 @@ class AggregatorMetrics:
         self.updates = Counter("fedgradnorm_updates_total", "Submitted updates by outcome", ("outcome",), registry=r)
         self.bytes = Counter("fedgradnorm_bytes_total", "Payload bytes on the wire", ("direction",), registry=r)
         self.f_grad = Gauge("fedgradnorm_f_grad", "GradNorm auxiliary loss F_grad of the last round", registry=r)
+        self.registrations = Counter(
+            "fedgradnorm_registrations_total", "Register calls by outcome", ("outcome",), registry=r
+        )
+        self.halted = Gauge("fedgradnorm_halted", "1 while state commits fail and rounds do not advance", registry=r)
+        # Every known label exists from the start at 0, so rate() and increase() see the first event.
+        for outcome in UPDATE_OUTCOMES:
+            self.updates.labels(outcome)
+        for outcome in REGISTRATION_OUTCOMES:
+            self.registrations.labels(outcome)
+        for direction in ("sent", "received"):
+            self.bytes.labels(direction)
         self._series: dict[str, tuple[str, set[str]]] = {}  # node -> (task, metric names)
 
     def on_round(self, summary: RoundSummary) -> None:

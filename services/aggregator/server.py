@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import structlog
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -93,6 +94,8 @@ class RunningAggregator:
 
 def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> RunningAggregator:
     """Start serving: health says NOT_SERVING until the state is loaded, SERVING after."""
+    if service.torch_threads:
+        torch.set_num_threads(service.torch_threads)
     metrics = AggregatorMetrics()
     store = FileStateStore(service.state_dir)
     log_path = Path(service.metrics_log or os.path.join(service.state_dir, "metrics.jsonl"))
@@ -160,6 +163,7 @@ def _watch_halt(running: RunningAggregator) -> None:
         if halted != last:
             status = health_pb2.HealthCheckResponse.NOT_SERVING if halted else health_pb2.HealthCheckResponse.SERVING
             running.health.set(SERVICE_NAME, status)
+            running.metrics.halted.set(1 if halted else 0)
             last = halted
         running.metrics.registered.set(running.coordinator.registered_count())
         time.sleep(1.0)

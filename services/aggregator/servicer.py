@@ -97,7 +97,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 peer=_peer_host(context),
             )
         except CoordinatorError as e:
+            self.metrics.registrations.labels(e.reason).inc()
             _abort(context, e)
+        self.metrics.registrations.labels("resumed" if reg.resumed else "registered").inc()
         self.metrics.registered.set(self.coord.registered_count())
         cfg = self.coord.config
         resp = pb.RegisterResponse(

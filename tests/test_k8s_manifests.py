@@ -1,0 +1,621 @@
+"""The Kubernetes manifests in deploy/k8s (and the examples in deploy/examples), checked offline.
+
+Every document validates against the Kubernetes OpenAPI schema in strict mode (a misspelled field
+fails); then the checks a schema cannot do: references between objects, apply order, selectors,
+ports against the services' listen settings, the image and its commands against the Dockerfile and
+the CLI, the services' configuration built from the manifests' environment, security contexts and
+resources, and the dashboard ConfigMap against deploy/grafana/fedgradnorm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shlex
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]'")
+
+from fedgradnorm import config as cfgmod  # noqa: E402
+from fedgradnorm.cli import build_parser  # noqa: E402
+from services.aggregator.config import ServiceConfig  # noqa: E402
+from services.aggregator.coordinator import CoordinatorConfig  # noqa: E402
+from services.aggregator.server import SERVICE_NAME  # noqa: E402
+from services.edge_node.config import EdgeConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy" / "k8s"
+EXAMPLES = ROOT / "deploy" / "examples"
+NAMESPACE = "fedgradnorm"
+KUBERNETES_VERSION = "1.37"
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "Pod")
+CLUSTER_SCOPED = ("Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass")
+# Environment variables the fedgradnorm command reads besides the config dataclasses' fields.
+COMMON_ENV = {"FEDGRADNORM_LOG_FORMAT", "FEDGRADNORM_LOG_LEVEL", "FEDGRADNORM_CACHE_DIR"}
+OTHER_ENV = {"OMP_NUM_THREADS"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+    path: Path
+    index: int  # position in the apply order
+    body: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.body["kind"]
+
+    @property
+    def name(self) -> str:
+        return self.body["metadata"]["name"]
+
+    @property
+    def namespace(self) -> str | None:
+        return self.body["metadata"].get("namespace")
+
+    def __str__(self) -> str:
+        return f"{self.path.relative_to(ROOT)}: {self.kind}/{self.name}"
+
+
+def load(folder: Path, start: int = 0) -> list[Doc]:
+    """The documents of a folder in the order `kubectl apply -f folder` applies them."""
+    docs: list[Doc] = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in (".yaml", ".yml", ".json"):
+            continue
+        for body in yaml.safe_load_all(path.read_text()):
+            if body is not None:
+                docs.append(Doc(path, start + len(docs), body))
+    return docs
+
+
+K8S_DOCS = load(K8S)
+EXAMPLE_DOCS = load(EXAMPLES, start=len(K8S_DOCS))
+ALL_DOCS = K8S_DOCS + EXAMPLE_DOCS
+
+
+def find(kind: str, name: str, docs: list[Doc] = ALL_DOCS) -> Doc | None:
+    return next((d for d in docs if d.kind == kind and d.name == name), None)
+
+
+def workloads(docs: list[Doc] = ALL_DOCS) -> list[Doc]:
+    return [d for d in docs if d.kind in WORKLOADS]
+
+
+def pod_template(doc: Doc) -> dict[str, Any]:
+    return doc.body if doc.kind == "Pod" else doc.body["spec"]["template"]
+
+
+def pod_spec(doc: Doc) -> dict[str, Any]:
+    return pod_template(doc)["spec"]
+
+
+def pod_labels(doc: Doc) -> dict[str, str]:
+    return pod_template(doc)["metadata"].get("labels", {})
+
+
+def claim_names() -> set[str]:
+    """PersistentVolumeClaims, including those a StatefulSet's volumeClaimTemplates make (<template>-<pod>)."""
+    names = {d.name for d in ALL_DOCS if d.kind == "PersistentVolumeClaim"}
+    for d in ALL_DOCS:
+        if d.kind == "StatefulSet":
+            for t in d.body["spec"].get("volumeClaimTemplates", []):
+                names |= {f"{t['metadata']['name']}-{d.name}-{i}" for i in range(d.body["spec"]["replicas"])}
+    return names
+
+
+def containers(doc: Doc) -> Iterator[dict[str, Any]]:
+    spec = pod_spec(doc)
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def is_fedgradnorm(container: dict[str, Any]) -> bool:
+    return container["image"].split(":")[0].rsplit("/", 1)[-1] == "fedgradnorm"
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def container_env(container: dict[str, Any], pod_name: str = "radcom-signal-5d8f7c9b6-x7k2p") -> dict[str, str]:
+    """The environment the container gets (envFrom, then env), resolved from the manifests."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(find("ConfigMap", source["configMapRef"]["name"]).body["data"])
+        else:
+            env.update(secret_data(find("Secret", source["secretRef"]["name"])))
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+            continue
+        ref = item["valueFrom"]
+        if "configMapKeyRef" in ref:
+            env[item["name"]] = find("ConfigMap", ref["configMapKeyRef"]["name"]).body["data"][
+                ref["configMapKeyRef"]["key"]
+            ]
+        elif "secretKeyRef" in ref:
+            env[item["name"]] = secret_data(find("Secret", ref["secretKeyRef"]["name"]))[ref["secretKeyRef"]["key"]]
+        elif "fieldRef" in ref:
+            assert ref["fieldRef"]["fieldPath"] == "metadata.name", item
+            env[item["name"]] = pod_name
+    return env
+
+
+def secret_data(doc: Doc) -> dict[str, str]:
+    import base64
+
+    data = {k: base64.b64decode(v).decode() for k, v in doc.body.get("data", {}).items()}
+    data.update(doc.body.get("stringData", {}))
+    return data
+
+
+def port_of(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def container_port(container: dict[str, Any], port: int | str) -> dict[str, Any] | None:
+    for p in container.get("ports", []):
+        if port in (p["containerPort"], p.get("name")):
+            return p
+    return None
+
+
+def quantity(text: str | int | float) -> float:
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text))
+    assert m, text
+    return float(m.group(1)) * units.get(m.group(2), 1.0)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
+    return instructions[last_from:]
+
+
+def project() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+# --- the folder and the schema --------------------------------------------------------------------
+
+
+def test_folder_holds_only_kubernetes_objects_in_order() -> None:
+    files = sorted(p.name for p in K8S.iterdir())
+    assert files, "deploy/k8s is empty"
+    for name in files:
+        assert re.fullmatch(r"\d\d-[a-z0-9-]+\.yaml", name), (
+            f"{name}: want NN-name.yaml (kubectl applies in lexical order)"
+        )
+    for doc in ALL_DOCS:
+        assert isinstance(doc.body, dict) and {"apiVersion", "kind", "metadata"} <= doc.body.keys(), doc.path
+    assert K8S_DOCS[0].kind == "Namespace" and K8S_DOCS[0].name == NAMESPACE
+    for doc in ALL_DOCS:
+        if doc.kind not in CLUSTER_SCOPED:
+            assert doc.namespace == NAMESPACE, f"{doc}: namespace must be {NAMESPACE}"
+    names = [(d.kind, d.namespace, d.name) for d in K8S_DOCS]
+    assert len(names) == len(set(names)), "an object is defined twice"
+
+
+@pytest.mark.parametrize("doc", ALL_DOCS, ids=str)
+def test_validates_against_the_openapi_schema_strictly(doc: Doc) -> None:
+    try:
+        kubernetes_validate.validate(doc.body, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.utils.ValidationError as e:
+        pytest.fail(f"{doc}: {'.'.join(map(str, e.path))}: {e.message}")
+    except kubernetes_validate.utils.SchemaNotFoundError as e:
+        pytest.fail(f"{doc}: {e.message}")
+
+
+def test_strict_validation_catches_a_misspelled_field() -> None:
+    """The schema check above is worth something: a typo such as readinesProbe fails it."""
+    doc = find("StatefulSet", "radcom-aggregator")
+    broken = json.loads(json.dumps(doc.body))
+    container = broken["spec"]["template"]["spec"]["containers"][0]
+    container["readinesProbe"] = container.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.utils.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+# --- references and order -------------------------------------------------------------------------
+
+
+def references(doc: Doc) -> Iterator[tuple[str, str, str | None]]:
+    """(kind, name, key) of every object a workload needs; key for a single ConfigMap/Secret entry."""
+    spec = pod_spec(doc)
+    if spec.get("serviceAccountName"):
+        yield "ServiceAccount", spec["serviceAccountName"], None
+    for vol in spec.get("volumes", []):
+        if "configMap" in vol:
+            for item in vol["configMap"].get("items", [None]):
+                yield "ConfigMap", vol["configMap"]["name"], item["key"] if item else None
+        if "secret" in vol:
+            yield "Secret", vol["secret"]["secretName"], None
+        if "persistentVolumeClaim" in vol:
+            yield "PersistentVolumeClaim", vol["persistentVolumeClaim"]["claimName"], None
+    for c in containers(doc):
+        for source in c.get("envFrom", []):
+            if "configMapRef" in source:
+                yield "ConfigMap", source["configMapRef"]["name"], None
+            if "secretRef" in source:
+                yield "Secret", source["secretRef"]["name"], None
+        for item in c.get("env", []):
+            ref = item.get("valueFrom", {})
+            if "configMapKeyRef" in ref:
+                yield "ConfigMap", ref["configMapKeyRef"]["name"], ref["configMapKeyRef"]["key"]
+            if "secretKeyRef" in ref:
+                yield "Secret", ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"]
+
+
+@pytest.mark.parametrize("doc", workloads(), ids=str)
+def test_referenced_objects_exist_and_come_first(doc: Doc) -> None:
+    for kind, name, key in references(doc):
+        if kind == "PersistentVolumeClaim" and name in claim_names():
+            continue
+        target = find(kind, name)
+        assert target is not None, f"{doc} needs {kind}/{name}, which is not in deploy/k8s"
+        assert target.index < doc.index, f"{doc} needs {kind}/{name}, applied after it"
+        if key is not None:
+            data = secret_data(target) if kind == "Secret" else target.body.get("data", {})
+            assert key in data, f"{doc} needs key {key} of {kind}/{name}"
+    spec = pod_spec(doc)
+    volumes = {v["name"] for v in spec.get("volumes", [])}
+    if doc.kind == "StatefulSet":
+        volumes |= {t["metadata"]["name"] for t in doc.body["spec"]["volumeClaimTemplates"]}
+    for c in containers(doc):
+        for mount in c.get("volumeMounts", []):
+            assert mount["name"] in volumes, f"{doc}: {c['name']} mounts undefined volume {mount['name']}"
+
+
+def test_namespaced_objects_come_after_the_namespace() -> None:
+    for doc in ALL_DOCS[1:]:
+        assert doc.index > K8S_DOCS[0].index
+
+
+def test_role_bindings_point_at_existing_roles_and_accounts() -> None:
+    for doc in ALL_DOCS:
+        if doc.kind != "RoleBinding":
+            continue
+        assert find(doc.body["roleRef"]["kind"], doc.body["roleRef"]["name"]) is not None, doc
+        for subject in doc.body["subjects"]:
+            assert subject["kind"] == "ServiceAccount" and find("ServiceAccount", subject["name"]), doc
+    for doc in workloads():
+        account = pod_spec(doc).get("serviceAccountName")
+        if account:
+            binding = [
+                d for d in ALL_DOCS if d.kind == "RoleBinding" and any(s["name"] == account for s in d.body["subjects"])
+            ]
+            assert binding, f"{doc}: service account {account} has no RoleBinding"
+        else:
+            assert pod_spec(doc).get("automountServiceAccountToken") is False, f"{doc}: no API access needed"
+
+
+# --- selectors and ports --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("doc", [d for d in ALL_DOCS if d.kind == "Service"], ids=str)
+def test_service_selects_pods_on_ports_they_have(doc: Doc) -> None:
+    selector = doc.body["spec"]["selector"]
+    targets = [w for w in workloads() if w.namespace == doc.namespace and matches(selector, pod_labels(w))]
+    assert targets, f"{doc}: selector {selector} matches no pod template"
+    for port in doc.body["spec"]["ports"]:
+        target = port.get("targetPort", port["port"])
+        for w in targets:
+            assert any(container_port(c, target) for c in containers(w)), f"{doc}: {w} has no port {target}"
+
+
+@pytest.mark.parametrize("doc", [d for d in workloads() if d.kind != "Pod"], ids=str)
+def test_workload_selector_is_its_own(doc: Doc) -> None:
+    selector = doc.body["spec"]["selector"]["matchLabels"]
+    assert matches(selector, pod_labels(doc)), f"{doc}: selector does not match its own template"
+    for other in workloads():
+        if other is not doc:
+            assert not matches(selector, pod_labels(other)), f"{doc}'s selector also matches {other}'s pods"
+    if doc.kind == "StatefulSet":
+        governing = find("Service", doc.body["spec"]["serviceName"])
+        assert governing is not None, f"{doc}: no governing Service"
+        assert governing.body["spec"].get("clusterIP") == "None", f"{governing}: must be headless"
+        assert matches(governing.body["spec"]["selector"], pod_labels(doc))
+
+
+@pytest.mark.parametrize("doc", [d for d in ALL_DOCS if d.kind == "NetworkPolicy"], ids=str)
+def test_network_policy_selects_pods_and_their_ports(doc: Doc) -> None:
+    target = doc.body["spec"]["podSelector"]["matchLabels"]
+    selected = [w for w in workloads() if matches(target, pod_labels(w))]
+    assert selected, f"{doc}: podSelector matches nothing"
+    for rule in doc.body["spec"]["ingress"]:
+        for peer in rule["from"]:
+            assert any(matches(peer["podSelector"]["matchLabels"], pod_labels(w)) for w in workloads()), doc
+        for port in rule["ports"]:
+            for w in selected:
+                assert any(container_port(c, port["port"]) for c in containers(w)), f"{doc}: {w} lacks {port}"
+
+
+def probe_ports(container: dict[str, Any]) -> Iterator[tuple[str, int | str]]:
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = container.get(kind)
+        if probe:
+            handler = probe.get("grpc") or probe.get("httpGet") or probe.get("tcpSocket")
+            yield kind, handler["port"]
+
+
+@pytest.mark.parametrize("doc", workloads(), ids=str)
+def test_probe_ports_are_container_ports(doc: Doc) -> None:
+    for c in containers(doc):
+        for kind, port in probe_ports(c):
+            assert container_port(c, port), f"{doc}: {c['name']} {kind} probes port {port}, not a container port"
+
+
+def aggregators() -> list[Doc]:
+    return [d for d in workloads() if any(c.get("args", [""])[0] == "aggregator" for c in containers(d))]
+
+
+def edge_nodes() -> list[Doc]:
+    return [d for d in workloads() if any(c.get("args", [""])[0] == "edge-node" for c in containers(d))]
+
+
+def test_restore_helper_mounts_the_aggregators_claim() -> None:
+    pod = find("Pod", "radcom-restore-state")
+    (claim,) = [
+        v["persistentVolumeClaim"]["claimName"] for v in pod_spec(pod)["volumes"] if "persistentVolumeClaim" in v
+    ]
+    assert claim == "state-radcom-aggregator-0"
+    sts = find("StatefulSet", "radcom-aggregator")
+    (agg,) = [c for c in containers(sts) if is_fedgradnorm(c)]
+    (helper,) = list(containers(pod))
+    mount = next(m["mountPath"] for m in agg["volumeMounts"] if m["name"] == "state")
+    assert any(m["mountPath"] == mount for m in helper["volumeMounts"]), "same path as in the aggregator"
+
+
+def test_both_federations_are_there() -> None:
+    by_fed: dict[str, set[str]] = {}
+    for doc in edge_nodes():
+        if doc.path.parent == K8S:
+            env = container_env(next(containers(doc)))
+            by_fed.setdefault(env["FEDGRADNORM_DATASET"], set()).add(env["FEDGRADNORM_TASK"])
+    assert by_fed == {
+        "radcom": {"modulation", "signal", "anomaly"},
+        "mtfl": {"landmarks", "gender", "smile", "glasses", "pose"},
+    }
+    kinds = {container_env(next(containers(d)))["FEDGRADNORM_DATASET"]: d.kind for d in aggregators()}
+    assert kinds == {"radcom": "StatefulSet", "mtfl": "StatefulSet"}
+    for doc in aggregators():
+        assert doc.body["spec"]["replicas"] == 1, f"{doc}: one aggregator per federation"
+        assert doc.body["spec"]["volumeClaimTemplates"], f"{doc}: state needs a PersistentVolumeClaim"
+
+
+@pytest.mark.parametrize("doc", aggregators(), ids=str)
+def test_aggregator_ports_probes_and_config(doc: Doc) -> None:
+    (c,) = [c for c in containers(doc) if is_fedgradnorm(c)]
+    env = container_env(c)
+    service = cfgmod.build(ServiceConfig, env=env)
+    rounds = cfgmod.build(CoordinatorConfig, env=env)
+    assert service.listen.startswith("0.0.0.0:") and service.metrics_listen.startswith("0.0.0.0:")
+    grpc_port, metrics_port = port_of(service.listen), port_of(service.metrics_listen)
+    assert container_port(c, "grpc")["containerPort"] == grpc_port
+    assert container_port(c, "metrics")["containerPort"] == metrics_port
+    assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": ""}
+    assert c["startupProbe"]["grpc"]["port"] == grpc_port
+    assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": SERVICE_NAME}
+    assert rounds.enrollment_token, "the aggregator must require the enrollment token"
+    assert rounds.min_nodes == len(rounds.federation.task_names)
+    assert env["FEDGRADNORM_LOG_FORMAT"] == "json"
+    assert_writable(doc, c, service.state_dir, persistent=True)
+    assert_known_env(env, (ServiceConfig, CoordinatorConfig))
+
+
+@pytest.mark.parametrize("doc", edge_nodes(), ids=str)
+def test_edge_node_config_reaches_its_aggregator(doc: Doc) -> None:
+    (c,) = [c for c in containers(doc) if is_fedgradnorm(c)]
+    env = container_env(c)
+    edge = cfgmod.build(EdgeConfig, env=env)
+    assert next(e for e in c["env"] if e["name"] == "FEDGRADNORM_NAME")["valueFrom"]["fieldRef"] == {
+        "fieldPath": "metadata.name"
+    }, "node name must be the pod name, so that scaling gives unique names"
+    assert pod_labels(doc)["fedgradnorm.io/task"] == edge.task
+    assert pod_labels(doc)["fedgradnorm.io/federation"] == edge.dataset
+    assert container_port(c, "metrics")["containerPort"] == port_of(edge.metrics_listen)
+    assert edge.metrics_listen.startswith("0.0.0.0:")
+    host, _, port = edge.aggregator.rpartition(":")
+    service = find("Service", host)
+    assert service is not None, f"{doc}: FEDGRADNORM_AGGREGATOR={edge.aggregator} names no Service"
+    assert any(p["port"] == int(port) for p in service.body["spec"]["ports"])
+    (agg,) = [a for a in aggregators() if matches(service.body["spec"]["selector"], pod_labels(a))]
+    agg_env = container_env(next(c for c in containers(agg) if is_fedgradnorm(c)))
+    rounds = cfgmod.build(CoordinatorConfig, env=agg_env)
+    assert rounds.dataset == edge.dataset, f"{doc}: a {edge.dataset} node on a {rounds.dataset} aggregator"
+    assert rounds.seed == edge.seed, "node and aggregator must agree on the seed (data partition)"
+    assert edge.enrollment_token == rounds.enrollment_token
+    assert edge.insecure == cfgmod.build(ServiceConfig, env=agg_env).insecure
+    assert_writable(doc, c, edge.state_dir, persistent=False)
+    assert_writable(doc, c, env["FEDGRADNORM_CACHE_DIR"], persistent=False)
+    assert_known_env(env, (EdgeConfig,))
+
+
+def assert_known_env(env: dict[str, str], configs: tuple[type, ...]) -> None:
+    known = {cfgmod.env_name(f.name) for cls in configs for f in dataclasses.fields(cls)} | COMMON_ENV
+    for name in env:
+        if name.startswith("FEDGRADNORM_"):
+            assert name in known, f"{name} is not a setting of {[c.__name__ for c in configs]}"
+        else:
+            assert name in OTHER_ENV, f"unexpected variable {name}"
+
+
+def assert_writable(doc: Doc, c: dict[str, Any], path: str, persistent: bool) -> None:
+    """``path`` lies on a writable volume (the root filesystem is read-only)."""
+    mounts = [m for m in c["volumeMounts"] if (path + "/").startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{doc}: {path} is on the read-only root filesystem"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    assert not mount.get("readOnly"), f"{doc}: {path} is mounted read-only"
+    claims = (
+        {t["metadata"]["name"] for t in doc.body["spec"].get("volumeClaimTemplates", [])}
+        if doc.kind != "Pod"
+        else set()
+    )
+    if persistent:
+        assert mount["name"] in claims, f"{doc}: {path} must be on the PersistentVolumeClaim"
+
+
+# --- image, commands, security, resources ---------------------------------------------------------
+
+
+def test_dockerfile_entrypoint_is_the_console_script() -> None:
+    stage = final_stage()
+    (entry,) = [json.loads(rest) for op, rest in stage if op == "ENTRYPOINT"]
+    assert entry == ["fedgradnorm"]
+    assert project()["scripts"]["fedgradnorm"] == "fedgradnorm.cli:main"
+    (user,) = [rest for op, rest in stage if op == "USER"]
+    assert user.split(":")[0] != "0" and user.split(":")[0].isdigit(), "numeric non-root USER (runAsNonRoot)"
+    labels = " ".join(rest for op, rest in stage if op == "LABEL")
+    assert f'org.opencontainers.image.version="{project()["version"]}"' in labels
+    args = [rest for op, rest in dockerfile_instructions() if op == "ARG"]
+    assert any(a.startswith("BASE") for a in args), "the base image must be a build argument"
+    # No package index during the build: torch is the local CPU wheel, never a CUDA build from an index.
+    assert any(op == "ENV" and "PIP_NO_INDEX=1" in rest for op, rest in dockerfile_instructions())
+    assert all("--no-index" in rest for op, rest in stage if op == "RUN" and "pip install" in rest)
+    pip_lines = [rest for op, rest in dockerfile_instructions() if op == "RUN" and "pip install" in rest]
+    assert any('--find-links /wheels/torch "torch==2.13.0+cpu"' in line for line in pip_lines)
+
+
+def test_dockerignore_lets_the_copied_paths_in() -> None:
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for op, rest in dockerfile_instructions():
+        if op == "COPY" and not rest.startswith("--from"):
+            for src in shlex.split(rest)[:-1]:
+                assert f"!{src}" in ignore or f"!{src.rstrip('/')}/" in ignore, f"{src} is excluded by .dockerignore"
+
+
+@pytest.mark.parametrize("doc", workloads(), ids=str)
+def test_images_and_commands(doc: Doc) -> None:
+    stage = final_stage()
+    uid = int(next(rest for op, rest in stage if op == "USER").split(":")[0])
+    commands = subcommands()
+    for c in containers(doc):
+        image = c["image"]
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest", f"{doc}: pin the image tag of {image}"
+        if not is_fedgradnorm(c):
+            continue
+        assert image == f"fedgradnorm:{project()['version']}", f"{doc}: the image the Dockerfile builds"
+        security = pod_spec(doc)["securityContext"]
+        assert security.get("runAsUser", uid) == uid and security.get("fsGroup") == uid
+        if doc.kind == "Pod":  # a helper (deploy/examples/restore-state.yaml): a tool of the base image
+            assert c["command"][0] in ("sleep",), c["command"]
+            continue
+        assert "command" not in c, f"{doc}: keep the image's ENTRYPOINT (fedgradnorm)"
+        sub = c["args"][0]
+        assert sub in ("aggregator", "edge-node") and sub in commands
+        build_parser().parse_args(c["args"])  # the arguments parse
+
+
+@pytest.mark.parametrize("doc", workloads(), ids=str)
+def test_security_context(doc: Doc) -> None:
+    pod = pod_spec(doc)["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert pod.get("runAsUser", 1) != 0
+    assert pod["seccompProfile"]["type"] == "RuntimeDefault"
+    assert not pod_spec(doc).get("hostNetwork") and not pod_spec(doc).get("hostPID")
+    # Volume types the "restricted" Pod Security Standard (enforced on the namespace) allows.
+    allowed = {"configMap", "emptyDir", "persistentVolumeClaim", "secret", "downwardAPI", "projected", "ephemeral"}
+    for vol in pod_spec(doc).get("volumes", []):
+        assert set(vol) - {"name"} <= allowed, f"{doc}: volume {vol['name']} is not allowed by restricted"
+    for c in containers(doc):
+        sc = c["securityContext"]
+        assert sc.get("runAsNonRoot", True) is True and sc.get("runAsUser", 1) != 0
+        assert sc["allowPrivilegeEscalation"] is False, f"{doc}: {c['name']}"
+        assert sc["readOnlyRootFilesystem"] is True, f"{doc}: {c['name']}"
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), f"{doc}: {c['name']}"
+        assert not sc.get("privileged")
+        if is_fedgradnorm(c):
+            assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), f"{doc}: writable /tmp"
+
+
+@pytest.mark.parametrize("doc", workloads(), ids=str)
+def test_resources(doc: Doc) -> None:
+    for c in containers(doc):
+        res = c["resources"]
+        for what in ("cpu", "memory"):
+            request, limit = quantity(res["requests"][what]), quantity(res["limits"][what])
+            assert 0 < request <= limit, f"{doc}: {c['name']} {what} request {request} > limit {limit}"
+        if c.get("args", [""])[0] in ("aggregator", "edge-node"):
+            # torch alone takes about 400 MB resident; below this the pod is OOM-killed.
+            assert quantity(res["requests"]["memory"]) >= 512 * 2**20
+            assert quantity(res["limits"]["memory"]) >= 1 * 2**30
+
+
+# --- monitoring ------------------------------------------------------------------------------------
+
+
+def scrape_config() -> dict[str, Any]:
+    return yaml.safe_load(find("ConfigMap", "prometheus-config").body["data"]["prometheus.yml"])
+
+
+def test_prometheus_discovers_the_annotated_pods_on_their_metrics_port() -> None:
+    (job,) = [j for j in scrape_config()["scrape_configs"] if "kubernetes_sd_configs" in j]
+    (sd,) = job["kubernetes_sd_configs"]
+    assert sd["role"] == "pod" and sd["namespaces"]["names"] == [NAMESPACE]
+    keep = {tuple(r["source_labels"]): r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"}
+    assert keep[("__meta_kubernetes_pod_annotation_prometheus_io_scrape",)] == "true"
+    assert keep[("__meta_kubernetes_pod_container_port_name",)] == "metrics"
+    scraped = [d for d in workloads() if pod_template(d)["metadata"].get("annotations", {})]
+    assert {d.name for d in aggregators() + edge_nodes()} <= {d.name for d in scraped}
+    for doc in scraped:
+        if pod_template(doc)["metadata"]["annotations"].get("prometheus.io/scrape") == "true":
+            assert any(container_port(c, "metrics") for c in containers(doc)), f"{doc}: no port named metrics"
+    role = find("Role", "prometheus-discovery")
+    assert {"get", "list", "watch"} <= set(role.body["rules"][0]["verbs"]) and role.body["rules"][0]["resources"] == [
+        "pods"
+    ]
+    prometheus = find("Deployment", "prometheus")
+    assert pod_spec(prometheus)["serviceAccountName"] == "prometheus"
+
+
+def test_grafana_provisions_the_datasource_and_the_dashboard() -> None:
+    provisioning = find("ConfigMap", "grafana-provisioning").body["data"]
+    (datasource,) = yaml.safe_load(provisioning["datasources.yaml"])["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["uid"] == "prometheus"
+    host, port = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", datasource["url"]).groups()
+    assert any(p["port"] == int(port) for p in find("Service", host).body["spec"]["ports"])
+    (provider,) = yaml.safe_load(provisioning["dashboards.yaml"])["providers"]
+    grafana = find("Deployment", "grafana")
+    (c,) = list(containers(grafana))
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volume = next(v for v in pod_spec(grafana)["volumes"] if v["name"] == mounts[provider["options"]["path"]])
+    assert volume["configMap"]["name"] == "grafana-dashboard-fedgradnorm"
+    home = next(e["value"] for e in c["env"] if e["name"] == "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    assert home == provider["options"]["path"] + "/fedgradnorm.json"
+
+
+def test_dashboard_configmap_equals_the_importable_json() -> None:
+    data = find("ConfigMap", "grafana-dashboard-fedgradnorm").body["data"]
+    assert list(data) == ["fedgradnorm.json"]
+    on_disk = (ROOT / "deploy" / "grafana" / "fedgradnorm.json").read_text()
+    assert data["fedgradnorm.json"] == on_disk, "run `make dashboard`"
+    assert json.loads(data["fedgradnorm.json"])["uid"] == "fedgradnorm"

@@ -1,0 +1,182 @@
+"""A real Prometheus (Debian package ``prometheus``) scrapes a real loopback RadCom federation.
+
+The scrape configuration is the one shipped in deploy/k8s/30-prometheus.yaml, with the pod
+discovery replaced by static targets that carry the discovery labels of the manifests' pods
+(scripts/promharness.py). Through Prometheus's HTTP API: the task weights exist for each task and
+sum to the number of nodes, and every PromQL expression of the Grafana dashboard returns data.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import promharness  # noqa: E402
+
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb  # noqa: E402
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc  # noqa: E402
+
+TASKS = ("modulation", "signal", "anomaly")
+VARIABLES = {"federation": "radcom", "task": ".*", "__rate_interval": "30s"}
+MIN_ROUNDS = 3
+
+needs_prometheus = pytest.mark.skipif(
+    promharness.Prometheus.binary() is None,
+    reason="the prometheus binary is missing: apt-get install -y --no-install-recommends prometheus",
+)
+
+
+@pytest.fixture(scope="module")
+def scraped(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[promharness.Prometheus, promharness.Federation]]:
+    """Three RadCom edge nodes training against an aggregator, scraped every second."""
+    work = tmp_path_factory.mktemp("prometheus-federation")
+    fed = promharness.Federation(
+        work,
+        aggregator_flags=["--tau-h", "1", "--tau-omega", "1", "--batch-size", "16", "--rounds", "0", "--seed", "0"],
+        node_flags=["--synthetic-size", "4", "--seed", "0", "--torch-threads", "1", "--fetch-wait", "2"],
+        tasks=TASKS,
+    )
+    prom: promharness.Prometheus | None = None
+    try:
+        fed.start()
+        prom = promharness.Prometheus(work / "prometheus", promharness.loopback_config(fed.metrics_targets)).start()
+        prom.wait_for(
+            f'fedgradnorm_round{{federation="radcom"}} >= {MIN_ROUNDS}', timeout=150, what=f"round {MIN_ROUNDS}"
+        )
+        fed.check_alive()
+        # Two refused updates with a scrape between them: a counter series that appears already at 1
+        # shows no increase until it grows again (the service does not pre-create its outcome labels).
+        refuse_one_update(fed.grpc_address)
+        prom.wait_for('fedgradnorm_updates_total{outcome="unknown_node"}', timeout=15, what="the refused update")
+        refuse_one_update(fed.grpc_address)
+        prom.wait_for(
+            'increase(fedgradnorm_updates_total{outcome="unknown_node"}[30s]) > 0', timeout=15, what="the second one"
+        )
+        yield prom, fed
+    finally:
+        if prom is not None:
+            prom.stop()
+        fed.stop()
+
+
+def refuse_one_update(address: str) -> None:
+    """A real update from a node the aggregator does not know: counted under outcome="unknown_node"."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.AggregatorStub(channel)
+        state = stub.GetState(pb.GetStateRequest(), timeout=10)
+        header = pb.SubmitHeader(node_id="not-a-member", session_token="x", round=state.round)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SubmitUpdate(iter([pb.SubmitUpdateRequest(header=header)]), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@needs_prometheus
+def test_task_weights_exist_per_task_and_sum_to_the_active_nodes(scraped) -> None:
+    prom, _ = scraped
+    weights = prom.query('fedgradnorm_task_weight{federation="radcom"}')
+    by_task = {s["metric"]["task"]: float(s["value"][1]) for s in weights}
+    assert set(by_task) == set(TASKS), weights
+    assert all(w > 0 for w in by_task.values())
+    (total,) = prom.query('sum(fedgradnorm_task_weight{federation="radcom"})')
+    assert float(total["value"][1]) == pytest.approx(len(TASKS), abs=1e-3)
+    # The relabelling of the shipped scrape configuration gave every series its pod's labels.
+    (registered,) = prom.query("fedgradnorm_registered_nodes")
+    assert registered["metric"]["component"] == "aggregator" and registered["metric"]["pod"] == "radcom-aggregator-0"
+    assert float(registered["value"][1]) == len(TASKS)
+    edge = prom.query("fedgradnorm_edge_connected")
+    assert {s["metric"]["task"] for s in edge} == set(TASKS)
+    assert all(s["metric"]["component"] == "edge-node" and float(s["value"][1]) == 1 for s in edge)
+    assert {s["metric"]["outcome"] for s in prom.query("fedgradnorm_updates_total")} >= {"accepted", "unknown_node"}
+    up = prom.query("up")
+    assert len(up) == 1 + len(TASKS) and all(s["value"][1] == "1" for s in up)
+
+
+@needs_prometheus
+def test_every_dashboard_query_returns_data(scraped) -> None:
+    prom, _ = scraped
+    empty = []
+    checked = 0
+    for panel, target in promharness.dashboard_targets():
+        expr = promharness.substitute(target["expr"], VARIABLES)
+        result = prom.query(expr)
+        checked += 1
+        if not result:
+            empty.append(f"{panel['title']} [{target['refId']}]: {expr}")
+        elif not any(math.isfinite(float(s["value"][1])) for s in result):
+            empty.append(f"{panel['title']} [{target['refId']}]: only NaN: {expr}")
+    assert checked >= 20
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+
+
+@needs_prometheus
+def test_dashboard_variables_offer_the_federation_and_its_tasks(scraped) -> None:
+    prom, _ = scraped
+    board = promharness.dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["federation"]["query"] == "label_values(fedgradnorm_round, federation)"
+    federations = prom.api("label/federation/values", **{"match[]": "fedgradnorm_round"})
+    assert "radcom" in federations
+    assert variables["task"]["query"] == 'label_values(fedgradnorm_task_weight{federation="$federation"}, task)'
+    tasks = prom.api("label/task/values", **{"match[]": 'fedgradnorm_task_weight{federation="radcom"}'})
+    assert set(tasks) == set(TASKS)
+
+
+@needs_prometheus
+def test_a_weight_series_over_time_has_one_line_per_task(scraped) -> None:
+    """The dashboard's main panel as a range query: the weights p over the rounds so far."""
+    prom, _ = scraped
+    board = promharness.dashboard()
+    panel = next(p for p in board["panels"] if p["title"] == "Task weight p")
+    expr = promharness.substitute(panel["targets"][0]["expr"], VARIABLES)
+    now = time.time()
+    lines = prom.query_range(expr, now - 120, now, 1)
+    assert {s["metric"]["task"] for s in lines} == set(TASKS)
+    assert all(len(s["values"]) >= 2 for s in lines)
+
+
+def promtool_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def promtool_knows_kubernetes_sd(tmp_path: Path) -> bool:
+    """Debian's build leaves out Kubernetes discovery (``field kubernetes_sd_configs not found``)."""
+    probe = tmp_path / "k8s-sd.yml"
+    probe.write_text("scrape_configs:\n  - job_name: x\n    kubernetes_sd_configs:\n      - role: pod\n")
+    return promtool_check(probe).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is missing: apt-get install prometheus")
+def test_promtool_accepts_the_shipped_scrape_configuration(tmp_path: Path) -> None:
+    """The shipped prometheus.yml as it is where promtool has Kubernetes discovery; otherwise (Debian)
+    with discovery swapped for static targets, everything else (globals, relabelling) unchanged."""
+    shipped = promharness.shipped_prometheus_config()
+    if promtool_knows_kubernetes_sd(tmp_path):
+        text = shipped
+    else:
+        targets = {"radcom-aggregator-0": ("radcom-aggregator", "127.0.0.1:9464")}
+        config = promharness.loopback_config(targets, interval="15s")
+        assert (
+            config["scrape_configs"][0]["relabel_configs"]
+            == promharness.yaml.safe_load(shipped)["scrape_configs"][0]["relabel_configs"]
+        )
+        text = promharness.yaml.safe_dump(config)
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text(text)
+    res = promtool_check(conf)
+    assert res.returncode == 0, res.stdout + res.stderr
+    broken = tmp_path / "broken.yml"
+    broken.write_text(text.replace("action: keep", "action: kept", 1))
+    assert promtool_check(broken).returncode != 0, "promtool must reject a broken configuration"
