@@ -49,6 +49,7 @@ log = structlog.get_logger("fedgradnorm.aggregator")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_SAMPLES = 1_000_000_000
 LOSS_RATIO_RTOL = 1e-4
+MAX_TEST_METRICS = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +554,11 @@ class RoundCoordinator:
             )
         if sub.test_loss is not None:
             _finite("test_loss", sub.test_loss)
+        if len(sub.test_metrics) > MAX_TEST_METRICS:
+            raise InvalidArgument(f"at most {MAX_TEST_METRICS} test metrics per update", reason="bad_value")
         for k, v in sub.test_metrics.items():
+            if not NAME_RE.match(k):
+                raise InvalidArgument(f"test metric name {k[:64]!r} must match {NAME_RE.pattern}", reason="bad_value")
             _finite(f"test metric {k!r}", v)
         assert self._state is not None
         try:

@@ -35,6 +35,10 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 4 << 20),
     ("grpc.max_send_message_length", 4 << 20),
     ("grpc.so_reuseport", 0),
+    # Edge nodes ping idle connections so that a dead wireless link is noticed (see the node's options).
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
@@ -104,7 +108,10 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=service.max_workers), options=GRPC_OPTIONS)
+    # Each waiting FetchRound holds a worker: size the pool for every node plus room for GetState,
+    # health and registrations (threads are only created as they are needed).
+    workers = max(service.max_workers, rounds.max_nodes + 16)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
     pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(coordinator, service, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

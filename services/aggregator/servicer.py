@@ -53,11 +53,19 @@ PHASES = {
 }
 
 
+MAX_STATUS_MESSAGE = 512  # status details echo request fields: keep them within gRPC's metadata limits
+
+
+def _message(error: Exception) -> str:
+    text = str(error)
+    return text if len(text) <= MAX_STATUS_MESSAGE else text[: MAX_STATUS_MESSAGE - 3] + "..."
+
+
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     if isinstance(error, CoordinatorError):
-        context.abort(STATUS.get(type(error), grpc.StatusCode.FAILED_PRECONDITION), str(error))
+        context.abort(STATUS.get(type(error), grpc.StatusCode.FAILED_PRECONDITION), _message(error))
     if isinstance(error, wire.WireError):
-        context.abort(error.grpc_status(), str(error))
+        context.abort(error.grpc_status(), _message(error))
     raise error
 
 

@@ -10,6 +10,7 @@ or the new one on disk, never a mixture; :class:`MemoryStateStore` is the same c
 from __future__ import annotations
 
 import abc
+import contextlib
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,6 +149,9 @@ class FileStateStore(StateStore):
         return str(self.path)
 
     def load(self) -> Snapshot | None:
+        for stale in self.directory.glob(f".{STATE_FILE}.*.tmp"):  # left by a commit killed mid-write
+            with contextlib.suppress(OSError):
+                stale.unlink()
         if not self.path.exists():
             return None
         try:

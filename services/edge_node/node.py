@@ -36,7 +36,15 @@ log = structlog.get_logger("fedgradnorm.edge_node")
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 REJOIN = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 4 << 20),
+    ("grpc.max_send_message_length", 4 << 20),
+    # Ping the aggregator on idle links so that a stalled wireless link is noticed within ~15 s.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 class EdgeNodeError(FatalError):
@@ -153,7 +161,13 @@ class EdgeNode:
         try:
             resp = self._retry("Register", call)
         except grpc.RpcError as e:
-            raise EdgeNodeError(f"registration refused: {e.code().name}: {e.details()}") from e
+            if e.code() != grpc.StatusCode.NOT_FOUND or ident is None:
+                raise EdgeNodeError(f"registration refused: {e.code().name}: {e.details()}") from e
+            # The aggregator does not know the stored identity (it lost the enrolment, e.g. a crash
+            # before its next commit): enrol afresh; the personal head and F_0 stay with the node.
+            log.warning("identity.unknown", node=ident.node_id, why=e.details())
+            self.identity = None
+            return self.register()
         assert isinstance(resp, pb.RegisterResponse)
         if resp.network != self.fed.network:
             raise EdgeNodeError(f"aggregator trains {resp.network}, this node's task needs {self.fed.network}")
