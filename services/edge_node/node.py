@@ -39,8 +39,8 @@ REJOIN = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 4 << 20),
     ("grpc.max_send_message_length", 4 << 20),
-    # Ping the aggregator on idle links so that a stalled wireless link is noticed within ~15 s.
-    ("grpc.keepalive_time_ms", 10_000),
+    # Ping the aggregator on idle links so that a stalled wireless link is noticed within ~10 s.
+    ("grpc.keepalive_time_ms", 5_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
