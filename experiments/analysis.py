@@ -1,0 +1,159 @@
+"""Numbers from finished runs: final-loss tables over seeds, paired verdicts, rounds to a loss level."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Records = list[dict[str, Any]]
+# experiment -> algorithm -> seed -> (result, records)
+Grouped = dict[str, dict[str, dict[int, tuple[dict[str, Any], Records]]]]
+
+
+def group(results: Sequence[tuple[dict[str, Any], Records]]) -> Grouped:
+    out: Grouped = defaultdict(lambda: defaultdict(dict))
+    for result, records in results:
+        spec = result["spec"]
+        out[spec["experiment"]][spec["algorithm"]][spec["seed"]] = (result, records)
+    return {k: dict(v) for k, v in out.items()}
+
+
+def tasks_of(records: Records) -> list[str]:
+    return list(dict.fromkeys(r["task"] for r in records))
+
+
+def curve(records: Records, task: str, key: str) -> np.ndarray:
+    """Per-round values of ``key`` for one task (``metric``: the task's own test metric)."""
+    rows = sorted((r for r in records if r["task"] == task), key=lambda r: r["round"])
+    return np.array([float(r[r["test_metric"]] if key == "metric" else r[key]) for r in rows])
+
+
+def moving_average(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` rounds (causal: round k sees rounds k-window+1..k)."""
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    out = np.empty_like(x, dtype=float)
+    for k in range(len(x)):
+        lo = max(0, k + 1 - window)
+        out[k] = (c[k + 1] - c[lo]) / (k + 1 - lo)
+    return out
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float  # sample standard deviation over seeds (0 for one seed)
+    n: int
+
+    def fmt(self, digits: int = 3) -> str:
+        if self.n < 2:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def stat(values: Sequence[float]) -> Stat:
+    vals = [float(v) for v in values]
+    return Stat(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+
+
+def final_values(runs: Mapping[int, tuple[dict[str, Any], Records]], task: str, what: str) -> dict[int, float]:
+    """Per seed: ``test_loss`` / ``value`` of the final model on the whole test split, or
+    ``train_loss`` = the mean F_k of the last five rounds."""
+    out = {}
+    for seed, (result, records) in sorted(runs.items()):
+        if what == "train_loss":
+            out[seed] = float(np.mean(curve(records, task, "train_loss")[-5:]))
+        else:
+            out[seed] = float(result["final"][task][what])
+    return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    word: str  # "wins" | "ties" | "loses"
+    diff: float  # mean over seeds of (FedGradNorm - FedRep)
+    se: float  # standard error of that mean (paired over seeds)
+    n: int
+
+
+def paired_verdict(fgn: Mapping[int, float], rep: Mapping[int, float], lower_is_better: bool = True) -> Verdict:
+    """FedGradNorm against FedRep on the same seeds (same data, partition and initial model).
+
+    "wins"/"loses" when the mean paired difference is beyond two standard errors in its favour /
+    against it; "ties" otherwise. With one seed there is no error estimate: any difference under
+    1 % of FedRep's value is a tie, anything else is reported as a (single-seed) win or loss.
+    """
+    seeds = sorted(set(fgn) & set(rep))
+    diffs = [fgn[s] - rep[s] for s in seeds]
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else 0.0
+    better = -mean if lower_is_better else mean
+    if n > 1:
+        word = "wins" if better > 2 * se else ("loses" if better < -2 * se else "ties")
+    else:
+        scale = abs(statistics.fmean(rep[s] for s in seeds)) or 1.0
+        word = "ties" if abs(mean) < 0.01 * scale else ("wins" if better > 0 else "loses")
+    return Verdict(word, mean, se, n)
+
+
+@dataclass(frozen=True)
+class Reach:
+    target: float  # the loss level to reach
+    rounds: dict[str, list[int | None]]  # algorithm -> per seed, first round at the level (None: never)
+    start: float = 0.0  # the round-0 loss
+    drop: float = 0.0  # start - the better final loss
+
+    @property
+    def meaningful(self) -> bool:
+        """False when the loss hardly falls (under 2 % of its round-0 value): the race is noise."""
+        return self.drop > 0.02 * abs(self.start)
+
+
+def rounds_to_fraction(
+    runs: Mapping[str, Mapping[int, tuple[dict[str, Any], Records]]],
+    task: str,
+    fraction: float,
+    key: str = "test_loss",
+    window: int = 5,
+) -> Reach:
+    """Rounds each algorithm needs to cover ``fraction`` of the drop of a task's loss.
+
+    The drop runs from the round-0 loss (identical for both algorithms on a seed: same data and
+    initial model) down to the *better* of the two algorithms' final losses (the mean over seeds
+    of the last ``window`` rounds), so both race to one common level. A run reaches the level at
+    the first round whose trailing ``window``-round mean loss is at or below it.
+    """
+    curves = {a: {s: curve(recs, task, key) for s, (_, recs) in by_seed.items()} for a, by_seed in runs.items()}
+    start = statistics.fmean(c[0] for by_seed in curves.values() for c in by_seed.values())
+    finals = [statistics.fmean(float(np.mean(c[-window:])) for c in by_seed.values()) for by_seed in curves.values()]
+    best = min(finals)
+    target = start - fraction * (start - best)
+    rounds: dict[str, list[int | None]] = {}
+    for algorithm, by_seed in curves.items():
+        rounds[algorithm] = []
+        for _, c in sorted(by_seed.items()):
+            hit = np.nonzero(moving_average(c, window) <= target)[0]
+            rounds[algorithm].append(int(hit[0]) if len(hit) else None)
+    return Reach(target, rounds, start, start - best)
+
+
+def fmt_reach(values: Sequence[int | None]) -> str:
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return f"not reached (0/{len(values)})"
+    text = f"{statistics.fmean(reached):.1f}"
+    if len(values) > 1:
+        text += f" [{', '.join('-' if v is None else str(v) for v in values)}]"
+    return text
+
+
+def mean_curve(runs: Mapping[int, tuple[dict[str, Any], Records]], task: str, key: str) -> tuple[np.ndarray, ...]:
+    """(mean, min, max) over seeds, per round."""
+    stack = np.stack([curve(recs, task, key) for _, recs in runs.values()])
+    return stack.mean(axis=0), stack.min(axis=0), stack.max(axis=0)

@@ -1,0 +1,169 @@
+"""One training run of the in-process simulator, with the evaluations the metrics records lack.
+
+A run trains with :class:`fedgradnorm.simulator.Simulation` on data from :func:`load_clients`
+(so the test split keeps its extras, RadCom's SNR). Per round, every client evaluates
+(omega_k, h_k) on a fixed random subset of its test split (``eval_test`` samples; the whole split
+when 0) - that is the library's per-round evaluation, shrunk to bound the cost. After the last
+round the final model (omega_K, h_K) is evaluated on the *whole* test split, per task and, for
+RadCom, per SNR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedgradnorm.client import load_omega_
+from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients, load_pools
+from fedgradnorm.simulator import Simulation, SimulationConfig, write_jsonl
+from fedgradnorm.tasks import derive_seed, federation
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one run; its JSON is stored beside the results."""
+
+    experiment: str  # "mtfl-imbalanced" | "mtfl-balanced" | "radcom"
+    dataset: str
+    allocation: str
+    algorithm: str
+    seed: int  # partition, model initialisation, heads and minibatch order
+    rounds: int
+    synthetic_size: int
+    data_seed: int = 0  # seed of the synthetic generator (one data set for every run seed)
+    tau_h: int = 5
+    tau_omega: int = 5
+    batch_size: int = 64
+    gamma: float = 0.9
+    alpha: float = 0.004
+    beta: float = 0.0002
+    test_fraction: float = 0.2  # RadCom's per-client test share (MTFL has its own test faces)
+    eval_test: int = 0  # per-round evaluation on this many test samples per client; 0: all
+
+    @property
+    def key(self) -> str:
+        return f"{self.experiment}/{self.algorithm}/seed{self.seed}"
+
+    def source(self) -> DataSource:
+        return DataSource(self.dataset, None, synthetic_seed=self.data_seed, synthetic_size=self.synthetic_size)
+
+    def config(self) -> SimulationConfig:
+        return SimulationConfig(
+            dataset=self.dataset,
+            algorithm=self.algorithm,  # type: ignore[arg-type]
+            rounds=self.rounds,
+            seed=self.seed,
+            tau_h=self.tau_h,
+            tau_omega=self.tau_omega,
+            batch_size=self.batch_size,
+            allocation=self.allocation,
+            test_fraction=self.test_fraction,
+            gamma=self.gamma,
+            alpha=self.alpha,
+            beta=self.beta,
+            synthetic_size=self.synthetic_size,
+        )
+
+
+def prepare_data(spec: RunSpec) -> float:
+    """Generate (or find in the cache) the synthetic set; returns the seconds it took."""
+    t0 = time.perf_counter()
+    load_pools(spec.source())
+    return time.perf_counter() - t0
+
+
+def client_data(spec: RunSpec) -> dict[str, ClientData]:
+    fed = federation(spec.dataset)
+    return load_clients(spec.source(), fed.task_names, Allocation.parse(spec.allocation, spec.test_fraction), spec.seed)
+
+
+def eval_subset(data: dict[str, ClientData], n: int, seed: int) -> dict[str, ClientData]:
+    """The same clients with each test split cut to a fixed random ``n`` samples (0: unchanged)."""
+    if n <= 0:
+        return data
+    out = {}
+    for name, d in data.items():
+        if len(d.test) <= n:
+            out[name] = d
+            continue
+        rng = np.random.default_rng(derive_seed(seed, "eval-subset", name))
+        idx = np.sort(rng.permutation(len(d.test))[:n])
+        out[name] = ClientData(task=d.task, train=d.train, test=d.test.subset(idx))
+    return out
+
+
+def final_evaluation(sim: Simulation, data: dict[str, ClientData]) -> dict[str, dict[str, Any]]:
+    """(omega_K, h_K) on each client's whole test split: loss, metric, and accuracy per SNR (RadCom)."""
+    load_omega_(sim.shared, sim.state.omega)
+    sim.shared.eval()
+    out: dict[str, dict[str, Any]] = {}
+    for name, client in sim.clients.items():
+        test = data[name].test
+        x = torch.as_tensor(test.x, dtype=torch.float32)
+        y = torch.as_tensor(test.targets[name])
+        y = y.long() if client.task.kind == "classification" else y.float()
+        with torch.no_grad():
+            pred = client.head(sim.shared(x))
+            loss = float(client.task.loss(pred, y))
+            value = client.task.metric_value(pred, y)
+        result: dict[str, Any] = {"test_loss": loss, "metric": client.task.metric, "value": value, "n": len(y)}
+        if "snr" in test.extras and client.task.kind == "classification":
+            snr = np.asarray(test.extras["snr"])
+            correct = (pred.argmax(dim=1) == y).numpy()
+            result["accuracy_by_snr"] = {int(s): float(correct[snr == s].mean()) for s in sorted(set(snr.tolist()))}
+        out[name] = result
+    return out
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(spec: RunSpec, out_root: str | Path, reuse: bool = False) -> dict[str, Any]:
+    """Train one run, write ``metrics.jsonl`` and ``result.json`` under ``out_root/spec.key``."""
+    out = Path(out_root) / spec.key
+    result_path = out / "result.json"
+    if reuse and result_path.exists():
+        stored = json.loads(result_path.read_text())
+        if stored.get("spec") == asdict(spec):
+            stored["reused"] = True
+            return stored
+    out.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    data = client_data(spec)
+    sim = Simulation.build(spec.config(), eval_subset(data, spec.eval_test, spec.seed))
+    for _ in sim.rounds():
+        pass
+    final = final_evaluation(sim, data)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    write_jsonl(out / "metrics.jsonl", sim.records)
+    result = {
+        "spec": asdict(spec),
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+        "torch_threads": torch.get_num_threads(),
+        "max_rss_mib": _rss_mib(),
+        "pid": os.getpid(),
+        "clients": {n: {"train": c.num_samples, "test": len(data[n].test)} for n, c in sim.clients.items()},
+        "final": final,
+        "metrics": str(out / "metrics.jsonl"),
+        "reused": False,
+    }
+    text = json.dumps(result, indent=1, sort_keys=True)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(result_path)
+    return json.loads(text)  # the stored form (JSON object keys are strings), as a reused run returns it
+
+
+def load_records(result: dict[str, Any]) -> list[dict[str, Any]]:
+    with open(result["metrics"]) as f:
+        return [json.loads(line) for line in f if line.strip()]

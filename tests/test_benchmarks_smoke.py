@@ -1,0 +1,102 @@
+"""The benchmark code at tiny scale: it runs end to end and reports sane shapes. No timing assertions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from benchmarks import aggregator_step, load, transport
+from benchmarks.common import Table, fmt_s, loopback_copy, pct
+from benchmarks.round_overhead import commit_seconds, server_step_seconds, simulator_round
+from benchmarks.run import SCALES, headline, render
+from fedgradnorm.simulator import SimulationConfig
+
+
+def test_helpers_and_rendering() -> None:
+    t = Table("title", ["a", "b"])
+    t.add(1, "x")
+    t.notes.append("note")
+    assert "| 1 | x |" in t.markdown() and "title" in t.text()
+    assert pct([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert fmt_s(-0.5) == "-500.0 ms" and fmt_s(2.0) == "2.00 s" and fmt_s(2e-5) == "20 µs"
+    assert loopback_copy(1 << 20, repeats=1) > 0
+    info = {
+        "date": "today",
+        "nproc": 2,
+        "cpu": "cpu",
+        "mem_gib": 1.0,
+        "kernel": "k",
+        "python": "3",
+        "torch": "2",
+        "torch_threads": 2,
+        "niceness": 0,
+        "loadavg": (0.1, 0.2, 0.3),
+    }
+    doc = render([("other", [t], 1.0)], info, "python -m benchmarks.run", 60.0, (0.1, 0.2, 0.3))
+    assert "## Other" in doc and "`nproc` = 2" in doc
+
+
+def test_headline_reads_every_table() -> None:
+    def table(data: dict) -> Table:
+        t = Table("t", ["x"])
+        t.data = data
+        return t
+
+    idle = {"round": 0.15, "mean": 0.15, "max": 0.2, "n": 3, "steps": {}}
+    busy = {"round": 2.0, "mean": 2.0, "max": 2.1, "n": 3, "steps": {"a": 1.8, "b": 1.85}}
+    sim = {"round": 3.0, "clients_sum": 2.9, "client_max": 1.0, "server_step": 0.05}
+    rows = [{"model": "network2", "direction": "fetch", "dtype": "float32", "seconds": 0.1, "socket": 0.02}]
+    step_rows = [{"nodes": 3, "threads": 2, "seconds": 0.1, "input_bytes": 47e6, "peak_bytes": 1e6, "exact_peak": 1.0}]
+    latency = {p: {"GetState": [0.001, 0.002], "Health": [0.001]} for p in ("idle", "load")}
+    done = [
+        (
+            "round overhead",
+            [table({"idle": idle, "busy": busy, "sim": sim, "step3": 0.05, "commit": 0.04, "floor": 0.03})],
+            1,
+        ),
+        ("transport", [table({"rows": rows}), table({"float32": 94.5e6, "float16": 47.25e6})], 1),
+        ("aggregator", [table({"bandwidth": {2: 5e9}, "rows": step_rows})], 1),
+        ("edge node", [table({"outside": 1.0, "inside": 1.1, "samples": 640})], 1),
+        ("load", [table({"probe": {"latency": latency}})], 1),
+    ]
+    text = "\n".join(headline(done))
+    assert "**meets** the 0.2 s target" in text and "**meets** the 5 % target" in text
+    assert "50.0%" in text and "3 nodes" in text and "samples/s" in text and "GetState p50/p99" in text
+    assert set(SCALES) == {"full", "smoke"}
+
+
+def test_in_process_parts(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the smoke test checks code paths, not the default thread count
+    try:
+        _in_process_parts(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _in_process_parts(tmp_path: Path) -> None:
+    config = SimulationConfig(dataset="radcom", synthetic_size=2, tau_h=1, tau_omega=1, batch_size=8)
+    assert server_step_seconds(2, 1, config) > 0
+    assert commit_seconds(tmp_path, 1) > 0
+    sim = simulator_round(config, rounds=1, skip=0)
+    assert set(sim) == {"round", "clients_sum", "client_max", "server_step"}
+    step = aggregator_step.run((2,), repeats=1, bandwidth_bytes=8 << 20)
+    assert len(step.rows) == len(step.data["bandwidth"]) and step.data["rows"][0]["input_bytes"] > 0
+    f16 = transport.float16_learning(synthetic_size=2, rounds=1)
+    assert [r[0] for r in f16.rows] == ["modulation", "signal", "anomaly"]
+
+
+def test_transport_and_wire_bytes(tmp_path: Path) -> None:
+    stream = transport.throughput(repeats=1, sizes=("network2",))
+    assert len(stream.rows) == 3  # fetch and submit in float32, fetch in float16
+    wire = transport.wire_bytes(tmp_path, synthetic_size=2, rounds=1, skip=1, dtypes=("float16",), nodes=("anomaly",))
+    # one node: a fetch and a submit of 15.7 MB of float32 per round, half of that in float16, plus framing
+    assert 0.5 <= wire.data["float16"] / (2 * 15_746_048) < 0.55
+
+
+def test_load_harness_is_bounded(tmp_path: Path) -> None:
+    t = load.run(tmp_path, nodes=4, rounds=1, time_limit=60, baseline=0.3, max_workers=(8,))
+    assert t.data["load"]["failed"] == 0
+    assert t.data["load"]["rounds_done"] == [1, 1, 1, 1]
+    assert t.data["probe"]["latency"]["load"]["GetState"]

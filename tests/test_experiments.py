@@ -1,0 +1,88 @@
+"""The experiment code paths at tiny scale (the full `make reproduce` is not run by the tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import analysis as an
+from experiments.reproduce import SMOKE, main
+
+
+def _records(task_losses: dict[str, list[float]], algorithm: str) -> list[dict]:
+    out = []
+    for task, losses in task_losses.items():
+        for k, loss in enumerate(losses):
+            out.append(
+                {
+                    "round": k,
+                    "task": task,
+                    "algorithm": algorithm,
+                    "test_loss": loss,
+                    "train_loss": loss,
+                    "weight": 1.0,
+                    "test_metric": "accuracy",
+                    "accuracy": 0.5,
+                }
+            )
+    return out
+
+
+def test_moving_average_is_trailing() -> None:
+    np.testing.assert_allclose(an.moving_average(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
+
+
+def test_paired_verdict_words() -> None:
+    rep = {0: 1.0, 1: 1.1, 2: 0.9}
+    assert an.paired_verdict({0: 0.8, 1: 0.9, 2: 0.7}, rep).word == "wins"
+    assert an.paired_verdict({0: 1.2, 1: 1.3, 2: 1.1}, rep).word == "loses"
+    assert an.paired_verdict({0: 1.05, 1: 1.0, 2: 0.95}, rep).word == "ties"
+    # higher is better (accuracy): a higher value wins
+    assert an.paired_verdict({0: 0.8, 1: 0.9, 2: 0.7}, rep, lower_is_better=False).word == "loses"
+    one = an.paired_verdict({0: 0.5}, {0: 1.0})
+    assert (one.word, one.n, one.se) == ("wins", 1, 0.0)
+
+
+def test_rounds_to_fraction_common_level() -> None:
+    fast = [10.0, 5.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    slow = [10.0, 9.0, 8.0, 6.0, 4.0, 2.0, 1.0, 1.0]
+    runs = {
+        "fedgradnorm": {0: ({}, _records({"t": fast}, "fedgradnorm"))},
+        "fedrep": {0: ({}, _records({"t": slow}, "fedrep"))},
+    }
+    reach = an.rounds_to_fraction(runs, "t", 0.5, window=1)
+    assert reach.target == pytest.approx(10.0 - 0.5 * 9.0)
+    assert reach.rounds == {"fedgradnorm": [1], "fedrep": [4]}
+    never = an.rounds_to_fraction(runs, "t", 1.5, window=1)
+    assert never.rounds["fedrep"] == [None]
+    assert an.fmt_reach([None, None]).startswith("not reached")
+    assert an.fmt_reach([2, None]) == "2.0 [2, -]"
+
+
+def test_smoke_reproduce_writes_the_document(tmp_path: Path) -> None:
+    doc = tmp_path / "docs" / "results.md"
+    out = tmp_path / "runs"
+    assert main(["--scale", "smoke", "--out", str(out), "--doc", str(doc), "--workers", "1"]) == 0
+    text = doc.read_text()
+    for needle in ("Table II", "Fig. 2", "Fig. 3", "FedGradNorm", "FedRep", "Accuracy against SNR", "paper, FedRep"):
+        assert needle in text
+    for name in ("mtfl-imbalanced", "mtfl-balanced", "radcom", "radcom-snr"):
+        png = doc.parent / "img" / f"results-{name}.png"
+        assert png.exists() and png.stat().st_size > 1000, png
+        assert f"img/results-{name}.png" in text
+    # every planned run left its metrics and a result with the final evaluation on the whole test split
+    specs = SMOKE.specs()
+    for spec in specs:
+        result = json.loads((out / spec.key / "result.json").read_text())
+        assert result["spec"]["seed"] == spec.seed
+        assert set(result["final"]) == set(result["clients"])
+        lines = (out / spec.key / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == spec.rounds * len(result["clients"])
+    radcom = json.loads((out / "radcom/fedgradnorm/seed0/result.json").read_text())
+    assert all("accuracy_by_snr" in f for f in radcom["final"].values())
+    # a second invocation with --reuse trains nothing
+    assert main(["--scale", "smoke", "--out", str(out), "--doc", str(doc), "--workers", "1", "--reuse"]) == 0
+    assert f"reused runs: {len(specs)}" in doc.read_text()
