@@ -8,6 +8,7 @@ server step and the state commit, so close-to-close intervals hold the whole rou
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import threading
 import time
@@ -18,6 +19,21 @@ from pathlib import Path
 
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
 from fedgradnorm.tasks import federation
+
+
+def fresh(workdir: Path) -> None:
+    """Remove what an earlier benchmark left in ``workdir`` (aggregator state, node state, logs), so
+    every deployment starts a new federation instead of resuming the last one."""
+    if not workdir.is_dir():
+        return
+    for path in workdir.iterdir():
+        if path.name in ("aggregator-state", "metrics.jsonl") or path.name.startswith("node-"):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        elif path.suffix == ".log" or path.name.endswith(".ready.json"):
+            path.unlink()
 
 
 class RoundWatcher(threading.Thread):
@@ -150,11 +166,10 @@ class Deployment:
     def __enter__(self) -> Deployment:
         from benchmarks.common import free_port
 
+        fresh(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         nodes = list(self.nodes) or list(federation(self.dataset).task_names)
         metrics = self.workdir / "metrics.jsonl"
-        if metrics.exists():
-            metrics.unlink()
         try:
             agg, ready = start_aggregator(
                 self.workdir,

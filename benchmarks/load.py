@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Table, fmt_s, pct
-from benchmarks.deploy import RoundWatcher
+from benchmarks.deploy import RoundWatcher, fresh
 from fedgradnorm.launch import start_aggregator
 
 TASKS = ("landmarks", "gender", "smile", "glasses", "pose")
@@ -162,10 +162,9 @@ def measure(
     workdir: Path, nodes: int, rounds: int, time_limit: float, baseline: float, max_workers: int | None
 ) -> dict[str, Any]:
     """One aggregator (``max_workers`` gRPC threads; None: its default), the probe, then the load."""
+    fresh(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     metrics = workdir / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()
     ctx = multiprocessing.get_context("spawn")
     flags = [
         "--dataset",
@@ -217,6 +216,8 @@ def measure(
                 p.join()
         agg.stop()
     stamps = list(watcher.stamps)
+    if load["failed"] == nodes:
+        raise RuntimeError(f"every light node failed, e.g. {load['failures'][:1]}: the load test measured nothing")
     return {
         "probe": probed,
         "load": load,

@@ -177,11 +177,12 @@ def headline(done: list[tuple[str, list[Table], float]]) -> list[str]:
         if rows:
             big = max(rows, key=lambda r: r["nodes"])
             bw = d["bandwidth"][big["threads"]]
+            best = big.get("best", big["seconds"])
             out.append(
-                f"- **Server step** at {big['nodes']} nodes: {fmt_s(big['seconds'])} "
-                f"({fmt_s(big['seconds'] / big['nodes'])} per node), {big['seconds'] / (big['input_bytes'] / bw):.1f}× the "
-                f"time to read every gradient once at the measured bandwidth; peak memory above the resident set "
-                f"{big['peak_bytes'] / 1e6:.0f} MB."
+                f"- **Server step** at {big['nodes']} nodes ({big['threads']} torch threads): best {fmt_s(best)} "
+                f"({fmt_s(best / big['nodes'])} per node), median {fmt_s(big['seconds'])}; the best is "
+                f"{best / (big['input_bytes'] / bw):.1f}× the time to read every gradient once at the measured "
+                f"bandwidth; peak memory above the resident set {big['peak_bytes'] / 1e6:.0f} MB."
             )
     if "edge node" in by:
         d = by["edge node"][0].data

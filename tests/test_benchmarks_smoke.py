@@ -8,6 +8,7 @@ import torch
 
 from benchmarks import aggregator_step, load, transport
 from benchmarks.common import Table, fmt_s, loopback_copy, pct
+from benchmarks.deploy import fresh
 from benchmarks.round_overhead import commit_seconds, server_step_seconds, simulator_round
 from benchmarks.run import SCALES, headline, render
 from fedgradnorm.simulator import SimulationConfig
@@ -35,6 +36,15 @@ def test_helpers_and_rendering() -> None:
     }
     doc = render([("other", [t], 1.0)], info, "python -m benchmarks.run", 60.0, (0.1, 0.2, 0.3))
     assert "## Other" in doc and "`nproc` = 2" in doc
+
+
+def test_fresh_removes_an_earlier_federation(tmp_path: Path) -> None:
+    for d in ("aggregator-state", "node-anomaly", "keep"):
+        (tmp_path / d).mkdir()
+    for f in ("metrics.jsonl", "aggregator.log", "aggregator.ready.json", "keep.txt"):
+        (tmp_path / f).write_text("x")
+    fresh(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "keep.txt"]
 
 
 def test_headline_reads_every_table() -> None:
