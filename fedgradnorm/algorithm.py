@@ -273,7 +273,9 @@ def aggregate(
     return out
 
 
-def server_step(state: ServerState, updates: Sequence[ClientUpdate], config: ServerConfig) -> StepResult:
+def server_step(
+    state: ServerState, updates: Sequence[ClientUpdate], config: ServerConfig, *, validate: bool = True
+) -> StepResult:
     """Close a round: update p (FedGradNorm) or keep it at 1 (FedRep), aggregate, step omega.
 
     ``state`` is updated in place (omega and its Adam moments are large; no copy is made).
@@ -284,8 +286,9 @@ def server_step(state: ServerState, updates: Sequence[ClientUpdate], config: Ser
     ids = [u.client for u in updates]
     if len(set(ids)) != len(ids):
         raise AlgorithmError(f"duplicate client ids in one round: {sorted(ids)}")
-    for u in updates:
-        validate_update(u, state.omega)
+    if validate:  # a caller that validated each update on arrival (the aggregator) skips the second pass
+        for u in updates:
+            validate_update(u, state.omega)
     updates = sorted(updates, key=lambda u: u.client)
     names = config.omega_tilde or default_omega_tilde(state.omega)
     norms = {u.client: grad_norm(u.gradient, names) for u in updates}

@@ -130,21 +130,13 @@ def test_aggregator_sigkill_resumes_from_last_committed_round(tmp_path: Path) ->
 
 
 def test_fourth_node_started_by_hand_joins_the_next_round(tmp_path: Path) -> None:
+    """Training runs on (no round limit) while a fourth node is started by hand; once it has taken
+    part in two rounds every node is stopped and the round log is checked."""
     procs: list[ServiceProcess] = []
     try:
         agg, ready = start_aggregator(
             tmp_path,
-            [
-                "--dataset",
-                "radcom",
-                "--rounds",
-                "6",
-                "--min-nodes",
-                "3",
-                *HYPER,
-                "--state-dir",
-                str(tmp_path / "state"),
-            ],
+            ["--dataset", "radcom", "--min-nodes", "3", *HYPER, "--state-dir", str(tmp_path / "state")],
         )
         procs.append(agg)
         port = ready["grpc_port"]
@@ -155,21 +147,32 @@ def test_fourth_node_started_by_hand_joins_the_next_round(tmp_path: Path) -> Non
             end = time.monotonic() + 180
             while state(stub).round < 2:
                 assert time.monotonic() < end
-                time.sleep(0.1)
+                time.sleep(0.05)
             joined_at = state(stub).round
             extra = start_edge_node(
                 tmp_path, port, "modulation", ["--seed", "1", "--synthetic-size", "4"], name="modulation-2"
             )
             procs.append(extra)
-            wait_exit(procs[1:], timeout=240)
-            nodes = {n.node_id: n for n in state(stub).nodes}
-        assert nodes["modulation-2"].last_round == 5
+
+            def extra_rounds() -> int:
+                nodes = {n.node_id: n for n in state(stub).nodes}
+                return nodes["modulation-2"].last_round if "modulation-2" in nodes else -1
+
+            first = None
+            end = time.monotonic() + 180
+            while first is None or extra_rounds() < first + 1:
+                assert time.monotonic() < end and extra.alive(), extra.log_text()[-2000:]
+                if first is None and extra_rounds() >= 0:
+                    first = extra_rounds()
+                time.sleep(0.05)
+            for p in procs[1:]:
+                assert p.stop(timeout=30) == 0, p.log_text()[-2000:]
         records = [json.loads(x) for x in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
         rounds_of_extra = sorted(r["round"] for r in records if r["client"] == "modulation-2")
-        assert rounds_of_extra and rounds_of_extra[0] > joined_at - 1
-        assert rounds_of_extra == list(range(rounds_of_extra[0], 6))
-        last = [r for r in records if r["round"] == 5]
-        assert len(last) == 4 and sum(r["weight"] for r in last) == pytest.approx(4.0)
+        assert rounds_of_extra[0] >= joined_at  # it joined a round after the one open when it started
+        assert rounds_of_extra[:2] == [rounds_of_extra[0], rounds_of_extra[0] + 1]
+        both = [r for r in records if r["round"] == rounds_of_extra[1]]
+        assert len(both) == 4 and sum(r["weight"] for r in both) == pytest.approx(4.0)
     finally:
         stop_all(procs)
 
