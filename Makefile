@@ -77,3 +77,8 @@ dashboard-png: $(STAMP)
 # Build the image and run the RadCom manifests with `podman kube play`, adding a node at runtime.
 test-deploy: $(STAMP)
 	$(BIN)/python tests/deploy/podman_deploy.py
+
+# deploy/k8s/01-tls-secrets.yaml: the DEVELOPMENT PKI (private keys public, in git; 10 years) the manifests mount.
+.PHONY: k8s-secrets
+k8s-secrets: $(STAMP)
+	$(BIN)/fedgradnorm certs --k8s-secrets deploy/k8s/01-tls-secrets.yaml --development --days 3650

@@ -2,7 +2,11 @@
 
 ``fedgradnorm certs --out DIR`` writes ``ca.pem`` (and ``ca.key``), ``server.pem``/``server.key``
 for the aggregator (with the DNS names and IP addresses it is reached by) and
-``client.pem``/``client.key`` for edge nodes. For production, use your own PKI: the services only
+``client.pem``/``client.key`` for edge nodes. ``--k8s-secrets FILE`` writes the same material as
+the two Kubernetes Secrets the manifests of deploy/k8s mount (:data:`AGGREGATOR_SECRET`,
+:data:`EDGE_NODE_SECRET`); with ``--development`` the certificates carry
+:data:`DEVELOPMENT_ORGANIZATION`, the mark of the development PKI committed to git, which the
+services warn about (``tls.development_pki``). For production, use your own PKI: the services only
 need PEM files.
 """
 
@@ -10,7 +14,9 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -20,12 +26,40 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedgradnorm.atomic import atomic_write_bytes
 
-DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "aggregator", "radcom-aggregator", "mtfl-aggregator")
+ORGANIZATION = "fedgradnorm"
+# The Organization of every certificate of the development PKI in deploy/k8s (its private keys are in git).
+DEVELOPMENT_ORGANIZATION = "fedgradnorm development PKI (private keys in git: replace)"
+
+# Kubernetes: the namespace and the aggregators' gRPC Services of deploy/k8s, and the Secrets' names.
+K8S_NAMESPACE = "fedgradnorm"
+K8S_AGGREGATOR_SERVICES = ("radcom-aggregator", "mtfl-aggregator")
+AGGREGATOR_SECRET = "fedgradnorm-aggregator-tls"  # tls.crt/tls.key: server certificate; ca.crt: trusted client CA
+EDGE_NODE_SECRET = "fedgradnorm-edge-node-tls"  # tls.crt/tls.key: client certificate; ca.crt: the aggregators' CA
+SECRET_KEYS = ("tls.crt", "tls.key", "ca.crt")
 
 
-def _name(common: str) -> x509.Name:
+def k8s_service_names(service: str, namespace: str = K8S_NAMESPACE) -> tuple[str, ...]:
+    """The DNS names a Service is reached by from inside the cluster."""
+    return (
+        service,
+        f"{service}.{namespace}",
+        f"{service}.{namespace}.svc",
+        f"{service}.{namespace}.svc.cluster.local",
+    )
+
+
+# Loopback (a local run, `kubectl port-forward`) and every in-cluster name of deploy/k8s's aggregator Services.
+DEFAULT_SERVER_NAMES = (
+    "localhost",
+    "127.0.0.1",
+    "aggregator",
+    *(n for s in K8S_AGGREGATOR_SERVICES for n in k8s_service_names(s)),
+)
+
+
+def _name(common: str, organization: str) -> x509.Name:
     return x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedgradnorm"), x509.NameAttribute(NameOID.COMMON_NAME, common)]
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization), x509.NameAttribute(NameOID.COMMON_NAME, common)]
     )
 
 
@@ -54,25 +88,45 @@ def _sans(names: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
-def make_certificates(
-    out: str | Path, server_names: Sequence[str] = DEFAULT_SERVER_NAMES, days: int = 365, client_name: str = "edge-node"
-) -> dict[str, Path]:
-    """Write a CA, a server certificate for ``server_names`` and a client certificate."""
+@dataclass(frozen=True)
+class Certificates:
+    """PEM bytes of a CA, a server (aggregator) certificate and a client (edge node) certificate."""
+
+    ca: bytes
+    ca_key: bytes
+    server_cert: bytes
+    server_key: bytes
+    client_cert: bytes
+    client_key: bytes
+    not_after: dt.datetime
+
+
+def issue(
+    server_names: Sequence[str] = DEFAULT_SERVER_NAMES,
+    days: int = 365,
+    client_name: str = "edge-node",
+    organization: str = ORGANIZATION,
+) -> Certificates:
+    """A fresh CA and the two leaf certificates it signs, all valid for ``days`` days."""
     if not server_names:
         raise ValueError("at least one server name is needed")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if days < 1:
+        raise ValueError("days must be at least 1")
     now = dt.datetime.now(dt.UTC)
+    not_after = now + dt.timedelta(days=days)
     ca_key = _key()
+    ca_name = _name("fedgradnorm dev CA", organization)
     ca = (
         x509.CertificateBuilder()
-        .subject_name(_name("fedgradnorm dev CA"))
-        .issuer_name(_name("fedgradnorm dev CA"))
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        # Key identifiers let a verifier trusting several CAs of the same name (during a rotation) find the right one.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -96,13 +150,15 @@ def make_certificates(
         key = _key()
         cert = (
             x509.CertificateBuilder()
-            .subject_name(_name(common))
+            .subject_name(_name(common, organization))
             .issuer_name(ca.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(_sans(sans), critical=False)
             .sign(ca_key, hashes.SHA256())
@@ -112,6 +168,21 @@ def make_certificates(
     server, server_key = leaf(server_names[0], ExtendedKeyUsageOID.SERVER_AUTH, server_names)
     client, client_key = leaf(client_name, ExtendedKeyUsageOID.CLIENT_AUTH, [client_name])
     pem = serialization.Encoding.PEM
+    return Certificates(
+        ca=ca.public_bytes(pem),
+        ca_key=_pem_key(ca_key),
+        server_cert=server.public_bytes(pem),
+        server_key=_pem_key(server_key),
+        client_cert=client.public_bytes(pem),
+        client_key=_pem_key(client_key),
+        not_after=not_after,
+    )
+
+
+def write_certificates(certs: Certificates, out: str | Path) -> dict[str, Path]:
+    """Write ``certs`` as ca.pem/ca.key, server.pem/.key and client.pem/.key into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     paths = {
         "ca": out / "ca.pem",
         "ca_key": out / "ca.key",
@@ -120,10 +191,143 @@ def make_certificates(
         "client_cert": out / "client.pem",
         "client_key": out / "client.key",
     }
-    _write(paths["ca"], ca.public_bytes(pem))
-    _write(paths["ca_key"], _pem_key(ca_key), private=True)
-    _write(paths["server_cert"], server.public_bytes(pem))
-    _write(paths["server_key"], _pem_key(server_key), private=True)
-    _write(paths["client_cert"], client.public_bytes(pem))
-    _write(paths["client_key"], _pem_key(client_key), private=True)
+    _write(paths["ca"], certs.ca)
+    _write(paths["ca_key"], certs.ca_key, private=True)
+    _write(paths["server_cert"], certs.server_cert)
+    _write(paths["server_key"], certs.server_key, private=True)
+    _write(paths["client_cert"], certs.client_cert)
+    _write(paths["client_key"], certs.client_key, private=True)
     return paths
+
+
+def make_certificates(
+    out: str | Path,
+    server_names: Sequence[str] = DEFAULT_SERVER_NAMES,
+    days: int = 365,
+    client_name: str = "edge-node",
+    organization: str = ORGANIZATION,
+) -> dict[str, Path]:
+    """Write a CA, a server certificate for ``server_names`` and a client certificate."""
+    return write_certificates(issue(server_names, days, client_name, organization), out)
+
+
+# --- Kubernetes Secrets ----------------------------------------------------------------------------
+
+_DEVELOPMENT_HEADER = """\
+# DEVELOPMENT ONLY: a development PKI for mutual TLS between edge nodes and aggregators, so that
+# `kubectl apply -f deploy/k8s` works out of the box. Its PRIVATE KEYS ARE PUBLIC (they are in git):
+# anyone can pose as an aggregator or an edge node of a cluster that uses them. REPLACE BOTH SECRETS
+# BEFORE A REAL DEPLOYMENT. Every certificate here carries the Organization
+#   "{org}"
+# and the aggregators and the edge nodes log the warning tls.development_pki at start while they use it.
+#
+# Generated (`make k8s-secrets`) by
+#   {command}
+# valid until {not_after}. Regenerating makes new keys: restart the pods afterwards.
+"""
+
+_HEADER = """\
+# TLS material for mutual TLS between edge nodes and aggregators, with PRIVATE KEYS: keep this file
+# out of git. Apply it with `kubectl apply -f FILE`, then restart as below. Generated by
+#   {command}
+# valid until {not_after}.
+"""
+
+_COMMON = """\
+#
+# {aggregator}: mounted by the aggregators at /etc/fedgradnorm/tls: their server
+#   certificate (tls.crt, tls.key) and the CA whose client certificates they accept (ca.crt).
+# {edge}: mounted by the edge nodes at /etc/fedgradnorm/tls: their client certificate
+#   (tls.crt, tls.key) and the CA that signed the aggregators' certificate (ca.crt).
+# The server certificate's names:
+{names}
+#
+# Replace them with certificates of your own PKI, or with a fresh set whose CA key stays with you
+# (by default `fedgradnorm certs` puts loopback and the in-cluster names of radcom-aggregator and
+# mtfl-aggregator in the server certificate; choose others with --server-names):
+#
+#   fedgradnorm certs --out certs --days 365
+#   kubectl -n {namespace} create secret generic {aggregator} --type=kubernetes.io/tls \\
+#     --from-file=tls.crt=certs/server.pem --from-file=tls.key=certs/server.key --from-file=ca.crt=certs/ca.pem \\
+#     --dry-run=client -o yaml | kubectl apply -f -
+#   kubectl -n {namespace} create secret generic {edge} --type=kubernetes.io/tls \\
+#     --from-file=tls.crt=certs/client.pem --from-file=tls.key=certs/client.key --from-file=ca.crt=certs/ca.pem \\
+#     --dry-run=client -o yaml | kubectl apply -f -
+#   kubectl -n {namespace} rollout restart statefulset -l app.kubernetes.io/component=aggregator
+#   kubectl -n {namespace} rollout restart deployment -l app.kubernetes.io/component=edge-node
+#
+# and drop this file from your copy of deploy/k8s (a later `kubectl apply -f deploy/k8s` would put it
+# back). Rotate the same way before the certificates expire: the services read the files at start only,
+# so restart them after replacing the Secrets, aggregators first. A new CA without a pause: put the old
+# and the new CA certificate together into both ca.crt first and restart, then swap the certificates
+# and keys and restart, then drop the old CA. See docs/operations.md, "Transport security".
+"""
+
+
+def _secret(name: str, component: str, namespace: str, data: dict[str, bytes]) -> str:
+    lines = [
+        "apiVersion: v1",
+        "kind: Secret",
+        "metadata:",
+        f"  name: {name}",
+        f"  namespace: {namespace}",
+        "  labels:",
+        f"    app.kubernetes.io/part-of: {K8S_NAMESPACE}",
+        f"    app.kubernetes.io/component: {component}",
+        "type: kubernetes.io/tls",
+        "stringData:",
+    ]
+    for key in SECRET_KEYS:
+        lines.append(f"  {key}: |")
+        lines.extend("    " + line for line in data[key].decode("ascii").splitlines())
+    return "\n".join(lines) + "\n"
+
+
+def k8s_secrets_yaml(
+    certs: Certificates,
+    server_names: Sequence[str],
+    command: str,
+    development: bool,
+    namespace: str = K8S_NAMESPACE,
+) -> str:
+    """The aggregators' and the edge nodes' Secrets (``type: kubernetes.io/tls``) as one YAML stream."""
+    names = textwrap.wrap(", ".join(server_names), width=96, break_long_words=False, break_on_hyphens=False)
+    fmt = {
+        "org": DEVELOPMENT_ORGANIZATION,
+        "command": command,
+        "not_after": certs.not_after.strftime("%Y-%m-%d"),
+        "aggregator": AGGREGATOR_SECRET,
+        "edge": EDGE_NODE_SECRET,
+        "namespace": namespace,
+        "names": "\n".join("#   " + line for line in names),
+    }
+    header = (_DEVELOPMENT_HEADER if development else _HEADER).format(**fmt) + _COMMON.format(**fmt)
+    aggregator = _secret(
+        AGGREGATOR_SECRET,
+        "aggregator",
+        namespace,
+        {"tls.crt": certs.server_cert, "tls.key": certs.server_key, "ca.crt": certs.ca},
+    )
+    edge = _secret(
+        EDGE_NODE_SECRET,
+        "edge-node",
+        namespace,
+        {"tls.crt": certs.client_cert, "tls.key": certs.client_key, "ca.crt": certs.ca},
+    )
+    return header + aggregator + "---\n" + edge
+
+
+def write_k8s_secrets(
+    path: str | Path,
+    certs: Certificates,
+    server_names: Sequence[str],
+    development: bool = False,
+    command: str = "fedgradnorm certs --k8s-secrets FILE",
+) -> Path:
+    """Write ``certs`` to ``path`` as the two Secrets; without ``development`` readable by the owner only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = k8s_secrets_yaml(certs, server_names, command, development)
+    # The committed development file is meant to be read by anyone; any other holds live keys.
+    _write(path, text.encode(), private=not development)
+    return path

@@ -90,24 +90,67 @@ class ClientTLSFlags:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from fedgradnorm.certs import make_certificates
+    from fedgradnorm.certs import (
+        DEFAULT_SERVER_NAMES,
+        DEVELOPMENT_ORGANIZATION,
+        ORGANIZATION,
+        issue,
+        write_certificates,
+        write_k8s_secrets,
+    )
 
-    names = [n.strip() for n in args.server_names.split(",") if n.strip()]
-    paths = make_certificates(args.out, names, days=args.days)
-    for what, path in paths.items():
-        print(f"{what:<12} {path}")
+    if not (args.out or args.k8s_secrets):
+        raise ValueError("give --out DIR (PEM files), --k8s-secrets FILE (Kubernetes Secrets) or both")
+    given = args.server_names is not None
+    names = [n.strip() for n in args.server_names.split(",") if n.strip()] if given else list(DEFAULT_SERVER_NAMES)
+    organization = DEVELOPMENT_ORGANIZATION if args.development else ORGANIZATION
+    certs = issue(names, days=args.days, organization=organization)
+    if args.out:
+        for what, path in write_certificates(certs, args.out).items():
+            print(f"{what:<12} {path}")
+    if args.k8s_secrets:
+        command = " ".join(
+            [
+                "fedgradnorm certs",
+                f"--k8s-secrets {args.k8s_secrets}",
+                *(["--development"] if args.development else []),
+                f"--days {args.days}",
+                *([f"--server-names {args.server_names}"] if given else []),
+            ]
+        )
+        path = write_k8s_secrets(args.k8s_secrets, certs, names, development=args.development, command=command)
+        print(f"{'k8s_secrets':<12} {path}")
     return 0
 
 
 def register_certs(sub: argparse._SubParsersAction) -> None:
-    from fedgradnorm.certs import DEFAULT_SERVER_NAMES
+    from fedgradnorm.certs import AGGREGATOR_SECRET, EDGE_NODE_SECRET
 
-    p = sub.add_parser("certs", help="make a development CA, an aggregator certificate and an edge-node certificate")
-    p.add_argument("--out", required=True, help="folder for ca.pem, server.pem/.key, client.pem/.key")
+    p = sub.add_parser(
+        "certs",
+        help="make a development CA, an aggregator certificate and an edge-node certificate",
+        description="A fresh CA (its key is written with --out only) signing a server certificate for the "
+        "aggregator and one client certificate for the edge nodes.",
+    )
+    p.add_argument("--out", default="", help="folder for ca.pem/.key, server.pem/.key, client.pem/.key")
+    p.add_argument(
+        "--k8s-secrets",
+        default="",
+        metavar="FILE",
+        help=f"write the Kubernetes Secrets {AGGREGATOR_SECRET} and {EDGE_NODE_SECRET} "
+        "(type kubernetes.io/tls: tls.crt, tls.key, ca.crt) that deploy/k8s mounts",
+    )
+    p.add_argument(
+        "--development",
+        action="store_true",
+        help="mark the certificates as the development PKI whose keys are public (deploy/k8s/01-tls-secrets.yaml); "
+        "the services warn when they use such certificates",
+    )
     p.add_argument(
         "--server-names",
-        default=",".join(DEFAULT_SERVER_NAMES),
-        help="DNS names and IP addresses the aggregator is reached by (comma-separated)",
+        default=None,
+        help="DNS names and IP addresses the aggregator is reached by (comma-separated; default: loopback "
+        "and the in-cluster names of deploy/k8s's Services radcom-aggregator and mtfl-aggregator)",
     )
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.set_defaults(func=_certs)

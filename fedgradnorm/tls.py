@@ -2,6 +2,8 @@
 
 The aggregator presents ``server.pem`` and, with a client CA, requires and verifies every edge
 node's certificate; an edge node verifies the aggregator against its CA and presents its own.
+Either warns (``tls.development_pki``) when a certificate it uses belongs to the development PKI
+committed in deploy/k8s, whose private keys are public.
 """
 
 from __future__ import annotations
@@ -26,6 +28,35 @@ def _read(path: str, what: str) -> bytes:
         raise TLSConfigError(f"{path}: cannot read the {what} ({e.strerror})") from e
 
 
+def development_pki(pems: dict[str, bytes]) -> list[str]:
+    """The paths among ``pems`` (path -> PEM) holding a certificate of the development PKI, with a warning."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from fedgradnorm.certs import DEVELOPMENT_ORGANIZATION
+
+    marked = []
+    for path, pem in pems.items():
+        try:
+            certs = x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            continue  # not PEM certificates: grpc reports it
+        names = [name for c in certs for name in (c.subject, c.issuer)]
+        if any(
+            a.value == DEVELOPMENT_ORGANIZATION
+            for n in names
+            for a in n.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        ):
+            marked.append(path)
+    if marked:
+        log.warning(
+            "tls.development_pki",
+            files=marked,
+            why="certificates of the development PKI, whose private keys are public (in git): replace them",
+        )
+    return marked
+
+
 @dataclass(frozen=True)
 class ServerTLS:
     cert: str = ""
@@ -46,6 +77,7 @@ class ServerTLS:
             )
         pair = (_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))
         ca = _read(self.client_ca, "client CA") if self.client_ca else None
+        development_pki({self.cert: pair[1], **({self.client_ca: ca} if ca else {})})
         if ca is None:
             log.warning("tls.no_client_auth", why="no client CA: edge nodes are not authenticated by certificate")
         return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
@@ -67,10 +99,13 @@ class ClientTLS:
             raise TLSConfigError("TLS needs tls_ca to verify the aggregator; set insecure=true for plaintext")
         if bool(self.cert) != bool(self.key):
             raise TLSConfigError("tls_cert and tls_key go together")
+        ca = _read(self.ca, "CA")
+        cert = _read(self.cert, "TLS certificate") if self.cert else None
+        development_pki({self.ca: ca, **({self.cert: cert} if cert else {})})
         creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(self.ca, "CA"),
+            root_certificates=ca,
             private_key=_read(self.key, "TLS key") if self.key else None,
-            certificate_chain=_read(self.cert, "TLS certificate") if self.cert else None,
+            certificate_chain=cert,
         )
         opts = list(options)
         if self.server_name:

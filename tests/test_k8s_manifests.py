@@ -418,12 +418,18 @@ def test_aggregator_ports_probes_and_config(doc: Doc) -> None:
     service = cfgmod.build(ServiceConfig, env=env)
     rounds = cfgmod.build(CoordinatorConfig, env=env)
     assert service.listen.startswith("0.0.0.0:") and service.metrics_listen.startswith("0.0.0.0:")
+    assert service.health_listen.startswith("0.0.0.0:"), "the kubelet probes the pod's IP"
     grpc_port, metrics_port = port_of(service.listen), port_of(service.metrics_listen)
+    health_port = port_of(service.health_listen)
+    assert len({grpc_port, metrics_port, health_port}) == 3
     assert container_port(c, "grpc")["containerPort"] == grpc_port
     assert container_port(c, "metrics")["containerPort"] == metrics_port
-    assert c["livenessProbe"]["grpc"] == {"port": grpc_port, "service": ""}
-    assert c["startupProbe"]["grpc"]["port"] == grpc_port
-    assert c["readinessProbe"]["grpc"] == {"port": grpc_port, "service": SERVICE_NAME}
+    assert container_port(c, "health")["containerPort"] == health_port
+    # The gRPC port speaks TLS, which the kubelet's gRPC probes cannot: they go to the plaintext
+    # health port (FEDGRADNORM_HEALTH_LISTEN), by number (a grpc probe takes no port name).
+    assert c["livenessProbe"]["grpc"] == {"port": health_port, "service": ""}
+    assert c["startupProbe"]["grpc"] == {"port": health_port, "service": ""}
+    assert c["readinessProbe"]["grpc"] == {"port": health_port, "service": SERVICE_NAME}
     assert rounds.enrollment_token, "the aggregator must require the enrollment token"
     assert rounds.min_nodes == len(rounds.federation.task_names)
     assert env["FEDGRADNORM_LOG_FORMAT"] == "json"
@@ -481,6 +487,277 @@ def assert_writable(doc: Doc, c: dict[str, Any], path: str, persistent: bool) ->
     )
     if persistent:
         assert mount["name"] in claims, f"{doc}: {path} must be on the PersistentVolumeClaim"
+
+
+# --- transport security: mutual TLS with certificates from mounted Secrets --------------------------
+
+TLS_SECRETS = K8S / "01-tls-secrets.yaml"
+AGGREGATOR_TLS_ENV = ("FEDGRADNORM_TLS_CERT", "FEDGRADNORM_TLS_KEY", "FEDGRADNORM_TLS_CLIENT_CA")
+EDGE_TLS_ENV = ("FEDGRADNORM_TLS_CA", "FEDGRADNORM_TLS_CERT", "FEDGRADNORM_TLS_KEY")
+
+
+def fedgradnorm_container(doc: Doc) -> dict[str, Any]:
+    (c,) = [c for c in containers(doc) if is_fedgradnorm(c)]
+    return c
+
+
+def secret_file(doc: Doc, c: dict[str, Any], path: str) -> tuple[Doc, str]:
+    """The Secret and key a file path of the container comes from; fails unless it is a read-only Secret volume."""
+    mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{doc}: {path} is on no volume"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    assert "subPath" not in mount, f"{doc}: a subPath mount does not follow Secret updates"
+    assert mount.get("readOnly") is True, f"{doc}: mount {mount['name']} must be read-only"
+    volume = next(v for v in pod_spec(doc)["volumes"] if v["name"] == mount["name"])
+    assert "secret" in volume, f"{doc}: {path} must come from a Secret, not {set(volume) - {'name'}}"
+    source = volume["secret"]
+    mode = source.get("defaultMode", 0o644)
+    # No access for others; the pod's fsGroup makes the files group-readable by the service's user.
+    assert mode in (0o400, 0o440), f"{doc}: defaultMode {oct(mode)} of {volume['name']}"
+    assert pod_spec(doc)["securityContext"].get("fsGroup"), f"{doc}: fsGroup needed to read {path}"
+    rel = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    items = {i["path"]: i["key"] for i in source.get("items", [])}
+    key = items.get(rel, rel) if items else rel
+    secret = find("Secret", source["secretName"])
+    assert secret is not None, f"{doc}: Secret {source['secretName']} is not in deploy/k8s"
+    assert key in secret_data(secret), f"{doc}: {path}: key {key} is not in {secret}"
+    return secret, key
+
+
+def secret_pem(doc: Doc, env_name: str) -> bytes:
+    c = fedgradnorm_container(doc)
+    secret, key = secret_file(doc, c, container_env(c)[env_name])
+    return secret_data(secret)[key].encode()
+
+
+def load_cert(pem: bytes):
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem)
+
+
+def aggregator_of(edge: Doc) -> tuple[Doc, Doc]:
+    """The Service an edge node dials and the aggregator behind it."""
+    host = container_env(fedgradnorm_container(edge))["FEDGRADNORM_AGGREGATOR"].rpartition(":")[0]
+    service = find("Service", host)
+    (agg,) = [a for a in aggregators() if matches(service.body["spec"]["selector"], pod_labels(a))]
+    return service, agg
+
+
+def in_cluster_names(service: Doc) -> set[str]:
+    name, ns = service.name, service.namespace
+    return {name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"}
+
+
+@pytest.mark.parametrize("doc", workloads(), ids=str)
+def test_no_workload_runs_plaintext_grpc(doc: Doc) -> None:
+    for c in containers(doc):
+        if is_fedgradnorm(c):
+            assert "FEDGRADNORM_INSECURE" not in container_env(c), f"{doc}: plaintext gRPC (FEDGRADNORM_INSECURE)"
+    for d in ALL_DOCS:
+        if d.kind == "ConfigMap":
+            assert "FEDGRADNORM_INSECURE" not in d.body.get("data", {}), d
+
+
+@pytest.mark.parametrize("doc", aggregators(), ids=str)
+def test_aggregator_serves_mutual_tls_from_a_mounted_secret(doc: Doc) -> None:
+    c = fedgradnorm_container(doc)
+    env = container_env(c)
+    service = cfgmod.build(ServiceConfig, env=env)
+    assert not service.insecure and service.tls_cert and service.tls_key
+    assert service.tls_client_ca, "mutual TLS: the aggregator must verify the edge nodes' certificates"
+    secrets = {secret_file(doc, c, env[name])[0].name for name in AGGREGATOR_TLS_ENV}
+    assert len(secrets) == 1, f"{doc}: one Secret for the aggregator's TLS files, not {secrets}"
+    # The health port serves plaintext: no pod may reach it (the kubelet's probes are not policed).
+    health = container_port(c, "health")
+    for policy in ALL_DOCS:
+        if policy.kind == "NetworkPolicy" and matches(
+            policy.body["spec"]["podSelector"]["matchLabels"], pod_labels(doc)
+        ):
+            for rule in policy.body["spec"].get("ingress", []):
+                for port in rule.get("ports", []):
+                    assert port["port"] not in ("health", health["containerPort"]), f"{policy} opens the health port"
+
+
+@pytest.mark.parametrize("doc", edge_nodes(), ids=str)
+def test_edge_node_speaks_mutual_tls_from_a_mounted_secret(doc: Doc) -> None:
+    c = fedgradnorm_container(doc)
+    env = container_env(c)
+    edge = cfgmod.build(EdgeConfig, env=env)
+    assert not edge.insecure and edge.tls_ca and edge.tls_cert and edge.tls_key
+    assert edge.tls_server_name, "the name to check in the aggregator's certificate"
+    secrets = {secret_file(doc, c, env[name])[0].name for name in EDGE_TLS_ENV}
+    assert len(secrets) == 1, f"{doc}: one Secret for the edge node's TLS files, not {secrets}"
+    _, agg = aggregator_of(doc)
+    agg_secret = secret_file(
+        agg, fedgradnorm_container(agg), container_env(fedgradnorm_container(agg))["FEDGRADNORM_TLS_CERT"]
+    )[0]
+    assert secrets != {agg_secret.name}, "edge nodes must not get the aggregator's server key"
+
+
+def tls_secret_docs() -> list[Doc]:
+    return [d for d in K8S_DOCS if d.path == TLS_SECRETS]
+
+
+def test_tls_secrets_are_the_development_pki_and_say_so() -> None:
+    from fedgradnorm.certs import AGGREGATOR_SECRET, DEVELOPMENT_ORGANIZATION, EDGE_NODE_SECRET, SECRET_KEYS
+
+    docs = tls_secret_docs()
+    assert [d.name for d in docs] == [AGGREGATOR_SECRET, EDGE_NODE_SECRET]
+    for d in docs:
+        assert d.body["type"] == "kubernetes.io/tls"
+        assert sorted(secret_data(d)) == sorted(SECRET_KEYS), d
+        for key in ("tls.crt", "ca.crt"):
+            orgs = [a.value for a in load_cert(secret_data(d)[key].encode()).subject]
+            assert DEVELOPMENT_ORGANIZATION in orgs, f"{d}: {key} is not marked as the development PKI"
+    header = TLS_SECRETS.read_text().split("\napiVersion:")[0]
+    for words in (
+        "DEVELOPMENT ONLY",
+        "PRIVATE KEYS ARE PUBLIC",
+        "REPLACE",
+        "kubectl -n fedgradnorm create secret",
+        "--dry-run=client -o yaml | kubectl apply -f -",
+        "rollout restart",
+        "Rotate",
+        "fedgradnorm certs",
+    ):
+        assert words in header, f"the header of {TLS_SECRETS.name} must say {words!r}"
+    used = {
+        secret_file(w, fedgradnorm_container(w), container_env(fedgradnorm_container(w))["FEDGRADNORM_TLS_KEY"])[0].name
+        for w in aggregators() + edge_nodes()
+    }
+    assert used == {AGGREGATOR_SECRET, EDGE_NODE_SECRET}
+
+
+@pytest.mark.parametrize("edge", edge_nodes(), ids=str)
+def test_tls_certificates_chain_name_and_last(edge: Doc) -> None:
+    """What the TLS handshake between this edge node and its aggregator checks, on the committed files."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    service, agg = aggregator_of(edge)
+    server = load_cert(secret_pem(agg, "FEDGRADNORM_TLS_CERT"))
+    client_ca = load_cert(secret_pem(agg, "FEDGRADNORM_TLS_CLIENT_CA"))
+    client = load_cert(secret_pem(edge, "FEDGRADNORM_TLS_CERT"))
+    server_ca = load_cert(secret_pem(edge, "FEDGRADNORM_TLS_CA"))
+    # The edge node's CA signed the aggregator's certificate, the aggregator's client CA the node's.
+    server.verify_directly_issued_by(server_ca)
+    client.verify_directly_issued_by(client_ca)
+    for ca in (server_ca, client_ca):
+        assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    eku = x509.ExtendedKeyUsage
+    assert ExtendedKeyUsageOID.SERVER_AUTH in server.extensions.get_extension_for_class(eku).value
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in client.extensions.get_extension_for_class(eku).value
+    names = set(
+        server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    )
+    tls_server_name = container_env(fedgradnorm_container(edge))["FEDGRADNORM_TLS_SERVER_NAME"]
+    assert tls_server_name in names, f"{edge}: the aggregator's certificate lacks {tls_server_name}"
+    for svc in (d for d in ALL_DOCS if d.kind == "Service"):
+        if any(matches(svc.body["spec"]["selector"], pod_labels(a)) for a in aggregators()) and any(
+            p["name"] == "grpc" for p in svc.body["spec"]["ports"]
+        ):
+            assert in_cluster_names(svc) <= names, f"{svc}: missing {in_cluster_names(svc) - names}"
+    assert in_cluster_names(service) <= names
+    # Each private key belongs to its certificate.
+    from cryptography.hazmat.primitives import serialization
+
+    der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    for doc, cert in ((agg, server), (edge, client)):
+        key = serialization.load_pem_private_key(secret_pem(doc, "FEDGRADNORM_TLS_KEY"), password=None)
+        assert key.public_key().public_bytes(*der) == cert.public_key().public_bytes(*der), f"{doc}: key and cert"
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=366)
+    for cert in (server, client, server_ca, client_ca):
+        assert cert.not_valid_after_utc > soon, f"{cert.subject.rfc4514_string()} expires within a year"
+        assert cert.not_valid_before_utc < dt.datetime.now(dt.UTC)
+
+
+def test_regenerating_the_tls_secrets_keeps_their_structure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make k8s-secrets` rewrites deploy/k8s/01-tls-secrets.yaml with new keys and the same objects."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^k8s-secrets:.*\n\t(.+)$", makefile, re.M)
+    assert recipe, "Makefile: no k8s-secrets target"
+    argv = shlex.split(recipe.group(1))
+    assert argv[0].endswith("fedgradnorm") and argv[1] == "certs"
+    assert argv[argv.index("--k8s-secrets") + 1] == str(TLS_SECRETS.relative_to(ROOT))
+    monkeypatch.chdir(tmp_path)  # the recipe's relative path, under tmp_path
+    args = build_parser().parse_args(argv[1:])
+    assert args.func(args) == 0
+    out = tmp_path / TLS_SECRETS.relative_to(ROOT)
+    fresh = load(out.parent)
+    shipped = tls_secret_docs()
+
+    def shape(d: Doc) -> tuple[Any, ...]:
+        meta = d.body["metadata"]
+        return d.kind, meta["name"], meta["namespace"], meta.get("labels"), d.body["type"], sorted(secret_data(d))
+
+    assert [shape(d) for d in fresh] == [shape(d) for d in shipped]
+    for new, old in zip(fresh, shipped, strict=True):
+        assert secret_data(new)["tls.key"] != secret_data(old)["tls.key"], "fresh keys every time"
+
+    def comments(path: Path) -> list[str]:
+        return [
+            re.sub(r"\d{4}-\d\d-\d\d", "DATE", line) for line in path.read_text().splitlines() if line.startswith("#")
+        ]
+
+    assert comments(out) == comments(TLS_SECRETS), "regenerate with `make k8s-secrets`"
+
+
+def test_committed_development_pki_completes_a_mutual_tls_handshake(tmp_path: Path) -> None:
+    """The files as the pods see them: an aggregator with its Secret's files accepts an edge node with its own."""
+    import grpc
+    from structlog.testing import capture_logs
+
+    from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+    from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+    from fedgradnorm.tls import ClientTLS
+    from services.aggregator.server import start_aggregator
+
+    def materialise(doc: Doc, names: tuple[str, ...]) -> dict[str, str]:
+        folder = tmp_path / doc.name
+        folder.mkdir()
+        files = {}
+        for name in names:
+            path = folder / name.lower()
+            path.write_bytes(secret_pem(doc, name))
+            files[name] = str(path)
+        return files
+
+    edge = find("Deployment", "mtfl-gender")
+    _, agg = aggregator_of(edge)
+    a = materialise(agg, AGGREGATOR_TLS_ENV)
+    e = materialise(edge, EDGE_TLS_ENV)
+    service = ServiceConfig(
+        listen="127.0.0.1:0",
+        metrics_listen="",
+        state_dir=str(tmp_path / "state"),
+        tls_cert=a["FEDGRADNORM_TLS_CERT"],
+        tls_key=a["FEDGRADNORM_TLS_KEY"],
+        tls_client_ca=a["FEDGRADNORM_TLS_CLIENT_CA"],
+    )
+    edge_env = {**container_env(fedgradnorm_container(edge)), **e}
+    config = cfgmod.build(EdgeConfig, env=edge_env)
+    with capture_logs() as logs:
+        running = start_aggregator(service, CoordinatorConfig(dataset=config.dataset, min_nodes=5))
+        address = f"127.0.0.1:{running.grpc_port}"  # a name the certificate need not hold: the server name counts
+        try:
+            with config.tls().channel(address, []) as channel:
+                state = pb_grpc.AggregatorStub(channel).GetState(pb.GetStateRequest(), timeout=10)
+            assert state.round == 0
+            # Without a client certificate the handshake fails: the aggregator requires one.
+            with (
+                ClientTLS(ca=config.tls_ca, server_name=config.tls_server_name).channel(address, []) as channel,
+                pytest.raises(grpc.RpcError) as refused,
+            ):
+                pb_grpc.AggregatorStub(channel).GetState(pb.GetStateRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            running.stop(grace=0.2)
+    warned = [x for x in logs if x["event"] == "tls.development_pki"]
+    assert len(warned) >= 2 and all(x["log_level"] == "warning" for x in warned), "server and client must warn"
+    assert any(a["FEDGRADNORM_TLS_CERT"] in x["files"] for x in warned), "the aggregator must warn"
 
 
 # --- image, commands, security, resources ---------------------------------------------------------

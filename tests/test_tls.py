@@ -110,3 +110,65 @@ def test_probe_port_serves_health_in_plaintext_and_nothing_else(mtls_aggregator:
         with pytest.raises(grpc.RpcError) as e:
             call_register(ch)
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_development_pki_is_warned_about_and_other_certificates_are_not(tmp_path: Path) -> None:
+    """Certificates marked as the development PKI of deploy/k8s (private keys in git) log tls.development_pki."""
+    from structlog.testing import capture_logs
+
+    from fedgradnorm.certs import DEVELOPMENT_ORGANIZATION
+    from fedgradnorm.tls import ServerTLS
+
+    make_certificates(tmp_path / "dev", organization=DEVELOPMENT_ORGANIZATION)
+    make_certificates(tmp_path / "own")
+
+    def events(folder: Path) -> list[dict]:
+        with capture_logs() as logs:
+            ServerTLS(
+                cert=str(folder / "server.pem"), key=str(folder / "server.key"), client_ca=str(folder / "ca.pem")
+            ).credentials()
+            client = ClientTLS(
+                ca=str(folder / "ca.pem"), cert=str(folder / "client.pem"), key=str(folder / "client.key")
+            )
+            client.channel("127.0.0.1:1", []).close()
+        return [e for e in logs if e["event"] == "tls.development_pki"]
+
+    server, client = events(tmp_path / "dev")
+    assert server["log_level"] == client["log_level"] == "warning"
+    assert server["files"] == [str(tmp_path / "dev" / "server.pem"), str(tmp_path / "dev" / "ca.pem")]
+    assert client["files"] == [str(tmp_path / "dev" / "ca.pem"), str(tmp_path / "dev" / "client.pem")]
+    assert "public" in server["why"]
+    assert events(tmp_path / "own") == []
+
+
+def test_ca_bundle_trusts_old_and_new_certificates_during_a_rotation(tmp_path: Path) -> None:
+    """docs/operations.md, "Rotate the certificates": with the old and the new CA in one ca.crt, either
+    side may hold a certificate of either CA (the key identifiers pick the right CA of the same name)."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    make_certificates(old)
+    make_certificates(new)
+    both = tmp_path / "both.pem"
+    both.write_bytes((old / "ca.pem").read_bytes() + (new / "ca.pem").read_bytes())
+    for server in (old, new):
+        service = ServiceConfig(
+            listen="127.0.0.1:0",
+            metrics_listen="",
+            state_dir=str(tmp_path / "state"),
+            tls_cert=str(server / "server.pem"),
+            tls_key=str(server / "server.key"),
+            tls_client_ca=str(both),
+        )
+        agg = start_aggregator(service, CoordinatorConfig(dataset="mtfl", min_nodes=2))
+        try:
+            for client in (old, new):
+                tls = ClientTLS(
+                    ca=str(both),
+                    cert=str(client / "client.pem"),
+                    key=str(client / "client.key"),
+                    server_name="localhost",
+                )
+                with tls.channel(f"127.0.0.1:{agg.grpc_port}", []) as ch:
+                    state = pb_grpc.AggregatorStub(ch).GetState(pb.GetStateRequest(), timeout=5)
+                assert state.round == 0, (server.name, client.name)
+        finally:
+            agg.stop(grace=0.2)

@@ -3,12 +3,15 @@
 1. builds the image from the Dockerfile (scripts/build-image.sh: local debootstrap base image, cached);
 2. derives podman manifests from deploy/k8s (see ``derive``; only what podman cannot express changes);
 3. plays the aggregator, then the three edge nodes, and waits for rounds to advance, asking the
-   aggregator from the host with `fedgradnorm state` and the standard gRPC health service;
+   aggregator from the host with `fedgradnorm state` (mutual TLS, with the edge nodes' development
+   certificates from deploy/k8s/01-tls-secrets.yaml) and the standard gRPC health service (on the
+   plaintext health port the kubelet probes); checks that the gRPC port refuses plaintext and that
+   the aggregator warns about the development PKI;
 4. plays one more edge-node manifest (deploy/examples/edge-node.yaml) and waits until the new node
    has taken part in a round;
 5. copies the state file out of the aggregator (as `kubectl cp` does for a backup), recreates the
    aggregator pod on its claim and checks that it resumes where it was and rounds go on;
-6. always tears everything down (`podman kube down`, pods, volumes, the secret), even on failure.
+6. always tears everything down (`podman kube down`, pods, volumes, the secrets), even on failure.
 
 Exit status 0 on success, 1 on failure. Needs root, podman, runc, catatonit and debootstrap
 (`apt-get install -y --no-install-recommends podman buildah runc catatonit debootstrap`).
@@ -39,6 +42,7 @@ BIN = Path(sys.executable).parent
 FEDERATION = "radcom"
 EDGE_WORKLOADS = ("radcom-modulation", "radcom-signal", "radcom-anomaly")
 ROUNDS_BEFORE_JOIN = 2
+ENROLLMENT_SECRET = "fedgradnorm-enrollment"
 TIMEOUT = float(os.environ.get("TEST_DEPLOY_TIMEOUT", "420"))  # seconds for everything after the build
 
 
@@ -82,20 +86,26 @@ SUBSTITUTIONS = """podman-specific changes to the manifests of deploy/k8s (every
   - hostNetwork: true on every pod; podman provides no Service DNS, so FEDGRADNORM_AGGREGATOR is
     127.0.0.1:<port> instead of the Service radcom-aggregator:50051;
   - on the shared host network every listener gets a free port on 127.0.0.1 instead of 0.0.0.0:50051,
-    :9464 and :9465 (FEDGRADNORM_LISTEN, FEDGRADNORM_METRICS_LISTEN; for the edge nodes an env entry
-    per node replaces the shared ConfigMap's entry, because podman 4.3 lets envFrom win over env);
-    the containers' ports lists are dropped (podman 4.3 refuses port mappings with host networking);
+    :50052, :9464 and :9465 (FEDGRADNORM_LISTEN, FEDGRADNORM_HEALTH_LISTEN, FEDGRADNORM_METRICS_LISTEN;
+    for the edge nodes an env entry per node replaces the shared ConfigMap's entry, because podman 4.3
+    lets envFrom win over env); the containers' ports lists are dropped (podman 4.3 refuses port
+    mappings with host networking); the edge nodes still check the name FEDGRADNORM_TLS_SERVER_NAME
+    in the aggregator's certificate, as they do behind the Service;
   - the StatefulSet becomes a Pod named radcom-aggregator-0 with its volumeClaimTemplate as a
     PersistentVolumeClaim state-radcom-aggregator-0 (podman 4.3 plays no StatefulSet);
-  - the Secret becomes a podman secret of the same name and keys (podman 4.3 reads Secrets that way);
+  - each Secret becomes a podman secret of the same name and keys (podman 4.3 reads Secrets that way):
+    the enrollment token (an env secretKeyRef) as a JSON map of base64 values, each TLS Secret (a
+    secret volume) as a JSON Secret whose data holds the PEM text as is (podman 4.3 writes a secret
+    volume's data values verbatim and ignores stringData); secret volumes get `optional: false`
+    (podman 4.3 crashes when it is unset); podman ignores defaultMode and fsGroup (files 0644);
   - emptyDir volumes are renamed <workload>-<volume> (podman 4.3 makes named volumes of them, which
     pods would otherwise share);
   - probes are left out (podman runs no gRPC probes and would need curl in the image for httpGet);
-    this script checks the same gRPC health service from the host instead;
+    this script checks the same gRPC health service on the same plaintext health port from the host;
   - Services and NetworkPolicies are not played (podman has no equivalent)."""
 
 
-LISTENERS = ("FEDGRADNORM_LISTEN", "FEDGRADNORM_METRICS_LISTEN")
+LISTENERS = ("FEDGRADNORM_LISTEN", "FEDGRADNORM_HEALTH_LISTEN", "FEDGRADNORM_METRICS_LISTEN")
 
 
 def port_of(address: str) -> int:
@@ -121,6 +131,8 @@ def podman_pod_spec(doc: dict[str, Any], shipped_ports: set[int], env: dict[str,
     for vol in spec.get("volumes", []):
         if "emptyDir" in vol:
             renamed[vol["name"]] = vol["name"] = f"{workload}-{vol['name']}"
+        if "secret" in vol:
+            vol["secret"]["optional"] = False
     for c in spec["containers"]:
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             c.pop(probe, None)
@@ -132,12 +144,58 @@ def podman_pod_spec(doc: dict[str, Any], shipped_ports: set[int], env: dict[str,
             env_set(c, name, value)
 
 
-def derive(work: Path, token_secret: str) -> dict[str, Any]:
+def secret_values(secret: dict[str, Any]) -> dict[str, bytes]:
+    values = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
+    values.update({k: v.encode() for k, v in secret.get("stringData", {}).items()})
+    return values
+
+
+def podman_secret(work: Path, secret: dict[str, Any], for_volume: bool) -> Path:
+    """The file of `podman secret create` for a Secret (see SUBSTITUTIONS), readable by root only."""
+    values = secret_values(secret)
+    if for_volume:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": secret["metadata"]["name"]},
+            "type": secret.get("type", "Opaque"),
+            "data": {k: v.decode() for k, v in values.items()},
+        }
+    else:
+        body = {k: base64.b64encode(v).decode() for k, v in values.items()}
+    path = work / f"secret-{secret['metadata']['name']}.json"
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(body))
+    return path
+
+
+def client_tls(work: Path, docs: list[dict[str, Any]], edge_cm: dict[str, Any]) -> list[str]:
+    """`fedgradnorm state` flags for mutual TLS with the edge nodes' certificate, as an edge node uses it."""
+    volume = next(
+        v for v in find(docs, "Deployment", EDGE_WORKLOADS[0])["spec"]["template"]["spec"]["volumes"] if "secret" in v
+    )
+    values = secret_values(find(docs, "Secret", volume["secret"]["secretName"]))
+    folder = work / "client-tls"
+    folder.mkdir(mode=0o700)
+    flags = []
+    for flag, env in (
+        ("--tls-ca", "FEDGRADNORM_TLS_CA"),
+        ("--tls-cert", "FEDGRADNORM_TLS_CERT"),
+        ("--tls-key", "FEDGRADNORM_TLS_KEY"),
+    ):
+        key = edge_cm["data"][env].rpartition("/")[2]  # a file of the mounted Secret
+        (folder / key).write_bytes(values[key])
+        flags += [flag, str(folder / key)]
+    return [*flags, "--tls-server-name", edge_cm["data"]["FEDGRADNORM_TLS_SERVER_NAME"]]
+
+
+def derive(work: Path) -> dict[str, Any]:
     """Write the podman manifests into ``work``; return what the test needs to know about them."""
     docs = shipped()
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
     agg_cm = find(docs, "ConfigMap", f"{FEDERATION}-aggregator")
     agg_cm["data"]["FEDGRADNORM_LISTEN"] = f"127.0.0.1:{grpc_port}"
+    agg_cm["data"]["FEDGRADNORM_HEALTH_LISTEN"] = f"127.0.0.1:{health_port}"
     agg_cm["data"]["FEDGRADNORM_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
     edge_cm = find(docs, "ConfigMap", f"{FEDERATION}-edge-node")
     edge_cm["data"]["FEDGRADNORM_AGGREGATOR"] = f"127.0.0.1:{grpc_port}"
@@ -194,15 +252,18 @@ def derive(work: Path, token_secret: str) -> dict[str, Any]:
     extra_file = work / "extra-edge-node.yaml"
     extra_file.write_text(yaml.safe_dump_all([edge_cm, extra], sort_keys=False))
 
-    secret = find(docs, "Secret", token_secret)
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in secret.get("stringData", {}).items()}
-    data.update(secret.get("data", {}))
-    secret_file = work / "secret.json"
-    secret_file.write_text(json.dumps(data))
-    secret_file.chmod(0o600)
-    volumes = [v["name"] for d in (pod, *edges, extra) for v in d["spec"].get("volumes", []) if "emptyDir" in v]
+    secrets = {ENROLLMENT_SECRET: podman_secret(work, find(docs, "Secret", ENROLLMENT_SECRET), for_volume=False)}
+    specs = [pod["spec"]] + [d["spec"]["template"]["spec"] for d in (*edges, extra)]
+    tls_secrets = sorted(
+        {v["secret"]["secretName"] for spec in specs for v in spec.get("volumes", []) if "secret" in v}
+    )
+    assert tls_secrets, "no Secret volume: the TLS material should come from one"
+    for name in tls_secrets:
+        secrets[name] = podman_secret(work, find(docs, "Secret", name), for_volume=True)
+    volumes = [v["name"] for spec in specs for v in spec.get("volumes", []) if "emptyDir" in v]
     return {
         "grpc_port": grpc_port,
+        "health_port": health_port,
         "metrics_port": metrics_port,
         "edge_metrics": edge_metrics,
         "files": [aggregator_file, work / "aggregator-again.yaml", edge_file, extra_file],
@@ -211,27 +272,20 @@ def derive(work: Path, token_secret: str) -> dict[str, Any]:
         "aggregator_container": f"{pod_name}-{pod['spec']['containers'][0]['name']}",
         "state_file": find(docs, "ConfigMap", f"{FEDERATION}-aggregator")["data"]["FEDGRADNORM_STATE_DIR"]
         + "/aggregator-state.pt",
-        "secret_file": secret_file,
-        "volumes": volumes + claims,
+        "secrets": secrets,
+        "client_tls": client_tls(work, docs, edge_cm),
+        # podman 4.3 makes a named volume of each secret volume, named after its Secret.
+        "volumes": volumes + claims + tls_secrets,
     }
 
 
 # --- talking to the running federation -------------------------------------------------------------
 
 
-def state(grpc_port: int) -> dict[str, Any] | None:
-    """`fedgradnorm state` from the host, as a user would run it; None while unreachable."""
+def state(grpc_port: int, tls: list[str]) -> dict[str, Any] | None:
+    """`fedgradnorm state` from the host, as a user would run it (mutual TLS); None while unreachable."""
     res = subprocess.run(
-        [
-            str(BIN / "fedgradnorm"),
-            "state",
-            "--aggregator",
-            f"127.0.0.1:{grpc_port}",
-            "--insecure",
-            "true",
-            "--timeout",
-            "5",
-        ],
+        [str(BIN / "fedgradnorm"), "state", "--aggregator", f"127.0.0.1:{grpc_port}", *tls, "--timeout", "5"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -247,16 +301,29 @@ def state(grpc_port: int) -> dict[str, Any] | None:
     return s
 
 
-def health(grpc_port: int, service: str) -> str:
+def health(port: int, service: str) -> str:
+    """The standard gRPC health check in plaintext, as the kubelet's probe does it (on the health port)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
         except grpc.RpcError as e:
             return e.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def check_transport(grpc_port: int, tls: list[str], aggregator_container: str) -> None:
+    """The gRPC port speaks mutual TLS only, and the aggregator warns that it runs on the development PKI."""
+    plaintext = health(grpc_port, "")
+    assert plaintext == "UNAVAILABLE", f"a plaintext health check on the TLS port got {plaintext}"
+    assert state(grpc_port, tls) is not None, "fedgradnorm state with the edge nodes' certificate failed"
+    ca_only = [tls[i + k] for i, flag in enumerate(tls) if flag in ("--tls-ca", "--tls-server-name") for k in (0, 1)]
+    assert state(grpc_port, ca_only) is None, "a client without a certificate was served"
+    logs = run("podman", "logs", aggregator_container, quiet=True)
+    assert "tls.development_pki" in logs.stdout + logs.stderr, "the aggregator does not warn about the development PKI"
+    log("gRPC port: plaintext and clients without a certificate refused, mutual TLS served; tls.development_pki logged")
 
 
 def metric(port: int, name: str) -> float | None:
@@ -324,7 +391,7 @@ def dump_logs() -> None:
         print((res.stdout + res.stderr).rstrip(), flush=True)
 
 
-def cleanup(info: dict[str, Any] | None, work: Path, secret: str) -> None:
+def cleanup(info: dict[str, Any] | None) -> None:
     if info:
         for path in reversed(info["files"]):
             run("podman", "kube", "down", str(path), check=False, quiet=True, timeout=120)
@@ -335,7 +402,8 @@ def cleanup(info: dict[str, Any] | None, work: Path, secret: str) -> None:
     if info:
         for volume in info["volumes"]:
             run("podman", "volume", "rm", "-f", volume, check=False, quiet=True)
-    run("podman", "secret", "rm", secret, check=False, quiet=True)
+    for secret in info["secrets"] if info else [ENROLLMENT_SECRET]:
+        run("podman", "secret", "rm", secret, check=False, quiet=True)
 
 
 def main() -> int:
@@ -355,28 +423,29 @@ def main() -> int:
     log(f"image ready in {time.monotonic() - t0:.0f} s")
 
     work = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
-    secret = "fedgradnorm-enrollment"
     info: dict[str, Any] | None = None
     ok = False
     try:
-        info = derive(work, secret)
+        info = derive(work)
         print(SUBSTITUTIONS, flush=True)
         log(f"derived manifests in {work}")
-        cleanup(info, work, secret)  # leftovers of an interrupted run
-        run("podman", "secret", "create", secret, str(info["secret_file"]), quiet=True)
+        cleanup(info)  # leftovers of an interrupted run
+        for name, path in info["secrets"].items():
+            run("podman", "secret", "create", name, str(path), quiet=True)
         deadline = time.monotonic() + TIMEOUT
-        port = info["grpc_port"]
+        port, hport, tls = info["grpc_port"], info["health_port"], info["client_tls"]
 
         log("podman kube play aggregator.yaml")
         run("podman", "kube", "play", str(work / "aggregator.yaml"))
-        wait("aggregator health SERVING", lambda: health(port, "") == "SERVING", deadline, 1)
-        log(f"health: ''={health(port, '')} fedgradnorm.v1.Aggregator={health(port, 'fedgradnorm.v1.Aggregator')}")
+        wait("aggregator health SERVING", lambda: health(hport, "") == "SERVING", deadline, 1)
+        log(f"health: ''={health(hport, '')} fedgradnorm.v1.Aggregator={health(hport, 'fedgradnorm.v1.Aggregator')}")
+        check_transport(port, tls, info["aggregator_container"])
 
         log("podman kube play edge-nodes.yaml")
         run("podman", "kube", "play", str(work / "edge-nodes.yaml"))
         s = wait(
             f"round {ROUNDS_BEFORE_JOIN} with 3 nodes",
-            lambda: (x := state(port)) and x["round"] >= ROUNDS_BEFORE_JOIN and len(active_nodes(x)) == 3 and x,
+            lambda: (x := state(port, tls)) and x["round"] >= ROUNDS_BEFORE_JOIN and len(active_nodes(x)) == 3 and x,
             deadline,
         )
         names = sorted(n["node_name"] for n in active_nodes(s))
@@ -397,7 +466,7 @@ def main() -> int:
         extra = info["extra_pod"]
 
         def extra_took_part():
-            x = state(port)
+            x = state(port, tls)
             if not x:
                 return None
             node = next((n for n in active_nodes(x) if n["node_name"] == extra), None)
@@ -420,23 +489,23 @@ def main() -> int:
         log("recreating the aggregator pod on its PersistentVolumeClaim (podman kube down / play)")
         run("podman", "kube", "down", str(work / "aggregator.yaml"), quiet=True, timeout=120)
         run("podman", "kube", "play", str(work / "aggregator-again.yaml"), quiet=True)
-        wait("aggregator health SERVING again", lambda: health(port, "") == "SERVING", deadline, 1)
-        resumed = state(port)
+        wait("aggregator health SERVING again", lambda: health(hport, "") == "SERVING", deadline, 1)
+        resumed = state(port, tls)
         assert resumed and resumed["round"] >= before, f"state lost: round {resumed and resumed['round']} < {before}"
         s = wait(
             "a round after the restart with all 4 nodes",
-            lambda: (x := state(port)) and x["round"] > resumed["round"] and len(active_nodes(x)) == 4 and x,
+            lambda: (x := state(port, tls)) and x["round"] > resumed["round"] and len(active_nodes(x)) == 4 and x,
             deadline,
         )
         log(f"aggregator resumed at round {resumed['round']} (was {before}); now round {s['round']} with 4 nodes")
-        log(f"health: fedgradnorm.v1.Aggregator={health(port, 'fedgradnorm.v1.Aggregator')}")
+        log(f"health: fedgradnorm.v1.Aggregator={health(hport, 'fedgradnorm.v1.Aggregator')}")
         ok = True
     except Exception as e:
         log(f"FAILED: {type(e).__name__}: {e}")
         dump_logs()
     finally:
-        log("cleaning up: podman kube down, pods, volumes, secret")
-        cleanup(info, work, secret)
+        log("cleaning up: podman kube down, pods, volumes, secrets")
+        cleanup(info)
         left = [line for line in pods_running().splitlines() if line.startswith(f"{FEDERATION}-")]
         if left:
             log(f"containers left behind: {left}")
