@@ -278,7 +278,8 @@ def build() -> dict:
     d = d.with_panel(
         series(
             "Round duration",
-            "Wall time from a round's opening to its close (the slowest participant, or the round timeout).",
+            "Wall time from a round's opening to the end of its state commit (the slowest participant, or the "
+            "round timeout, plus the server step and the commit).",
             [
                 Query(
                     f"histogram_quantile(0.5, sum by (le) (rate(fedgradnorm_round_duration_seconds_bucket{{{FED}}}"
@@ -294,6 +295,22 @@ def build() -> dict:
                     f"sum(rate(fedgradnorm_round_duration_seconds_sum{{{FED}}}[$__rate_interval]))"
                     f" / sum(rate(fedgradnorm_round_duration_seconds_count{{{FED}}}[$__rate_interval]))",
                     "mean",
+                ),
+            ],
+            unit="s",
+            width=8,
+        )
+    )
+    d = d.with_panel(
+        series(
+            "Round phases",
+            "Mean wall time of each phase of a round: collect (opening until the last update arrived: fetches, "
+            "the nodes' training, submits), step (the FedGradNorm server step) and commit (the state file).",
+            [
+                Query(
+                    f"sum by (phase) (rate(fedgradnorm_round_phase_seconds_sum{{{FED}}}[$__rate_interval]))"
+                    f" / sum by (phase) (rate(fedgradnorm_round_phase_seconds_count{{{FED}}}[$__rate_interval]))",
+                    "{{phase}}",
                 ),
             ],
             unit="s",
@@ -340,6 +357,7 @@ def build() -> dict:
                 )
             ],
             unit="ops",
+            width=8,
         )
     )
     d = d.with_panel(
@@ -353,6 +371,7 @@ def build() -> dict:
                 )
             ],
             unit="Bps",
+            width=8,
         )
     )
     d = d.with_panel(

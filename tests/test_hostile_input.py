@@ -3,8 +3,8 @@ and a lying aggregator, corrupt state folders and bad data files thrown at the e
 
 The aggregator under fire runs in-process (start_aggregator, plaintext, 127.0.0.1:0) with a round
 open, one update already in it, and the federation full. Every hostile call must end in a gRPC
-status with a message (never UNKNOWN, never a hang, never INTERNAL - except gRPC Python's own answer
-to undecodable bytes, a known gap with its strict xfail test below), and afterwards omega, p, the
+status with a message (never UNKNOWN, never a hang, never INTERNAL: bytes that do not decode are
+INVALID_ARGUMENT, see services/aggregator/decoding.py), and afterwards omega, p, the
 Adam moments and the membership must be bit-identical to before: the committed state file,
 GetState, and the coordinator's in-memory state.
 """
@@ -62,9 +62,6 @@ ERRORS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.OUT_OF_RANGE,
 }
-# gRPC Python's own answer to bytes it cannot decode, before any servicer code runs; see
-# test_undecodable_requests_get_invalid_argument for the fix that removes it.
-FRAMEWORK_DECODE_ERROR = (grpc.StatusCode.INTERNAL, "Exception deserializing request!")
 
 # Examples per property in `make test` (a few thousand in all, about a minute) and in the long run.
 SHORT, LONG = 1, 5
@@ -583,10 +580,7 @@ def _raw_bytes_property(t: Target, examples: int, stats: dict[str, int]) -> None
         elif not decodes(method, messages[:1]) or code not in ERRORS:
             # Undecodable (the first message, or a later one the server reached).
             stats["undecodable"] += 1
-            if (code, details) == FRAMEWORK_DECODE_ERROR:
-                stats["framework_internal"] += 1
-            else:
-                assert code is grpc.StatusCode.INVALID_ARGUMENT and details, (method, code, details)
+            assert code is grpc.StatusCode.INVALID_ARGUMENT and details, (method, code, details)
         else:
             stats["decoded"] += 1  # refused on its first message before the bad one was read
             assert_refused(code, details, (method, messages))
@@ -611,7 +605,7 @@ def test_submit_refuses_every_malformed_or_replayed_update(unchanged: Target) ->
 
 
 def test_random_bytes_at_every_rpc(unchanged: Target) -> None:
-    stats = {"decoded": 0, "undecodable": 0, "framework_internal": 0}
+    stats = {"decoded": 0, "undecodable": 0}
     _raw_bytes_property(unchanged, 1000 * SHORT, stats)
     print(f"examples: {EXAMPLES}; raw bytes: {stats}")
     assert stats["decoded"] and stats["undecodable"]
@@ -619,7 +613,7 @@ def test_random_bytes_at_every_rpc(unchanged: Target) -> None:
 
 @pytest.mark.long
 def test_hostile_input_long(unchanged: Target) -> None:
-    stats = {"decoded": 0, "undecodable": 0, "framework_internal": 0}
+    stats = {"decoded": 0, "undecodable": 0}
     _register_property(unchanged, 600 * LONG)
     _session_rpcs_property(unchanged, 700 * LONG)
     _submit_property(unchanged, 1000 * LONG)
@@ -725,18 +719,9 @@ def test_session_tokens_are_stored_only_as_hashes(unchanged: Target) -> None:
             assert snap.members[name].token_sha256 == hashlib.sha256(token.encode()).hexdigest()
 
 
-# ---------------------------------------------------------------------------------------------
-# Gaps found by these tests (strict xfail: each turns into a failure once fixed, so the mark goes)
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="gRPC Python answers undecodable request bytes with INTERNAL 'Exception deserializing request!' "
-    "before the servicer runs; fix: a server interceptor that decodes requests itself and aborts with "
-    "INVALID_ARGUMENT (see docs/security.md, 'Known gaps')",
-)
 def test_undecodable_requests_get_invalid_argument(unchanged: Target) -> None:
+    """gRPC Python alone would answer INTERNAL 'Exception deserializing request!' before any of our
+    code runs; the StrictDecoding interceptor makes it the client's error, naming the method."""
     bad = [b"\xff", b"\x0a\x05ab", b"\x0a\x02\xff\xfe"]  # bad tag, truncated field, invalid UTF-8
     tried = 0
     for method in sorted(METHODS):
@@ -746,7 +731,33 @@ def test_undecodable_requests_get_invalid_argument(unchanged: Target) -> None:
             tried += 1
             code, details, _ = outcome(raw_call(unchanged.channel, method, [blob]))
             assert code is grpc.StatusCode.INVALID_ARGUMENT, (method, blob, code, details)
+            assert method in details and "not a valid protobuf message" in details, details
     assert tried >= len(METHODS) * 2
+
+
+def test_a_bad_message_later_in_a_stream_is_invalid_argument_and_changes_nothing(unchanged: Target) -> None:
+    before = quick_invariant(unchanged)
+    header = pb.SubmitUpdateRequest(
+        header=pb.SubmitHeader(node_id="b", session_token=unchanged.tokens["b"], round=unchanged.round)
+    ).SerializeToString()
+    code, details, _ = outcome(
+        raw_call(unchanged.channel, "/fedgradnorm.v1.Aggregator/SubmitUpdate", [header, b"\xff"])
+    )
+    assert code in ERRORS, (code, details)  # refused by the header (b already submitted) or by message 1
+    fresh = pb.SubmitUpdateRequest(
+        header=pb.SubmitHeader(node_id="nobody", session_token="t", round=unchanged.round)
+    ).SerializeToString()
+    stream = unchanged.channel.stream_unary("/fedgradnorm.v1.Aggregator/SubmitUpdate")
+    code, details, _ = outcome(lambda: stream(iter([b"\xff", fresh]), timeout=10))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "message 0 of the request stream" in details, details
+    assert quick_invariant(unchanged) == before
+
+
+def test_reflection_streams_refuse_undecodable_bytes(unchanged: Target) -> None:
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    call = unchanged.channel.stream_stream(method)
+    code, details, _ = outcome(lambda: list(call(iter([b"\xff"]), timeout=10)))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and method in details, (code, details)
 
 
 def test_status_messages_are_bounded_whatever_the_input(unchanged: Target) -> None:

@@ -202,7 +202,11 @@ class RoundSummary:
     submitted: dict[str, Submission]
     step: StepResult
     members: dict[str, MemberRecord]
-    duration_seconds: float
+    duration_seconds: float  # opening to the state commit's end: the round as the federation sees it
+    collect_seconds: float = 0.0  # opening until the last update arrived (or the deadline)
+    step_seconds: float = 0.0  # the server step (eq. 6-7 and the omega update)
+    commit_seconds: float = 0.0  # writing the state file (0 when the commit failed)
+    closed_unix: float = 0.0  # wall clock at the end of the commit
 
 
 @dataclass
@@ -638,12 +642,14 @@ class RoundCoordinator:
             return
         stragglers = sorted(o.participants - set(submitted))
         self._phase = Phase.STEPPING
+        t_collected = time.monotonic()
         self._cond.release()  # the step runs without the lock: RPCs keep being answered
         try:
             updates = [ClientUpdate(k, s.gradient, s.loss_ratio) for k, s in submitted.items()]
             result = server_step(self._state, updates, self.server_config, validate=False)  # checked in submit()
         finally:
             self._cond.acquire()
+        t_stepped = time.monotonic()
         for k, s in submitted.items():
             m = self._members[k]
             rep = result.reports[k]
@@ -652,15 +658,7 @@ class RoundCoordinator:
             m.last_round = o.number
             m.train_loss, m.loss_ratio, m.grad_norm = s.loss, s.loss_ratio, rep.grad_norm
             m.test_loss, m.test_metrics = s.test_loss, dict(s.test_metrics)
-        summary = RoundSummary(
-            round=o.number,
-            algorithm=self.config.algorithm,
-            participants=tuple(sorted(o.participants)),
-            submitted=submitted,
-            step=result,
-            members={k: replace(m) for k, m in self._members.items()},
-            duration_seconds=time.monotonic() - o.opened_mono,
-        )
+        members = {k: replace(m) for k, m in self._members.items()}
         self._open = None
         log.info(
             "round.closed",
@@ -669,7 +667,21 @@ class RoundCoordinator:
             stragglers=stragglers,
             weights={k: round(r.weight, 4) for k, r in result.reports.items()},
         )
-        self._commit_or_halt_locked()
+        committed = self._commit_or_halt_locked()
+        t_end = time.monotonic()
+        summary = RoundSummary(
+            round=o.number,
+            algorithm=self.config.algorithm,
+            participants=tuple(sorted(o.participants)),
+            submitted=submitted,
+            step=result,
+            members=members,
+            duration_seconds=t_end - o.opened_mono,
+            collect_seconds=t_collected - o.opened_mono,
+            step_seconds=t_stepped - t_collected,
+            commit_seconds=t_end - t_stepped if committed else 0.0,
+            closed_unix=self._wall(),
+        )
         for listener in self.listeners:
             try:
                 listener(summary)
@@ -687,9 +699,10 @@ class RoundCoordinator:
     def _commit_locked_snapshot(self, snap: Snapshot) -> None:
         self.store.save(snap)
 
-    def _commit_or_halt_locked(self) -> None:
+    def _commit_or_halt_locked(self) -> bool:
         """Commit the round's state; the file is written without the lock (only this thread
-        mutates omega and p, and the member records are copied into the snapshot first)."""
+        mutates omega and p, and the member records are copied into the snapshot first).
+        False when the commit failed and the coordinator halted."""
         snap = self._snapshot()
         self._cond.release()
         try:
@@ -707,6 +720,7 @@ class RoundCoordinator:
             self.halted_reason = None
             self._phase = Phase.WAITING
         self._cond.notify_all()
+        return error is None
 
     def _retry_commit_locked(self) -> None:
         self._cond.wait(self.config.heartbeat_interval)

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.aggregator.coordinator import RoundSummary
 
 NODE_LABELS = ("node", "task")
+ROUND_PHASES = ("collect", "step", "commit")
 UPDATE_OUTCOMES = (
     "accepted",
     "wrong_round",
@@ -72,8 +73,15 @@ class AggregatorMetrics:
         self.round = Gauge("fedgradnorm_round", "The current round number", registry=r)
         self.round_duration = Histogram(
             "fedgradnorm_round_duration_seconds",
-            "Wall time from a round's opening to its close",
+            "Wall time from a round's opening to the end of its state commit",
             buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.round_phase = Histogram(
+            "fedgradnorm_round_phase_seconds",
+            "Wall time of each phase of a round: collect (opening to the last update), step, commit",
+            ("phase",),
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
         self.participants = Gauge(
@@ -94,11 +102,17 @@ class AggregatorMetrics:
             self.registrations.labels(outcome)
         for direction in ("sent", "received"):
             self.bytes.labels(direction)
+        for phase in ROUND_PHASES:
+            self.round_phase.labels(phase)
         self._series: dict[str, tuple[str, set[str]]] = {}  # node -> (task, metric names)
 
     def on_round(self, summary: RoundSummary) -> None:
         self.round.set(summary.round + 1)
         self.round_duration.observe(summary.duration_seconds)
+        self.round_phase.labels("collect").observe(summary.collect_seconds)
+        self.round_phase.labels("step").observe(summary.step_seconds)
+        if summary.commit_seconds:
+            self.round_phase.labels("commit").observe(summary.commit_seconds)
         self.participants.set(len(summary.submitted))
         self.f_grad.set(summary.step.f_grad)
         for node, sub in summary.submitted.items():

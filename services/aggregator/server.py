@@ -24,6 +24,7 @@ from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.records import append_jsonl, round_record
 from services.aggregator.config import ServiceConfig
 from services.aggregator.coordinator import CoordinatorConfig, Phase, RoundCoordinator, RoundSummary
+from services.aggregator.decoding import StrictDecoding
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.servicer import AggregatorServicer
 from services.aggregator.store import FileStateStore
@@ -74,7 +75,14 @@ class RoundLog:
                     num_samples=sub.num_samples,
                 )
             )
-        append_jsonl(self.path, records)
+        timing = {
+            "round_seconds": s.duration_seconds,
+            "collect_seconds": s.collect_seconds,
+            "step_seconds": s.step_seconds,
+            "commit_seconds": s.commit_seconds,
+            "closed_unix": s.closed_unix,
+        }
+        append_jsonl(self.path, [{**r, **timing} for r in records])
 
 
 @dataclass
@@ -111,7 +119,9 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     # Each waiting FetchRound holds a worker: size the pool for every node plus room for GetState,
     # health and registrations (threads are only created as they are needed).
     workers = max(service.max_workers, rounds.max_nodes + 16)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS, interceptors=[StrictDecoding()]
+    )
     pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(coordinator, service, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -124,7 +134,7 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     health_server, health_port = None, None
     if service.health_listen:
         # Plaintext, health service only: for probes (the kubelet's gRPC probes cannot speak TLS).
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[StrictDecoding()])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_port = health_server.add_insecure_port(service.health_listen)
         if health_port == 0:
