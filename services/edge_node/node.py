@@ -40,8 +40,12 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 4 << 20),
     ("grpc.max_send_message_length", 4 << 20),
     # Ping the aggregator on idle links so that a stalled wireless link is noticed within ~10 s.
+    # gRPC Python 1.85 waits for a ping's ack for grpc.http2.ping_timeout_ms (default 60 s), not
+    # keepalive_timeout_ms: without it a dead link surfaced only after about 65 s, after the
+    # FetchRound deadline on a loaded machine (tests/test_faults.py, dead-link test).
     ("grpc.keepalive_time_ms", 5_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
