@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from fedgradnorm.finite import all_finite
+
 TensorDict = dict[str, torch.Tensor]
 Algorithm = Literal["fedgradnorm", "fedrep"]
 ALGORITHMS: tuple[Algorithm, ...] = ("fedgradnorm", "fedrep")
@@ -254,7 +256,7 @@ def validate_update(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> 
             raise AlgorithmError(
                 f"client {update.client}: gradient {name!r} has shape {tuple(g.shape)}, expected {tuple(ref.shape)}"
             )
-        if not bool(torch.isfinite(g).all()):
+        if not all_finite(g):
             raise AlgorithmError(f"client {update.client}: gradient {name!r} is not finite")
     if not (math.isfinite(update.loss_ratio) and update.loss_ratio > 0):
         raise AlgorithmError(f"client {update.client}: loss ratio must be finite and positive, got {update.loss_ratio}")

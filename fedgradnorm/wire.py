@@ -36,6 +36,7 @@ import torch
 
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType, TensorSpec
+from fedgradnorm.finite import all_finite
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -180,14 +181,10 @@ def _byte_blocks(tensor: torch.Tensor, dtype: torch.dtype) -> Iterator[memoryvie
         yield _le_bytes(flat[start : start + _CONVERT_ELEMENTS].to(dtype))
 
 
-def iter_chunks(tensors: Mapping[str, torch.Tensor], dtype: DType, chunk_bytes: int) -> Iterator[bytes]:
-    """The payload of ``tensors`` in wire dtype ``dtype`` as chunks of ``chunk_bytes`` (the last
-    may be shorter). Chunks follow the mapping order and may span tensor boundaries; their
-    concatenation is exactly the payload that :func:`tensor_specs` describes.
-
-    The generator reads float32 tensors in place, lazily: do not modify them until it is exhausted
-    (e.g. the aggregator must not step omega while a FetchRound stream is still sending it).
-    """
+def _chunk_pieces(
+    tensors: Mapping[str, torch.Tensor], dtype: DType, chunk_bytes: int
+) -> Iterator[tuple[list[memoryview], int]]:
+    """Each chunk of the payload as the memoryviews it is made of, and its size (no copy yet)."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     target = torch_dtype(dtype)
@@ -203,10 +200,60 @@ def iter_chunks(tensors: Mapping[str, torch.Tensor], dtype: DType, chunk_bytes: 
                 pos += take
                 filled += take
                 if filled == chunk_bytes:
-                    yield b"".join(pieces)
+                    yield pieces, filled
                     pieces, filled = [], 0
     if pieces:
+        yield pieces, filled
+
+
+def iter_chunks(tensors: Mapping[str, torch.Tensor], dtype: DType, chunk_bytes: int) -> Iterator[bytes]:
+    """The payload of ``tensors`` in wire dtype ``dtype`` as chunks of ``chunk_bytes`` (the last
+    may be shorter). Chunks follow the mapping order and may span tensor boundaries; their
+    concatenation is exactly the payload that :func:`tensor_specs` describes.
+
+    The generator reads float32 tensors in place, lazily: do not modify them until it is exhausted
+    (e.g. the aggregator must not step omega while a FetchRound stream is still sending it).
+    """
+    for pieces, _ in _chunk_pieces(tensors, dtype, chunk_bytes):
         yield b"".join(pieces)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_LEN = 2  # protobuf wire type of bytes and embedded messages
+_CHUNK_DATA_FIELD = tensor_pb2.TensorChunk.DESCRIPTOR.fields_by_name["data"].number
+
+
+def chunk_message_prefix(chunk_field: int, nbytes: int) -> bytes:
+    """The bytes that precede ``nbytes`` of payload in a serialized message whose only field set is
+    ``chunk_field`` (a TensorChunk) holding them: the outer key and length, then TensorChunk.data's.
+    ``nbytes`` >= 1 (proto3 leaves an empty ``data`` out; chunks are never empty)."""
+    inner = _varint(_CHUNK_DATA_FIELD << 3 | _LEN) + _varint(nbytes)
+    return _varint(chunk_field << 3 | _LEN) + _varint(len(inner) + nbytes) + inner
+
+
+def iter_chunk_messages(
+    tensors: Mapping[str, torch.Tensor], dtype: DType, chunk_bytes: int, chunk_field: int
+) -> Iterator[bytes]:
+    """:func:`iter_chunks`, each chunk already serialized as a message whose field ``chunk_field``
+    is ``TensorChunk(data=chunk)`` (FetchRoundResponse and SubmitUpdateRequest: ``chunk = 2``).
+
+    Byte for byte what ``Message(chunk=TensorChunk(data=chunk)).SerializeToString()`` gives, with
+    one copy of the payload instead of three (protobuf copies it into the message, then out again):
+    send them through a multicallable or handler whose serializer passes bytes through.
+    """
+    for pieces, nbytes in _chunk_pieces(tensors, dtype, chunk_bytes):
+        yield b"".join([chunk_message_prefix(chunk_field, nbytes), *pieces])
 
 
 def _shape_of(value: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
@@ -345,7 +392,7 @@ class TensorAssembler:
             tensor = raw.view(DTYPES[dtype]).view(shape)
             if dtype != DTYPE_FLOAT32:
                 tensor = tensor.float()
-            if self._check_finite and not bool(torch.isfinite(tensor).all()):
+            if self._check_finite and not all_finite(tensor):
                 raise WireError("not_finite", f"tensor {name!r} contains NaN or infinity")
             out[name] = tensor
         self._result = {name: out[name] for name in self._order}

@@ -278,8 +278,8 @@ def build() -> dict:
     d = d.with_panel(
         series(
             "Round duration",
-            "Wall time from a round's opening to the end of its state commit (the slowest participant, or the "
-            "round timeout, plus the server step and the commit).",
+            "Wall time from a round's opening to the end of its server step (the slowest participant, or the "
+            "round timeout, plus the step); the state commit runs beside the next round.",
             [
                 Query(
                     f"histogram_quantile(0.5, sum by (le) (rate(fedgradnorm_round_duration_seconds_bucket{{{FED}}}"
@@ -305,7 +305,8 @@ def build() -> dict:
         series(
             "Round phases",
             "Mean wall time of each phase of a round: collect (opening until the last update arrived: fetches, "
-            "the nodes' training, submits), step (the FedGradNorm server step) and commit (the state file).",
+            "the nodes' training, submits), step (the FedGradNorm server step) and commit (the state file, written while the next round runs; "
+            "the next step waits for it).",
             [
                 Query(
                     f"sum by (phase) (rate(fedgradnorm_round_phase_seconds_sum{{{FED}}}[$__rate_interval]))"

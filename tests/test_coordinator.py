@@ -85,6 +85,7 @@ def run_round(c: RoundCoordinator, tokens: dict[str, str]) -> int:
     for n, t in tokens.items():
         c.submit(t, submission(c, n, k))
     wait_for(lambda: c.round == k + 1 and c.phase in (Phase.WAITING, Phase.OPEN, Phase.DONE))
+    wait_for(lambda: c.committed_round == k + 1)  # written beside the next round
     return k
 
 
@@ -265,6 +266,112 @@ def test_failed_commit_halts_training_until_the_disk_recovers() -> None:
         assert store.load().server.round == k + 1
     finally:
         c.stop()
+
+
+class GatedStore(StateStore):
+    """Commits wait at a gate once armed (a slow disk), and can be told to fail."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStateStore()
+        self.armed = False
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+        self.fail = False
+        self.saved: list[Snapshot] = []
+
+    def load(self) -> Snapshot | None:
+        return self.inner.load()
+
+    def save(self, snapshot: Snapshot) -> None:
+        if self.armed:
+            self.waiting.set()
+            assert self.gate.wait(30)
+        if self.fail:
+            raise StateError("disk: No space left on device")
+        self.inner.save(snapshot)
+        self.saved.append(self.inner.load())  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        return "gated"
+
+
+def test_next_round_runs_beside_the_commit_and_steps_only_after_it() -> None:
+    store = GatedStore()
+    c = RoundCoordinator(config(), store)
+    c.start()
+    try:
+        tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
+        store.saved.clear()  # the initial state, committed at start
+        store.armed = True
+        for n, t in tokens.items():
+            assert c.fetch_round(n, t, 5.0).round == 0
+            c.submit(t, submission(c, n, 0))
+        assert store.waiting.wait(10)  # round 0's state is being written (and stays so)...
+        ticket = c.fetch_round("a", tokens["a"], 5.0)  # ...while round 1 is open and served
+        assert ticket is not None and ticket.round == 1 and c.committed_round == 0
+        omega1 = {k: v.clone() for k, v in ticket.omega.items()}
+        for n, t in tokens.items():
+            c.submit(t, submission(c, n, 1, loss=0.5))
+        time.sleep(0.3)
+        assert c.round == 1 and c.phase is Phase.OPEN, "round 1 stepped before round 0's state was on disk"
+        store.armed = False
+        store.gate.set()
+        wait_for(lambda: c.committed_round == 2)
+        first = store.saved[0]
+        assert first.server.round == 1
+        assert all(torch.equal(first.server.omega[k], omega1[k]) for k in omega1), "the commit saw a later omega"
+        assert store.saved[1].server.round == 2
+    finally:
+        store.gate.set()
+        c.stop()
+
+
+def test_a_failed_commit_withdraws_the_round_opened_beside_it() -> None:
+    store = GatedStore()
+    c = RoundCoordinator(config(), store)
+    c.start()
+    try:
+        tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
+        store.armed, store.fail = True, True
+        for n, t in tokens.items():
+            c.fetch_round(n, t, 5.0)
+            c.submit(t, submission(c, n, 0))
+        assert store.waiting.wait(10)
+        early = c.fetch_round("a", tokens["a"], 5.0)
+        assert early is not None and early.round == 1
+        store.armed = False
+        store.gate.set()  # the commit of round 0's result fails: round 1 may not build on it
+        wait_for(lambda: c.phase is Phase.HALTED)
+        with pytest.raises(FailedPrecondition):
+            c.submit(tokens["a"], submission(c, "a", 1))
+        assert c.fetch_round("a", tokens["a"], 0.2) is None and store.load().server.round == 0
+        store.fail = False  # space returns: the same round 1 opens again, on the same omega
+        wait_for(lambda: c.phase is Phase.OPEN)
+        again = c.fetch_round("a", tokens["a"], 5.0)
+        assert again is not None and again.round == 1 and c.committed_round == 1
+        assert all(torch.equal(again.omega[k], early.omega[k]) for k in early.omega)
+    finally:
+        store.gate.set()
+        c.stop()
+
+
+def test_stop_waits_for_the_commit_being_written() -> None:
+    store = GatedStore()
+    c = RoundCoordinator(config(), store)
+    c.start()
+    tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
+    store.armed = True
+    for n, t in tokens.items():
+        c.fetch_round(n, t, 5.0)
+        c.submit(t, submission(c, n, 0))
+    assert store.waiting.wait(10)
+    stopper = threading.Thread(target=c.stop)
+    stopper.start()
+    stopper.join(0.3)
+    assert stopper.is_alive(), "stop() returned while the last round's state was still being written"
+    store.gate.set()
+    stopper.join(10)
+    assert not stopper.is_alive() and store.load().server.round == 1
 
 
 def test_done_after_configured_rounds(store: MemoryStateStore) -> None:

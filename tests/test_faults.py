@@ -206,7 +206,8 @@ class KillLoop:
         k, omegas = self.fetch_all()
         for n, omega in zip(self.nodes, omegas, strict=True):
             assert n.submit(k, gradient_like(omega, 0.01 * (1 + k)), loss=0.9, loss_ratio=0.9).accepted
-        wait_until(lambda: state(self.stub).round > k and state(self.stub).phase != pb.PHASE_STEPPING, 60, "commit")
+        # The commit is written beside the next round: GetState shows round k + 1 first, the file a moment later.
+        wait_until(lambda: read_committed(self.state_dir)[1].server.round > k, 60, f"round {k}'s commit")
         return k
 
     def _slow_submit(self, node: RawNode, k: int, omega: dict[str, torch.Tensor], after: int, ev: threading.Event):

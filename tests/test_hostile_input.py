@@ -4,7 +4,7 @@ and a lying aggregator, corrupt state folders and bad data files thrown at the e
 The aggregator under fire runs in-process (start_aggregator, plaintext, 127.0.0.1:0) with a round
 open, one update already in it, and the federation full. Every hostile call must end in a gRPC
 status with a message (never UNKNOWN, never a hang, never INTERNAL: bytes that do not decode are
-INVALID_ARGUMENT, see services/aggregator/decoding.py), and afterwards omega, p, the
+INVALID_ARGUMENT, see services/aggregator/codec.py), and afterwards omega, p, the
 Adam moments and the membership must be bit-identical to before: the committed state file,
 GetState, and the coordinator's in-memory state.
 """
@@ -721,7 +721,7 @@ def test_session_tokens_are_stored_only_as_hashes(unchanged: Target) -> None:
 
 def test_undecodable_requests_get_invalid_argument(unchanged: Target) -> None:
     """gRPC Python alone would answer INTERNAL 'Exception deserializing request!' before any of our
-    code runs; the StrictDecoding interceptor makes it the client's error, naming the method."""
+    code runs; the WireCodec interceptor makes it the client's error, naming the method."""
     bad = [b"\xff", b"\x0a\x05ab", b"\x0a\x02\xff\xfe"]  # bad tag, truncated field, invalid UTF-8
     tried = 0
     for method in sorted(METHODS):

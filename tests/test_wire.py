@@ -481,3 +481,58 @@ def test_streams_through_a_real_grpc_server() -> None:
     finally:
         channel.close()
         server.stop(grace=None).wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-serialized chunk messages (the aggregator's FetchRound cache, the edge node's SubmitUpdate)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message", [pb.FetchRoundResponse, pb.SubmitUpdateRequest])
+@pytest.mark.parametrize("dtype", [DTYPE_FLOAT32, DTYPE_FLOAT16])
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 127, 128, 130, 16_383, 16_384, 16_390, 1 << 20])
+def test_chunk_messages_are_byte_identical_to_protobufs(message: type, dtype: int, chunk_bytes: int) -> None:
+    """Sizes straddle the varint boundaries of the lengths (127/128, 16383/16384 bytes)."""
+    g = torch.Generator().manual_seed(chunk_bytes)
+    tensors = {
+        "a": torch.randn(40, 250, generator=g),
+        "b": torch.randn(3, generator=g),
+        "c": torch.randn(9000, generator=g),
+    }
+    field = message.DESCRIPTOR.fields_by_name["chunk"].number
+    if chunk_bytes == 1:
+        tensors = {"b": tensors["b"]}  # a byte per message: keep it short
+    ours = list(wire.iter_chunk_messages(tensors, dtype, chunk_bytes, field))
+    theirs = [
+        message(chunk=tensor_pb2.TensorChunk(data=d)).SerializeToString()
+        for d in wire.iter_chunks(tensors, dtype, chunk_bytes)
+    ]
+    assert ours == theirs
+    assert b"".join(message.FromString(m).chunk.data for m in ours) == b"".join(
+        wire.iter_chunks(tensors, dtype, chunk_bytes)
+    )
+
+
+def test_chunk_message_prefix_matches_protobuf_for_large_lengths() -> None:
+    for n in (1, 2_097_151, 2_097_152, 3 << 20, (1 << 28) + 5):
+        prefix = wire.chunk_message_prefix(2, n)
+        data = b"\x00" * n if n <= 3 << 20 else None
+        if data is not None:
+            assert prefix + data == pb.FetchRoundResponse(chunk=tensor_pb2.TensorChunk(data=data)).SerializeToString()
+        else:  # parse the prefix alone: outer key, outer length, inner key, inner length
+            assert prefix[0] == (2 << 3 | 2)
+            inner_len, pos = _read_varint(prefix, 1)
+            assert prefix[pos] == (1 << 3 | 2)
+            data_len, end = _read_varint(prefix, pos + 1)
+            assert data_len == n and end == len(prefix) and inner_len == len(prefix) - pos + n
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return value, pos
+        shift += 7

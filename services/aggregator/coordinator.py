@@ -202,11 +202,20 @@ class RoundSummary:
     submitted: dict[str, Submission]
     step: StepResult
     members: dict[str, MemberRecord]
-    duration_seconds: float  # opening to the state commit's end: the round as the federation sees it
+    duration_seconds: float  # opening to the end of the step, when the next round can open
     collect_seconds: float = 0.0  # opening until the last update arrived (or the deadline)
     step_seconds: float = 0.0  # the server step (eq. 6-7 and the omega update)
-    commit_seconds: float = 0.0  # writing the state file (0 when the commit failed)
-    closed_unix: float = 0.0  # wall clock at the end of the commit
+    commit_seconds: float = 0.0  # writing the state file, beside the next round (0 when it failed)
+    closed_unix: float = 0.0  # wall clock at the end of the step
+
+
+@dataclass
+class _PendingCommit:
+    """A round's state being written by its writer thread while the next round runs."""
+
+    round: int
+    done: threading.Event = field(default_factory=threading.Event)
+    error: StateError | None = None
 
 
 @dataclass
@@ -275,6 +284,8 @@ class RoundCoordinator:
         self._tokens: dict[str, str] = {}  # node id -> sha256 of its session token
         self._last_seen: dict[str, float] = {}
         self._open: _OpenRound | None = None
+        self._pending: _PendingCommit | None = None  # the last round's commit, while it is written
+        self._committed_round = -1  # the round of the state last written to the store
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._server_config: ServerConfig | None = None
@@ -303,6 +314,7 @@ class RoundCoordinator:
                     "use another state directory or the original configuration"
                 )
             self._state, self._members = snap.server, snap.members
+            self._committed_round = snap.server.round
             log.info("state.resumed", round=snap.server.round, nodes=len(snap.members), store=self.store.describe())
         now = time.monotonic()
         self._tokens = {k: m.token_sha256 for k, m in self._members.items()}
@@ -314,6 +326,12 @@ class RoundCoordinator:
             raise ValueError(f"omega_tilde names {missing} are not parameters of {self.config.network}")
         if self.config.rounds and self._state.round >= self.config.rounds:
             self._phase = Phase.DONE
+
+    @property
+    def committed_round(self) -> int:
+        """The round of the state last written to the store (-1 before the first commit); while a
+        round's commit is being written beside the next round, one less than ``round``."""
+        return self._committed_round
 
     @property
     def loaded(self) -> bool:
@@ -335,6 +353,9 @@ class RoundCoordinator:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        pending = self._pending
+        if pending is not None:  # let the last round's state land before the process goes
+            pending.done.wait(timeout=60)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -586,6 +607,7 @@ class RoundCoordinator:
         with self._cond:
             while not self._stop.is_set():
                 self._expire_silent_locked()
+                self._settle_commit_locked(wait=False)
                 if self._phase is Phase.WAITING:
                     if not self._try_open_locked():
                         self._cond.wait(self.config.heartbeat_interval)
@@ -594,7 +616,11 @@ class RoundCoordinator:
                     assert o is not None
                     remaining = o.deadline_mono - time.monotonic()
                     if o.participants <= set(o.submitted) or remaining <= 0:
-                        self._close_locked()
+                        # The step updates omega in place: the last round's state must be on disk
+                        # first; if that commit failed, this round is withdrawn (HALTED).
+                        self._settle_commit_locked(wait=True)
+                        if self._phase is Phase.OPEN:
+                            self._close_locked()
                     else:
                         self._cond.wait(min(remaining, self.config.heartbeat_interval))
                 elif self._phase is Phase.HALTED:
@@ -611,6 +637,9 @@ class RoundCoordinator:
     def _try_open_locked(self) -> bool:
         assert self._state is not None
         if self.config.rounds and self._state.round >= self.config.rounds:
+            self._settle_commit_locked(wait=True)  # DONE only once the last round is on disk
+            if self._phase is Phase.HALTED:
+                return True
             self._phase = Phase.DONE
             self._cond.notify_all()
             log.info("training.done", rounds=self._state.round)
@@ -667,8 +696,6 @@ class RoundCoordinator:
             stragglers=stragglers,
             weights={k: round(r.weight, 4) for k, r in result.reports.items()},
         )
-        committed = self._commit_or_halt_locked()
-        t_end = time.monotonic()
         summary = RoundSummary(
             round=o.number,
             algorithm=self.config.algorithm,
@@ -676,28 +703,86 @@ class RoundCoordinator:
             submitted=submitted,
             step=result,
             members=members,
-            duration_seconds=t_end - o.opened_mono,
+            duration_seconds=t_stepped - o.opened_mono,
             collect_seconds=t_collected - o.opened_mono,
             step_seconds=t_stepped - t_collected,
-            commit_seconds=t_end - t_stepped if committed else 0.0,
             closed_unix=self._wall(),
         )
-        for listener in self.listeners:
+        # The next round opens now, while this round's state is written (it is the state the next
+        # round's nodes fetch; the next step waits for the commit, see _drive).
+        self._pending = self._begin_commit(self._snapshot(), summary)
+        self._phase = Phase.WAITING
+        self._cond.notify_all()
+
+    def _begin_commit(self, snap: Snapshot, summary: RoundSummary) -> _PendingCommit:
+        job = _PendingCommit(round=summary.round)
+        threading.Thread(
+            target=self._write_commit, args=(job, snap, summary), name=f"commit-{summary.round}", daemon=True
+        ).start()
+        return job
+
+    def _write_commit(self, job: _PendingCommit, snap: Snapshot, summary: RoundSummary) -> None:
+        """The writer thread: commit, then tell the listeners (in round order: the next commit
+        cannot begin before this one is done), then wake the driver."""
+        t0 = time.monotonic()
+        try:
+            self._commit_locked_snapshot(snap)
+        except StateError as e:
+            job.error = e
+        except Exception as e:  # not a storage error we know: still no round may build on it
+            log.exception("state.commit_crashed", round=job.round)
+            job.error = StateError(f"{self.store.describe()}: commit failed ({type(e).__name__}: {e})")
+        seconds = time.monotonic() - t0
+        try:
+            done = replace(summary, commit_seconds=0.0 if job.error else seconds)
+            for listener in self.listeners:
+                try:
+                    listener(done)
+                except Exception:  # a broken dashboard must not stop training
+                    log.exception("listener.failed", listener=getattr(listener, "__name__", repr(listener)))
+        finally:
+            job.done.set()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _settle_commit_locked(self, wait: bool) -> None:
+        """Account for the last round's commit once it is done (``wait``: block until then).
+        A failed commit halts the coordinator and withdraws the round opened meanwhile."""
+        job = self._pending
+        if job is None:
+            return
+        if not job.done.is_set():
+            if not wait:
+                return
+            self._cond.release()
             try:
-                listener(summary)
-            except Exception:  # a broken dashboard must not stop training
-                log.exception("listener.failed", listener=getattr(listener, "__name__", repr(listener)))
+                job.done.wait()
+            finally:
+                self._cond.acquire()
+        self._pending = None
+        if job.error is None:
+            return
+        self.halted_reason = str(job.error)
+        self._phase = Phase.HALTED
+        log.error("state.commit_failed", error=str(job.error), round=job.round)
+        if self._open is not None:
+            log.warning("round.withdrawn", round=self._open.number, why="the previous round's state was not committed")
+            self._open = None
+        self._cond.notify_all()
 
     def _snapshot(self) -> Snapshot:
         assert self._state is not None
         return Snapshot(
             identity=self.config.identity(),
-            server=self._state,
+            # omega and the Adam moments are shared, not copied: only the step changes them, and it
+            # waits for the commit; round and weights are copied.
+            server=replace(self._state, weights=dict(self._state.weights)),
             members={k: replace(m, test_metrics=dict(m.test_metrics)) for k, m in self._members.items()},
         )
 
     def _commit_locked_snapshot(self, snap: Snapshot) -> None:
         self.store.save(snap)
+        self._committed_round = snap.server.round
 
     def _commit_or_halt_locked(self) -> bool:
         """Commit the round's state; the file is written without the lock (only this thread

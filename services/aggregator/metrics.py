@@ -73,13 +73,13 @@ class AggregatorMetrics:
         self.round = Gauge("fedgradnorm_round", "The current round number", registry=r)
         self.round_duration = Histogram(
             "fedgradnorm_round_duration_seconds",
-            "Wall time from a round's opening to the end of its state commit",
+            "Wall time from a round's opening to the end of its server step (the next round can open)",
             buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
         self.round_phase = Histogram(
             "fedgradnorm_round_phase_seconds",
-            "Wall time of each phase of a round: collect (opening to the last update), step, commit",
+            "Wall time of each phase of a round: collect (opening to the last update), step, commit (beside the next round)",
             ("phase",),
             buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
             registry=r,

@@ -22,9 +22,9 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.records import append_jsonl, round_record
+from services.aggregator.codec import WireCodec
 from services.aggregator.config import ServiceConfig
 from services.aggregator.coordinator import CoordinatorConfig, Phase, RoundCoordinator, RoundSummary
-from services.aggregator.decoding import StrictDecoding
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.servicer import AggregatorServicer
 from services.aggregator.store import FileStateStore
@@ -120,7 +120,7 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     # health and registrations (threads are only created as they are needed).
     workers = max(service.max_workers, rounds.max_nodes + 16)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS, interceptors=[StrictDecoding()]
+        futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS, interceptors=[WireCodec()]
     )
     pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(coordinator, service, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -134,7 +134,7 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     health_server, health_port = None, None
     if service.health_listen:
         # Plaintext, health service only: for probes (the kubelet's gRPC probes cannot speak TLS).
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[StrictDecoding()])
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[WireCodec()])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_port = health_server.add_insecure_port(service.health_listen)
         if health_port == 0:

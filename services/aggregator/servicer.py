@@ -5,15 +5,16 @@ No FedGradNorm logic lives here; every decision is the coordinator's, every numb
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 
 import grpc
 import structlog
+import torch
 
 from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
-from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from services.aggregator.config import ServiceConfig
 from services.aggregator.coordinator import (
     AlreadyExists,
@@ -78,6 +79,29 @@ def _peer_host(context: grpc.ServicerContext) -> str:
     return rest.rpartition(":")[0] if kind == "ipv4" else peer
 
 
+CHUNK_FIELD = pb.FetchRoundResponse.DESCRIPTOR.fields_by_name["chunk"].number
+
+
+class EncodedRounds:
+    """The FetchRound chunk messages of the open round, serialized once per wire dtype and shared by
+    every node's stream (one copy of omega per dtype, dropped when the next round opens)."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._lock = threading.Lock()
+        self._omega: Mapping[str, torch.Tensor] | None = None  # the open round's own omega
+        self._round = -1
+        self._by_dtype: dict[int, list[bytes]] = {}
+
+    def chunks(self, round_: int, omega: Mapping[str, torch.Tensor], dtype: int) -> list[bytes]:
+        with self._lock:
+            if omega is not self._omega or round_ != self._round:
+                self._omega, self._round, self._by_dtype = omega, round_, {}
+            if dtype not in self._by_dtype:
+                self._by_dtype[dtype] = list(wire.iter_chunk_messages(omega, dtype, self.chunk_bytes, CHUNK_FIELD))
+            return self._by_dtype[dtype]
+
+
 def _require_loaded(coord: RoundCoordinator, context: grpc.ServicerContext) -> None:
     if not coord.loaded:
         context.abort(grpc.StatusCode.UNAVAILABLE, "the aggregator is loading its state; retry shortly")
@@ -90,6 +114,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.metrics = metrics
         self.wire_dtype = wire.DTYPE_BY_NAME[config.wire_dtype]
         self.accepted = tuple(wire.DTYPE_BY_NAME.values())
+        self._encoded = EncodedRounds(config.chunk_bytes)
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
         _require_loaded(self.coord, context)
@@ -159,8 +184,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 total_bytes=total,
             )
         )
-        for data in wire.iter_chunks(ticket.omega, dtype, self.config.chunk_bytes):
-            yield pb.FetchRoundResponse(chunk=tensor_pb2.TensorChunk(data=data))
+        yield from self._encoded.chunks(ticket.round, ticket.omega, dtype)  # serialized: codec.WireCodec
         self.metrics.bytes.labels("sent").inc(total)
 
     def SubmitUpdate(

@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
-from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.algorithm import ClientConfig
 from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
@@ -49,6 +48,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+SUBMIT_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/SubmitUpdate"
+CHUNK_FIELD = pb.SubmitUpdateRequest.DESCRIPTOR.fields_by_name["chunk"].number
 
 
 class EdgeNodeError(FatalError):
@@ -118,6 +121,10 @@ class EdgeNode:
         self.client: LocalClient | None = None
         self.channel = config.tls().channel(config.aggregator, CHANNEL_OPTIONS)
         self.stub = pb_grpc.AggregatorStub(self.channel)
+        # SubmitUpdate with requests that are already serialized (see _submit_stream).
+        self._submit_update = self.channel.stream_unary(
+            SUBMIT_METHOD, request_serializer=bytes, response_deserializer=pb.SubmitUpdateResponse.FromString
+        )
         self.session: Session | None = None
         self.rounds_done = 0
         self._zero_gradient: dict[str, torch.Tensor] | None = None
@@ -288,15 +295,16 @@ class EdgeNode:
             header.test_loss = test_loss
         return header
 
-    def _submit_stream(self, header: pb.SubmitHeader) -> Iterator[pb.SubmitUpdateRequest]:
+    def _submit_stream(self, header: pb.SubmitHeader) -> Iterator[bytes]:
+        """Serialized SubmitUpdateRequest messages: the header, then the chunks of the gradient
+        (encoded by wire.iter_chunk_messages with one copy of the payload, not protobuf's three)."""
         assert self.session is not None
-        yield pb.SubmitUpdateRequest(header=header)
-        for data in wire.iter_chunks(self._gradient, self.session.dtype, self.session.chunk_bytes):
-            yield pb.SubmitUpdateRequest(chunk=tensor_pb2.TensorChunk(data=data))
+        yield pb.SubmitUpdateRequest(header=header).SerializeToString()
+        yield from wire.iter_chunk_messages(self._gradient, self.session.dtype, self.session.chunk_bytes, CHUNK_FIELD)
 
     def submit(self, header: pb.SubmitHeader) -> bool:
         try:
-            self.stub.SubmitUpdate(self._submit_stream(header), timeout=120)
+            self._submit_update(self._submit_stream(header), timeout=120)
         except grpc.RpcError as e:
             if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
                 log.warning("update.not_used", round=header.round, code=e.code().name, why=e.details())

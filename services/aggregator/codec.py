@@ -1,11 +1,15 @@
-"""Requests that do not decode get INVALID_ARGUMENT, not gRPC Python's INTERNAL.
+"""How the aggregator's handlers meet the bytes: strict request decoding, pre-serialized responses.
 
-gRPC Python parses each request with the handler's ``request_deserializer`` before any servicer
+Requests that do not decode get INVALID_ARGUMENT, not gRPC Python's INTERNAL. gRPC Python parses each request with the handler's ``request_deserializer`` before any servicer
 code runs, and answers a parse failure with ``INTERNAL "Exception deserializing request!"`` - the
 code for a server bug, for what is the client's fault. This interceptor swaps every handler for one
 that receives the raw bytes and parses them itself (the same parser, in the same thread), so that a
 message that does not decode ends the call with ``INVALID_ARGUMENT`` naming the method and the
 message's position in the stream. Nothing else changes: the servicer sees the same request objects.
+
+Responses: a handler may yield ``bytes`` that are already a serialized response message (the
+FetchRound chunks, encoded once per round by ``wire.iter_chunk_messages``); they are sent as they
+are, every other response is serialized as usual.
 """
 
 from __future__ import annotations
@@ -47,9 +51,19 @@ def _decoding(parse: Callable[[bytes], Any], method: str, raw: Iterator[bytes]) 
         yield message
 
 
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    if serialize is None:
+        return None
+
+    def serialize_or_pass(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+
+    return serialize_or_pass
+
+
 def _strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     parse = handler.request_deserializer
-    serialize = handler.response_serializer
+    serialize = _passing_bytes(handler.response_serializer)
     decode = _decoder(parse, method)
 
     if handler.unary_unary:
@@ -90,8 +104,9 @@ def _strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
     return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
 
 
-class StrictDecoding(grpc.ServerInterceptor):
-    """Parse requests inside the handler; a message that does not decode is INVALID_ARGUMENT."""
+class WireCodec(grpc.ServerInterceptor):
+    """Parse requests inside the handler (INVALID_ARGUMENT when one does not decode); send
+    responses a handler yields as bytes as they are."""
 
     def intercept_service(
         self,
