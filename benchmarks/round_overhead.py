@@ -14,6 +14,7 @@ RadCom federation, Network 2 (15.7 MB of float32 shared weights), three edge nod
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import tempfile
@@ -146,7 +147,30 @@ def loopback_rounds(
         stamps = dep.wait_rounds(skip + rounds + 1, timeout)
         steps = _node_step_means(dep, before) if train else {}
     times = intervals(stamps[: skip + rounds + 1], skip)
-    return {"round": median(times), "mean": statistics.fmean(times), "max": max(times), "n": len(times), "steps": steps}
+    return {
+        "round": median(times),
+        "mean": statistics.fmean(times),
+        "max": max(times),
+        "n": len(times),
+        "steps": steps,
+        "phases": _phase_medians(workdir / "metrics.jsonl", skip, skip + rounds),
+    }
+
+
+def _phase_medians(metrics: Path, first: int, last: int) -> dict[str, float]:
+    """Median collect/step/commit seconds of rounds first..last from the aggregator's metrics.jsonl."""
+    by_round: dict[int, dict[str, Any]] = {}
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        by_round.setdefault(record["round"], record)
+    rows = [by_round[k] for k in range(first, last + 1) if k in by_round]
+    keys = ("collect_seconds", "step_seconds", "commit_seconds")
+    return {k.removesuffix("_seconds"): median([r[k] for r in rows]) for k in keys} if rows else {}
+
+
+def _phases(result: dict[str, Any]) -> str:
+    phases = result.get("phases") or {}
+    return ", ".join(f"{k} {fmt_s(v)}" for k, v in phases.items()) or "not recorded"
 
 
 def run(workdir: Path, synthetic_size: int = 20, rounds_idle: int = 20, rounds_train: int = 10) -> Table:
@@ -204,12 +228,15 @@ def run(workdir: Path, synthetic_size: int = 20, rounds_idle: int = 20, rounds_t
         f"Model {model_bytes / MB:.1f} MB float32; a round moves {per_round_bytes / MB:.1f} MB (3 fetches + 3 submits). "
         f"Plain loopback socket floor for those bytes, same run: {fmt_s(floor)} ({per_round_bytes / floor / 1e9:.2f} GB/s).",
         f"No-training case: median of {idle['n']} close-to-close rounds after 3 warm-up rounds "
-        f"(mean {fmt_s(idle['mean'])}, max {fmt_s(idle['max'])}); it includes the aggregator's per-round state commit, "
-        f"measured alone in-process at {fmt_s(commit)} (ω and its Adam moments, {3 * model_bytes / MB:.0f} MB, fsync).",
+        f"(mean {fmt_s(idle['mean'])}, max {fmt_s(idle['max'])}). Phases (median, from the aggregator's "
+        f"metrics.jsonl): {_phases(idle)}. The state commit (ω and its Adam moments, {3 * model_bytes / MB:.0f} MB, "
+        f"fsync; {fmt_s(commit)} measured alone in-process) runs beside the next round's collect phase, so it "
+        "adds to the round only what it takes from the CPU.",
         f"Training case: median of {busy['n']} rounds after 2 warm-up rounds. Nodes' own mean client step "
         f"(Prometheus fedgradnorm_edge_step_seconds over the measured rounds): "
         + ", ".join(f"{k} {fmt_s(v)}" for k, v in sorted(busy["steps"].items()))
-        + f"; server step {fmt_s(sim['server_step'])}. Overhead = loopback round − slowest node's step − server step.",
+        + f"; server step {fmt_s(sim['server_step'])}. Overhead = loopback round − slowest node's step − server step. "
+        f"Phases (median): {_phases(busy)}.",
         f"In-process simulator, one torch thread: clients' steps {fmt_s(sim['clients_sum'])} in all "
         f"(slowest {fmt_s(sim['client_max'])}) + server step {fmt_s(sim['server_step'])}; the loopback nodes "
         "train concurrently, so the loopback round can be shorter than the simulator's.",

@@ -222,8 +222,7 @@ def throughput(repeats: int = 3, sizes: tuple[str, ...] = ("network2", "big")) -
 def wire_bytes(
     workdir: Path,
     synthetic_size: int,
-    rounds: int = 5,
-    skip: int = 2,
+    rounds: int = 6,
     dtypes: tuple[str, ...] = ("float32", "float16"),
     nodes: tuple[str, ...] = ("modulation", "signal", "anomaly"),
 ) -> Table:
@@ -236,25 +235,25 @@ def wire_bytes(
     )
     data = {}
     for dtype in dtypes:
-        agg = ["--rounds", "0", "--wire-dtype", dtype]
+        agg = ["--rounds", str(rounds), "--wire-dtype", dtype]
         node_flags = ["--no-train", "true", "--synthetic-size", str(synthetic_size)]
         with Deployment(workdir / f"wire-{dtype}", "radcom", nodes, agg, node_flags, via_proxy=True) as dep:
-            dep.wait_rounds(skip, 600)
-            assert dep.proxy is not None and dep.watcher is not None
-            # Count between two round closes: poll until the stamp appears, then read the counter.
-            counts = []
-            for k in range(skip, skip + rounds + 1):
-                dep.wait_rounds(k + 1, 600)
-                counts.append(dep.proxy.total())
-            per_round = (counts[-1] - counts[0]) / rounds
+            # Everything from the first byte to the nodes' exit after the last round: no transfer is
+            # cut at either end (a round's commit overlaps the next round's fetches, so there is no
+            # quiet moment between rounds to read the counter at).
+            for node in dep.procs[1:]:
+                assert node.proc is not None
+                node.proc.wait(timeout=600)
+            assert dep.proxy is not None
+            per_round = dep.proxy.total() / rounds
         raw_round = 2 * len(nodes) * raw
         t.add(dtype, f"{raw_round / MB:.3f} MB", f"{per_round / MB:.3f} MB", f"{per_round / raw_round:.4f}")
         data[dtype] = per_round
     t.notes += [
-        f"Averaged over {rounds} rounds after {skip} warm-up rounds; the proxy counts TCP payload bytes both ways, "
-        "so HTTP/2 and gRPC framing, protobuf headers and heartbeats are all in (nothing else calls the aggregator). "
-        "The counter is read when the watcher sees a round's records, so a round's count can shift by a few "
-        "heartbeats; the average over rounds is exact up to the bytes in flight at the two ends.",
+        f"Every byte through the proxy from the nodes' registration to their exit after the aggregator's last "
+        f"round ({rounds} rounds), divided by the rounds; the proxy counts TCP payload bytes both ways, so plaintext "
+        "HTTP/2 and gRPC framing, protobuf headers, registration, heartbeats and deregistration are all in "
+        "(nothing else calls the aggregator).",
     ]
     t.data = data
     return t
