@@ -1,7 +1,7 @@
 """Transport: the chunked tensor stream against a plain loopback socket, and bytes on the wire.
 
-* Throughput: a server process streams a model with the project's codec (``wire.iter_chunks``,
-  1 MiB chunks, the real ``FetchRoundResponse`` / ``SubmitUpdateRequest`` messages, the
+* Throughput: a server process streams a model with the project's codec (``wire.iter_chunk_messages``,
+  1 MiB chunks serialized as the services do, the real ``FetchRoundResponse`` / ``SubmitUpdateRequest`` messages, the
   aggregator's channel options) and the client reassembles it with ``wire.TensorAssembler``;
   timed from the call to the finished float32 tensors, for a 16 MB model (Network 2's tensors)
   and a 256 MiB one (64 tensors of 1 Mi floats), in both directions. The same bytes through a
@@ -32,6 +32,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 
 SERVICE = "fedgradnorm.bench.Transport"
+CHUNK_FIELD = pb.FetchRoundResponse.DESCRIPTOR.fields_by_name["chunk"].number  # = SubmitUpdateRequest's
 OPTIONS = [
     ("grpc.max_receive_message_length", 4 << 20),
     ("grpc.max_send_message_length", 4 << 20),
@@ -71,8 +72,7 @@ def _serve(port_q: Any, stop: Any, chunk_bytes: int, sizes: tuple[str, ...]) -> 
                 status=pb.ROUND_STATUS_OPEN, round=0, tensors=specs, total_bytes=wire.payload_nbytes(specs)
             )
         )
-        for data in wire.iter_chunks(omega, dtype, chunk_bytes):
-            yield pb.FetchRoundResponse(chunk=tensor_pb2.TensorChunk(data=data))
+        yield from wire.iter_chunk_messages(omega, dtype, chunk_bytes, CHUNK_FIELD)  # as the aggregator sends them
 
     def submit(requests: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
         first = next(requests)
@@ -88,7 +88,7 @@ def _serve(port_q: Any, stop: Any, chunk_bytes: int, sizes: tuple[str, ...]) -> 
             "Fetch": grpc.unary_stream_rpc_method_handler(
                 fetch,
                 request_deserializer=pb.FetchRoundRequest.FromString,
-                response_serializer=pb.FetchRoundResponse.SerializeToString,
+                response_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
             ),
             "Submit": grpc.stream_unary_rpc_method_handler(
                 submit,
@@ -153,18 +153,15 @@ def fetch_seconds(channel: grpc.Channel, name: str, dtype: int, shapes: dict) ->
 
 def submit_seconds(channel: grpc.Channel, name: str, tensors: dict[str, torch.Tensor], dtype: int) -> float:
     call = channel.stream_unary(
-        f"/{SERVICE}/Submit",
-        request_serializer=pb.SubmitUpdateRequest.SerializeToString,
-        response_deserializer=pb.SubmitUpdateResponse.FromString,
+        f"/{SERVICE}/Submit", request_serializer=bytes, response_deserializer=pb.SubmitUpdateResponse.FromString
     )
 
-    def messages() -> Iterator[pb.SubmitUpdateRequest]:
+    def messages() -> Iterator[bytes]:  # pre-serialized, as the edge node sends them
         specs = wire.tensor_specs(tensors, dtype)
         yield pb.SubmitUpdateRequest(
             header=pb.SubmitHeader(node_id=name, tensors=specs, total_bytes=wire.payload_nbytes(specs))
-        )
-        for data in wire.iter_chunks(tensors, dtype, wire.DEFAULT_CHUNK_BYTES):
-            yield pb.SubmitUpdateRequest(chunk=tensor_pb2.TensorChunk(data=data))
+        ).SerializeToString()
+        yield from wire.iter_chunk_messages(tensors, dtype, wire.DEFAULT_CHUNK_BYTES, CHUNK_FIELD)
 
     t0 = time.perf_counter()
     call(messages(), timeout=300)
