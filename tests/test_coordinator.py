@@ -295,18 +295,25 @@ class GatedStore(StateStore):
         return "gated"
 
 
+def hold_round_zero_commit(c: RoundCoordinator, store: GatedStore) -> dict[str, str]:
+    """Register a and b, play round 0 with the gate armed: its commit is then held at the gate."""
+    tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
+    store.saved.clear()  # the initial state, committed at start
+    store.armed = True
+    for n, t in tokens.items():
+        ticket = c.fetch_round(n, t, 5.0)
+        assert ticket is not None and ticket.round == 0
+        c.submit(t, submission(c, n, 0))
+    assert store.waiting.wait(10)
+    return tokens
+
+
 def test_next_round_runs_beside_the_commit_and_steps_only_after_it() -> None:
     store = GatedStore()
     c = RoundCoordinator(config(), store)
     c.start()
     try:
-        tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
-        store.saved.clear()  # the initial state, committed at start
-        store.armed = True
-        for n, t in tokens.items():
-            assert c.fetch_round(n, t, 5.0).round == 0
-            c.submit(t, submission(c, n, 0))
-        assert store.waiting.wait(10)  # round 0's state is being written (and stays so)...
+        tokens = hold_round_zero_commit(c, store)  # round 0's state is being written (and stays so)...
         ticket = c.fetch_round("a", tokens["a"], 5.0)  # ...while round 1 is open and served
         assert ticket is not None and ticket.round == 1 and c.committed_round == 0
         omega1 = {k: v.clone() for k, v in ticket.omega.items()}
@@ -331,12 +338,8 @@ def test_a_failed_commit_withdraws_the_round_opened_beside_it() -> None:
     c = RoundCoordinator(config(), store)
     c.start()
     try:
-        tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
-        store.armed, store.fail = True, True
-        for n, t in tokens.items():
-            c.fetch_round(n, t, 5.0)
-            c.submit(t, submission(c, n, 0))
-        assert store.waiting.wait(10)
+        store.fail = True
+        tokens = hold_round_zero_commit(c, store)
         early = c.fetch_round("a", tokens["a"], 5.0)
         assert early is not None and early.round == 1
         store.armed = False
@@ -359,12 +362,7 @@ def test_stop_waits_for_the_commit_being_written() -> None:
     store = GatedStore()
     c = RoundCoordinator(config(), store)
     c.start()
-    tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
-    store.armed = True
-    for n, t in tokens.items():
-        c.fetch_round(n, t, 5.0)
-        c.submit(t, submission(c, n, 0))
-    assert store.waiting.wait(10)
+    hold_round_zero_commit(c, store)
     stopper = threading.Thread(target=c.stop)
     stopper.start()
     stopper.join(0.3)
