@@ -9,6 +9,10 @@ import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from fedgradnorm import config as cfgmod
 
@@ -55,9 +59,33 @@ def register_edge_node(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_edge_node)
 
 
-def _state(args: argparse.Namespace) -> int:
-    from google.protobuf.json_format import MessageToDict
+def plain(message: Message) -> dict[str, Any]:
+    """A message as plain JSON-ready Python: every field (zero values too), integers as numbers
+    (proto3 JSON writes int64 as strings), enums by name, unset optional fields as None."""
+    out: dict[str, Any] = {}
+    for f in message.DESCRIPTOR.fields:
+        value = getattr(message, f.name)
+        sub = f.message_type
+        if sub is not None and sub.GetOptions().map_entry:
+            inner = sub.fields_by_name["value"]
+            out[f.name] = {k: plain(v) if inner.message_type else v for k, v in value.items()}
+        elif f.is_repeated:
+            out[f.name] = [plain(v) if sub else _scalar(f, v) for v in value]
+        elif f.has_presence and not message.HasField(f.name):
+            out[f.name] = None
+        else:
+            out[f.name] = plain(value) if sub else _scalar(f, value)
+    return out
 
+
+def _scalar(f: FieldDescriptor, value: Any) -> Any:
+    if f.enum_type is not None:
+        known = f.enum_type.values_by_number.get(value)
+        return known.name if known else value
+    return value
+
+
+def _state(args: argparse.Namespace) -> int:
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
     from fedgradnorm.tls import ClientTLS
@@ -68,7 +96,7 @@ def _state(args: argparse.Namespace) -> int:
     )
     with tls_config.channel(args.aggregator, []) as channel:
         state = pb_grpc.AggregatorStub(channel).GetState(pb.GetStateRequest(), timeout=args.timeout)
-    print(json.dumps(MessageToDict(state, preserving_proto_field_name=True), indent=2))
+    print(json.dumps(plain(state), indent=2))
     return 0
 
 
