@@ -760,15 +760,8 @@ class RoundCoordinator:
             finally:
                 self._cond.acquire()
         self._pending = None
-        if job.error is None:
-            return
-        self.halted_reason = str(job.error)
-        self._phase = Phase.HALTED
-        log.error("state.commit_failed", error=str(job.error), round=job.round)
-        if self._open is not None:
-            log.warning("round.withdrawn", round=self._open.number, why="the previous round's state was not committed")
-            self._open = None
-        self._cond.notify_all()
+        if job.error is not None:
+            self._halt_locked(job.error, job.round)
 
     def _snapshot(self) -> Snapshot:
         assert self._state is not None
@@ -784,10 +777,10 @@ class RoundCoordinator:
         self.store.save(snap)
         self._committed_round = snap.server.round
 
-    def _commit_or_halt_locked(self) -> bool:
-        """Commit the round's state; the file is written without the lock (only this thread
-        mutates omega and p, and the member records are copied into the snapshot first).
-        False when the commit failed and the coordinator halted."""
+    def _commit_or_halt_locked(self) -> None:
+        """Commit the state now, in this thread (the retry while HALTED); the file is written
+        without the lock (only this thread mutates omega and p, and the member records are copied
+        into the snapshot first)."""
         snap = self._snapshot()
         self._cond.release()
         try:
@@ -798,14 +791,21 @@ class RoundCoordinator:
         finally:
             self._cond.acquire()
         if error is not None:
-            self.halted_reason = str(error)
-            self._phase = Phase.HALTED
-            log.error("state.commit_failed", error=str(error), round=self.round)
-        else:
-            self.halted_reason = None
-            self._phase = Phase.WAITING
+            self._halt_locked(error, self.round)
+            return
+        self.halted_reason = None
+        self._phase = Phase.WAITING
         self._cond.notify_all()
-        return error is None
+
+    def _halt_locked(self, error: StateError, round_: int) -> None:
+        """A commit failed: no round may build on the state it did not write."""
+        self.halted_reason = str(error)
+        self._phase = Phase.HALTED
+        log.error("state.commit_failed", error=str(error), round=round_)
+        if self._open is not None:
+            log.warning("round.withdrawn", round=self._open.number, why="the previous round's state was not committed")
+            self._open = None
+        self._cond.notify_all()
 
     def _retry_commit_locked(self) -> None:
         self._cond.wait(self.config.heartbeat_interval)
