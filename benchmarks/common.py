@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import socket
 import statistics
 import threading
@@ -46,33 +44,6 @@ class Table:
             out.append("")
             out += [f"- {n}" for n in self.notes]
         return "\n".join(out)
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    mem_kib = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "mem_gib": round(mem_kib / 2**20, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "niceness": os.nice(0),
-        "loadavg": os.getloadavg(),
-    }
 
 
 def pct(values: Sequence[float], q: float) -> float:

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import Table, machine_info
+from benchmarks.common import Table
+from fedgradnorm.machine import machine_info
 
 
 @dataclass(frozen=True)

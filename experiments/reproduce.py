@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ import numpy as np
 from experiments import analysis as an
 from experiments.figures import LABELS, snr_figure, training_figure
 from experiments.runs import RunSpec, load_records, prepare_data, run_one
+from fedgradnorm.machine import machine_info
 
 ALGORITHMS = ("fedrep", "fedgradnorm")
 
@@ -171,31 +171,6 @@ def run_plan(specs: Sequence[RunSpec], out: Path, workers: int, reuse: bool, log
             reused = " (reused)" if result.get("reused") else ""
             log(f"[{i}/{len(ordered)}] {futures[fut].key}: {result['wall_seconds']:.0f} s{reused}")
     return results
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    mem_kib = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "mem_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "loadavg": os.getloadavg(),
-        "niceness": os.nice(0),
-    }
 
 
 # ---------------------------------------------------------------------------------------------

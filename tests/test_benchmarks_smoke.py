@@ -11,6 +11,7 @@ from benchmarks.common import Table, fmt_s, loopback_copy, pct
 from benchmarks.deploy import fresh
 from benchmarks.round_overhead import commit_seconds, server_step_seconds, simulator_round
 from benchmarks.run import SCALES, headline, render
+from fedgradnorm.machine import machine_info
 from fedgradnorm.simulator import SimulationConfig
 
 
@@ -36,6 +37,8 @@ def test_helpers_and_rendering() -> None:
     }
     doc = render([("other", [t], 1.0)], info, "python -m benchmarks.run", 60.0, (0.1, 0.2, 0.3))
     assert "## Other" in doc and "`nproc` = 2" in doc
+    real = machine_info()  # the report's machine line reads every one of these keys
+    assert set(info) - {"date"} <= set(real) and real["nproc"] >= 1 and real["mem_gib"] > 0
 
 
 def test_fresh_removes_an_earlier_federation(tmp_path: Path) -> None:
