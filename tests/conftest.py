@@ -8,6 +8,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults_helpers import Processes
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    """Service processes a test starts; every one is stopped when the test ends, pass or fail."""
+    p = Processes()
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:

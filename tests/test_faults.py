@@ -62,15 +62,6 @@ EDGE_FLAGS = [*EDGE_DATA, "--fetch-wait", "2", "--max-backoff", "1"]
 HYPER = ["--dataset", "mtfl", "--tau-h", "2", "--tau-omega", "2", "--batch-size", "8", "--seed", "0"]
 
 
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    p = Processes()
-    try:
-        yield p
-    finally:
-        p.stop_all()
-
-
 def node_state(stub: Any, node_id: str) -> pb.NodeState:
     return nodes_of(stub)[node_id]
 

@@ -15,7 +15,7 @@ import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,15 +30,6 @@ from tests.faults_helpers import SERVICE, Processes, aggregator_process, gradien
 from tests.grpc_client import OPTIONS, RawNode
 
 TASKS = federation("mtfl").task_names
-
-
-@pytest.fixture
-def procs() -> Iterator[Processes]:
-    p = Processes()
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def percentile(samples: list[float], q: float) -> float:
