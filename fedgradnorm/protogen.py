@@ -8,7 +8,9 @@ imported as ``fedgradnorm._proto.fedgradnorm.v1.aggregator_pb2``. The stubs are 
 protoc writes imports relative to the proto root (``from fedgradnorm.v1 import tensor_pb2``) and
 registers the messages under that module name; both are rewritten to the absolute module path
 under ``fedgradnorm._proto``, so the stubs are an ordinary subpackage and nothing touches
-``sys.path``. The descriptors keep their proto file names (``fedgradnorm/v1/aggregator.proto``),
+``sys.path``. The servicer base class's default for an unimplemented method becomes a single
+``context.abort(UNIMPLEMENTED, ...)`` (same status, no exception of its own). The descriptors keep
+their proto file names (``fedgradnorm/v1/aggregator.proto``),
 so reflection and other languages' stubs see the usual names.
 
 Usage::
@@ -88,7 +90,19 @@ def _rewrite(text: str, roots: Sequence[str]) -> str:
     leftover = re.search(rf"^\s*import ({alternatives})\b.*$", text, flags=re.MULTILINE)
     if leftover:
         raise ProtogenError(f"cannot rewrite import {leftover.group(0).strip()!r}")
-    return text
+    return _UNIMPLEMENTED_RE.sub(_UNIMPLEMENTED_ABORT, text)
+
+
+# grpc_tools' servicer base class answers a method nobody implemented by setting UNIMPLEMENTED and
+# raising NotImplementedError (which gRPC Python then also logs as a server error); the same answer
+# in one call, without the exception: context.abort(UNIMPLEMENTED, ...). Nothing else changes.
+_UNIMPLEMENTED_RE = re.compile(
+    r"^(\s*)context\.set_code\(grpc\.StatusCode\.UNIMPLEMENTED\)\n"
+    r"\s*context\.set_details\('Method not implemented!'\)\n"
+    r"\s*raise[ ]NotImplementedError\('Method not implemented!'\)$",
+    re.MULTILINE,
+)
+_UNIMPLEMENTED_ABORT = r"\1context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')"
 
 
 def render(proto_dir: Path = PROTO_DIR) -> dict[str, bytes]:

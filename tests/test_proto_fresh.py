@@ -77,3 +77,32 @@ def test_stubs_import_in_a_fresh_interpreter_from_elsewhere(tmp_path: Path) -> N
 def test_proto_files_declare_the_path_package(proto: str) -> None:
     text = (protogen.PROTO_DIR / "fedgradnorm" / "v1" / proto).read_text()
     assert "package fedgradnorm.v1;" in text
+
+
+def test_the_base_servicer_answers_unimplemented() -> None:
+    """protogen turns the generated default into context.abort(UNIMPLEMENTED): same answer on the wire."""
+    from concurrent import futures
+
+    import grpc
+
+    from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+    from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_AggregatorServicer_to_server(pb_grpc.AggregatorServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.AggregatorStub(channel)
+            for call in (
+                lambda: stub.GetState(pb.GetStateRequest(), timeout=10),
+                lambda: list(stub.FetchRound(pb.FetchRoundRequest(), timeout=10)),
+                lambda: stub.SubmitUpdate(iter([pb.SubmitUpdateRequest()]), timeout=10),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+                assert err.value.details() == "Method not implemented!"
+    finally:
+        server.stop(0).wait()

@@ -76,44 +76,32 @@ class AggregatorServicer:
     def Register(self, request, context):
         """Enrol a new node, or resume a known one (same node_id and session_token after a restart).
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')
 
     def FetchRound(self, request, context):
         """Wait up to wait_seconds for an open round that includes the node, then stream omega_k.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')
 
     def SubmitUpdate(self, request_iterator, context):
         """Upload the node's result of one round: a header, then the bytes of its gradient g_k.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')
 
     def Deregister(self, request, context):
         """Leave the federation; the node's state (weight p, F_0) is kept for a later Register.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')
 
     def Heartbeat(self, request, context):
         """Liveness signal; a node silent for several intervals is dropped from the open round.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')
 
     def GetState(self, request, context):
         """Read-only snapshot for operators and dashboards; needs no session.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')
 
 
 def add_AggregatorServicer_to_server(servicer, server):
