@@ -177,6 +177,8 @@ def measure(
         str(rounds),
         "--round-timeout",
         "60",
+        "--new-node-burst",  # every simulated node enrols from 127.0.0.1
+        str(nodes),
         "--state-dir",
         str(workdir / "aggregator-state"),
         "--metrics-log",

@@ -39,6 +39,25 @@ class AlgorithmError(ValueError):
     """Inputs that the server step cannot use (mismatched names or shapes, non-finite values...)."""
 
 
+# The largest loss ratio F~ = F_k / F_0 an update may carry. Training that multiplies its first
+# loss by a million has diverged; bounding F~ also keeps every quantity of the weight rule finite
+# (r_i <= N, G_bar * r_i ** gamma) whatever a client sends.
+MAX_LOSS_RATIO = 1e6
+
+
+def safe_mean(values: Sequence[float]) -> float:
+    """The mean of finite floats, never overflowing: the plain correctly rounded sum divided by n
+    where that sum is finite, else the sum of the terms each divided by n first."""
+    n = len(values)
+    try:
+        total = math.fsum(values)
+    except OverflowError:  # "intermediate overflow in fsum"
+        total = math.inf
+    if math.isfinite(total):
+        return total / n
+    return math.fsum(v / n for v in values)
+
+
 # --------------------------------------------------------------------------------------------
 # Adam, written out once so that omega's and p's optimiser states are plain data we can persist.
 # The update is bit-for-bit torch.optim.Adam's single-tensor path (foreach=False, no amsgrad).
@@ -70,20 +89,26 @@ class AdamState:
         )
 
 
-def adam_step_(params: TensorDict, grads: Mapping[str, torch.Tensor], state: AdamState, cfg: AdamConfig) -> None:
-    """One Adam step on ``params`` in place, updating ``state`` in place."""
-    state.step += 1
-    bias1 = 1.0 - cfg.beta1**state.step
-    bias2_sqrt = math.sqrt(1.0 - cfg.beta2**state.step)
+def adam_step(
+    params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: AdamState, cfg: AdamConfig
+) -> tuple[TensorDict, AdamState]:
+    """One Adam step; returns the new parameters and moments as new tensors, leaving the inputs
+    untouched (so a caller can check the result before it replaces anything)."""
+    step = state.step + 1
+    bias1 = 1.0 - cfg.beta1**step
+    bias2_sqrt = math.sqrt(1.0 - cfg.beta2**step)
     step_size = cfg.lr / bias1
+    out: TensorDict = {}
+    exp_avg: TensorDict = {}
+    exp_avg_sq: TensorDict = {}
     for name, param in params.items():
         grad = grads[name]
-        m = state.exp_avg[name]
-        v = state.exp_avg_sq[name]
-        m.lerp_(grad, 1.0 - cfg.beta1)
-        v.mul_(cfg.beta2).addcmul_(grad, grad, value=1.0 - cfg.beta2)
+        m = state.exp_avg[name].lerp(grad, 1.0 - cfg.beta1)
+        v = state.exp_avg_sq[name].mul(cfg.beta2).addcmul_(grad, grad, value=1.0 - cfg.beta2)
         denom = (v.sqrt() / bias2_sqrt).add_(cfg.eps)
-        param.addcdiv_(m, denom, value=-step_size)
+        out[name] = param.addcdiv(m, denom, value=-step_size)
+        exp_avg[name], exp_avg_sq[name] = m, v
+    return out, AdamState(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
 
 
 @dataclass(frozen=True)
@@ -195,9 +220,27 @@ def grad_norm(gradient: Mapping[str, torch.Tensor], names: Sequence[str]) -> flo
     return math.sqrt(total)
 
 
+def update_norm(gradient: Mapping[str, torch.Tensor]) -> float:
+    """l2 norm of a whole update, computed in float64 (finite for any finite float32 gradient)."""
+    return grad_norm(gradient, list(gradient))
+
+
+def norm_outliers(norms: Mapping[str, float], factor: float) -> set[str]:
+    """The updates whose norm is above ``factor`` times the median norm of the round: a robust bound
+    that no honest update of a working federation reaches, and that a finite but absurd update
+    (1e30 per element) cannot pass. It needs a median that one update cannot move: at least three
+    updates; ``factor`` 0 turns it off."""
+    if factor <= 0 or len(norms) < 3:
+        return set()
+    values = sorted(norms.values())
+    mid = len(values) // 2
+    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return {c for c, n in norms.items() if n > factor * median} if median > 0 else set()
+
+
 def renormalize(weights: Mapping[str, ClientWeight], active: Sequence[str]) -> dict[str, ClientWeight]:
     """Scale the active clients' p so that their sum equals their number; others untouched."""
-    total = math.fsum(weights[c].p for c in active)
+    total = math.fsum(weights[c].p for c in active)  # p is in [floor, N]: no overflow
     scale = len(active) / total
     out = dict(weights)
     for c in active:
@@ -219,10 +262,9 @@ def update_weights(
     active = sorted(norms)
     weights = {**{c: ClientWeight() for c in active}, **weights}
     weights = renormalize(weights, active)  # newcomers start at 1, absentees left out
-    n = len(active)
-    mean_ratio = math.fsum(loss_ratios[c] for c in active) / n
+    mean_ratio = safe_mean([loss_ratios[c] for c in active])
     g = {c: weights[c].p * norms[c] for c in active}
-    g_bar = math.fsum(g.values()) / n
+    g_bar = safe_mean(list(g.values()))
     rates: dict[str, tuple[float, float]] = {}
     f_grad = 0.0
     new = dict(weights)
@@ -258,8 +300,10 @@ def validate_update(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> 
             )
         if not all_finite(g):
             raise AlgorithmError(f"client {update.client}: gradient {name!r} is not finite")
-    if not (math.isfinite(update.loss_ratio) and update.loss_ratio > 0):
-        raise AlgorithmError(f"client {update.client}: loss ratio must be finite and positive, got {update.loss_ratio}")
+    if not (math.isfinite(update.loss_ratio) and 0 < update.loss_ratio <= MAX_LOSS_RATIO):
+        raise AlgorithmError(
+            f"client {update.client}: loss ratio must be in (0, {MAX_LOSS_RATIO:g}], got {update.loss_ratio}"
+        )
 
 
 def aggregate(
@@ -280,7 +324,10 @@ def server_step(
 ) -> StepResult:
     """Close a round: update p (FedGradNorm) or keep it at 1 (FedRep), aggregate, step omega.
 
-    ``state`` is updated in place (omega and its Adam moments are large; no copy is made).
+    The new omega and Adam moments are computed beside the old ones and checked: a step that would
+    make any of them non-finite (a finite but huge gradient can overflow the second moment) raises
+    AlgorithmError and leaves ``state`` exactly as it was. Otherwise ``state`` takes the new tensors
+    (the old ones are never written to, so a reader holding them keeps a consistent round).
     ``updates`` are the active clients of the round, any order; they are processed sorted by id.
     """
     if not updates:
@@ -298,7 +345,16 @@ def server_step(
     previous = {c: state.weight(c) for c in norms}
     new_weights, f_grad, rates = update_weights(state.weights, norms, ratios, config)
     g = aggregate(updates, {c: new_weights[c].p for c in norms}, state.omega)
-    adam_step_(state.omega, g, state.omega_adam, AdamConfig(lr=config.beta))
+    omega, adam = adam_step(state.omega, g, state.omega_adam, AdamConfig(lr=config.beta))
+    for what, tensors in (
+        ("omega", omega),
+        ("Adam's first moment", adam.exp_avg),
+        ("Adam's second moment", adam.exp_avg_sq),
+    ):
+        bad = next((k for k, t in tensors.items() if not all_finite(t)), None)
+        if bad is not None:
+            raise AlgorithmError(f"round {state.round}: the step would make {what} of {bad!r} non-finite; refused")
+    state.omega, state.omega_adam = omega, adam
     state.weights = new_weights
     closed = state.round
     state.round += 1

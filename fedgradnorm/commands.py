@@ -95,7 +95,12 @@ def _state(args: argparse.Namespace) -> int:
         ca=tls.tls_ca, cert=tls.tls_cert, key=tls.tls_key, server_name=tls.tls_server_name, insecure=tls.insecure
     )
     with tls_config.channel(args.aggregator, []) as channel:
-        state = pb_grpc.AggregatorStub(channel).GetState(pb.GetStateRequest(), timeout=args.timeout)
+        stub = pb_grpc.AggregatorStub(channel)
+        state = stub.GetState(pb.GetStateRequest(), timeout=args.timeout)
+        while state.next_page_token:  # every node, however many pages they take
+            page = stub.GetState(pb.GetStateRequest(page_token=state.next_page_token), timeout=args.timeout)
+            state.nodes.extend(page.nodes)
+            state.next_page_token = page.next_page_token
     print(json.dumps(plain(state), indent=2))
     return 0
 

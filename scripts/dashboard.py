@@ -391,11 +391,37 @@ def build() -> dict:
     )
     d = d.with_panel(
         series(
-            "State commits failing",
-            "1 while the aggregator cannot commit its state (disk full, read-only): rounds do not advance.",
+            "Aggregator halted",
+            "1 while rounds do not advance: the state cannot be committed (disk full, read-only), or the round "
+            "driver failed (restart the aggregator; the cause is GetState's halted_reason).",
             [Query(f"max(fedgradnorm_halted{{{FED}}})", "halted")],
             width=12,
             soft_min=0,
+        )
+    )
+    d = d.with_panel(
+        series(
+            "Refused rounds",
+            "Rounds whose server step would have made omega or its Adam moments non-finite: refused, the state "
+            "kept, the round reopened (a node sending absurd but finite numbers).",
+            [Query(f"sum(increase(fedgradnorm_rounds_refused_total{{{FED}}}[$__rate_interval]))", "refused")],
+            width=12,
+            bars=True,
+        )
+    )
+    d = d.with_panel(
+        series(
+            "Streams cut off",
+            "FetchRound/SubmitUpdate streams the aggregator cancelled: replaced by the node's newer one, or still "
+            "running past the round's deadline (a reader that stalls, a trickling upload).",
+            [
+                Query(
+                    f"sum by (reason) (increase(fedgradnorm_streams_cancelled_total{{{FED}}}[$__rate_interval]))",
+                    "{{reason}}",
+                )
+            ],
+            width=12,
+            bars=True,
         )
     )
 

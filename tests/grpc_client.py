@@ -88,7 +88,9 @@ def register(stub: pb_grpc.AggregatorStub, name: str, task: str, dataset: str = 
         pb.RegisterRequest(node_name=name, dataset=dataset, task=task, num_samples=10, **kw),  # type: ignore[arg-type]
         timeout=10,
     )
-    return RawNode(stub, resp.node_id, resp.session_token, task)
+    node = RawNode(stub, resp.node_id, resp.session_token, task)
+    node.heartbeat()  # only nodes seen since they registered take part in rounds
+    return node
 
 
 def state(stub: pb_grpc.AggregatorStub) -> pb.GetStateResponse:

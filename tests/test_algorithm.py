@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedgradnorm.algorithm import (
+    MAX_LOSS_RATIO,
     AdamConfig,
     AdamState,
     AlgorithmError,
@@ -17,10 +18,13 @@ from fedgradnorm.algorithm import (
     ClientWeight,
     ServerConfig,
     ServerState,
-    adam_step_,
+    adam_step,
     client_step,
     default_omega_tilde,
+    safe_mean,
     server_step,
+    update_weights,
+    validate_update,
 )
 
 TILDE = ("last.weight", "last.bias")
@@ -217,8 +221,58 @@ def test_adam_matches_torch_bit_for_bit() -> None:
         grads = {"w": torch.randn(5, 3), "b": torch.randn(3)}
         ref[0].grad, ref[1].grad = grads["w"].clone(), grads["b"].clone()
         opt.step()
-        adam_step_(params, grads, state, AdamConfig(lr=0.01))
+        before = {k: v.clone() for k, v in params.items()}
+        params, state = adam_step(params, grads, state, AdamConfig(lr=0.01))
+        assert not torch.equal(before["w"], params["w"])
     assert torch.equal(params["w"], ref[0].detach()) and torch.equal(params["b"], ref[1].detach())
+
+
+def test_adam_step_leaves_its_inputs_untouched() -> None:
+    params = {"w": torch.randn(4, 3)}
+    state = AdamState.zeros_like(params)
+    grads = {"w": torch.randn(4, 3)}
+    kept = ({"w": params["w"].clone()}, state.exp_avg["w"].clone(), state.exp_avg_sq["w"].clone())
+    new, new_state = adam_step(params, grads, state, AdamConfig(lr=0.1))
+    assert torch.equal(params["w"], kept[0]["w"]) and state.step == 0
+    assert torch.equal(state.exp_avg["w"], kept[1]) and torch.equal(state.exp_avg_sq["w"], kept[2])
+    assert new_state.step == 1 and not torch.equal(new["w"], params["w"])
+
+
+def test_means_of_extreme_but_finite_ratios_do_not_overflow() -> None:
+    assert safe_mean([1e308, 1e308]) == 1e308
+    assert safe_mean([1.0, 2.0, 4.0]) == math.fsum([1.0, 2.0, 4.0]) / 3  # the plain path when it is finite
+    weights, f_grad, _ = update_weights({}, {"a": 1.0, "b": 2.0}, {"a": 1e308, "b": 1e308}, ServerConfig())
+    assert all(math.isfinite(w.p) for w in weights.values()) and math.isfinite(f_grad)
+    assert sum(w.p for w in weights.values()) == pytest.approx(2.0)
+
+
+def test_loss_ratios_beyond_the_bound_are_refused() -> None:
+    omega = {"w": torch.zeros(3)}
+    validate_update(ClientUpdate("a", {"w": torch.ones(3)}, MAX_LOSS_RATIO), omega)
+    for bad in (MAX_LOSS_RATIO * 1.0001, 1e308, 0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(AlgorithmError):
+            validate_update(ClientUpdate("a", {"w": torch.ones(3)}, bad), omega)
+
+
+def test_a_step_that_would_poison_the_state_is_refused_and_changes_nothing() -> None:
+    """A finite float32 gradient of 1e30 per element overflows Adam's second moment to +inf (after
+    which omega would never move again): the step is refused and the state stays as it was."""
+    state = ServerState.initial({"w": torch.randn(4, 3), "b": torch.randn(3)})
+    honest = ClientUpdate("a", {"w": torch.full((4, 3), 0.01), "b": torch.full((3,), 0.01)}, 1.0)
+    server_step(state, [honest], ServerConfig())
+    before = (
+        state.round,
+        dict(state.weights),
+        {k: v.clone() for k, v in state.omega.items()},
+        {k: v.clone() for k, v in state.omega_adam.exp_avg_sq.items()},
+        state.omega_adam.step,
+    )
+    huge = ClientUpdate("b", {"w": torch.full((4, 3), 1e30), "b": torch.full((3,), 1e30)}, 1.0)
+    with pytest.raises(AlgorithmError, match="non-finite"):
+        server_step(state, [honest, huge], ServerConfig())
+    assert (state.round, state.weights, state.omega_adam.step) == (before[0], before[1], before[4])
+    assert all(torch.equal(state.omega[k], before[2][k]) for k in before[2])
+    assert all(torch.equal(state.omega_adam.exp_avg_sq[k], before[3][k]) for k in before[3])
 
 
 def _tiny_client(seed: int = 0) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:

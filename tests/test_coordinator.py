@@ -69,7 +69,11 @@ def submission(
 
 
 def register(c: RoundCoordinator, name: str, task: str = "gender") -> str:
-    return c.register(name=name, dataset="mtfl", task=task, num_samples=10).session_token
+    """Enrol and show up once (a heartbeat), as a real node does by fetching right away: only nodes
+    seen since they registered take part in rounds."""
+    token = c.register(name=name, dataset="mtfl", task=task, num_samples=10).session_token
+    c.heartbeat(name, token)
+    return token
 
 
 def wait_for(pred, timeout: float = 10.0) -> None:
@@ -425,3 +429,48 @@ def test_registration_attempts_are_rate_limited_per_peer_and_name() -> None:
         except (Unauthenticated, ResourceExhausted) as e:
             outcomes.append(type(e).__name__)
     assert outcomes[:12] == ["Unauthenticated"] * 12 and outcomes[-1] == "ResourceExhausted"
+
+
+def test_the_rate_limiter_keeps_only_bounded_keys() -> None:
+    """A 1 MiB name (with a wrong token) is refused before it is remembered anywhere."""
+    c = RoundCoordinator(config(enrollment_token="t"), MemoryStateStore())
+    c.load()
+    for i in range(50):
+        with pytest.raises(InvalidArgument, match="node name"):
+            c.register(name=f"{i}" + "x" * (1 << 20), dataset="mtfl", task="gender", num_samples=1, peer="p" * 10**6)
+    with pytest.raises(InvalidArgument, match="at most"):
+        c.register(name="ok", dataset="d" * (1 << 20), task="gender", num_samples=1)
+    buckets = c._attempts._buckets  # the limiter's memory: nothing of the huge requests is in it
+    assert all(len(k) < 400 for k in buckets), [len(k) for k in buckets]
+
+
+def test_getstate_shows_the_last_committed_round_beside_the_open_one() -> None:
+    store = GatedStore()
+    c = RoundCoordinator(config(), store)
+    c.start()
+    try:
+        hold_round_zero_commit(c, store)  # round 0 stepped, its state not yet on disk
+        view = c.view()
+        assert view["round"] == 1 and view["last_committed_round"] == -1
+        store.armed = False
+        store.gate.set()
+        wait_for(lambda: c.view()["last_committed_round"] == 0)
+    finally:
+        store.gate.set()
+        c.stop()
+
+
+def test_departed_nodes_are_forgotten_after_the_retention() -> None:
+    c = RoundCoordinator(config(departed_retention=0.2, max_departed=100), MemoryStateStore())
+    c.start()
+    try:
+        tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
+        run_round(c, tokens)
+        c.deregister("b", tokens["b"])
+        assert {n["node_id"] for n in c.view()["nodes"]} == {"a", "b"}  # kept within the retention
+        wait_for(lambda: c.view()["total_nodes"] == 1)
+        assert c._state is not None and set(c._state.weights) == {"a"}  # its p went with it
+        with pytest.raises(NotFound):
+            c.heartbeat("b", tokens["b"])
+    finally:
+        c.stop()

@@ -196,7 +196,7 @@ class KillLoop:
     def play_round(self) -> int:
         k, omegas = self.fetch_all()
         for n, omega in zip(self.nodes, omegas, strict=True):
-            assert n.submit(k, gradient_like(omega, 0.01 * (1 + k)), loss=0.9, loss_ratio=0.9).accepted
+            assert n.submit(k, gradient_like(omega, 0.01 * (1 + k))).accepted
         # The commit is written beside the next round: GetState shows round k + 1 first, the file a moment later.
         wait_until(lambda: read_committed(self.state_dir)[1].server.round > k, 60, f"round {k}'s commit")
         return k
@@ -212,7 +212,7 @@ class KillLoop:
                 yield data
 
         try:
-            node.submit(k, grad, chunks=chunks(), loss=0.9, loss_ratio=0.9)
+            node.submit(k, grad, chunks=chunks())
         except grpc.RpcError:
             pass  # the aggregator died under it
         finally:
@@ -222,7 +222,7 @@ class KillLoop:
         old_blob, old = read_committed(self.state_dir)
         k, omegas = self.check_resumed(old_blob, old)
         a, b = self.nodes
-        assert a.submit(k, gradient_like(omegas[0], 0.01 * (1 + k)), loss=0.9, loss_ratio=0.9).accepted
+        assert a.submit(k, gradient_like(omegas[0], 0.01 * (1 + k))).accepted
         temps_before = set(stale_temp_files(self.state_dir))
         if mode == "receiving":  # b's 16 MiB update is streaming in
             ev = threading.Event()
@@ -232,7 +232,7 @@ class KillLoop:
             self.kill()
             t.join(60)
         else:
-            assert b.submit(k, gradient_like(omegas[1], 0.01 * (1 + k)), loss=0.9, loss_ratio=0.9).accepted
+            assert b.submit(k, gradient_like(omegas[1], 0.01 * (1 + k))).accepted
             if mode == "stepping":  # somewhere in the step or the commit, or just after
                 time.sleep(self.rng.uniform(0.0, 0.4))
             else:  # the moment the new state file is being written
@@ -271,7 +271,7 @@ class KillLoop:
                 break
             for n, (h, omega) in zip(self.nodes, fetched, strict=True):
                 assert omega is not None
-                n.submit(h.round, gradient_like(omega), loss=0.9, loss_ratio=0.9)
+                n.submit(h.round, gradient_like(omega))
             wait_until(lambda h=fetched[0][0]: state(self.stub).round > h.round, 60, "round close")
         s = state(self.stub)
         assert s.round == rounds and s.phase == pb.PHASE_DONE
@@ -524,7 +524,9 @@ def test_full_or_read_only_disk_halts_the_round_without_losing_state(
     assert health(port, "") == SERVING  # alive, only not ready
     header, _ = nodes[0].fetch(wait=1)
     assert header.status == pb.ROUND_STATUS_NOT_YET  # no round opens
-    assert read_committed(state_dir)[0] == committed and stale_temp_files(state_dir) == []
+    assert read_committed(state_dir)[0] == committed
+    # A retry (every heartbeat interval) may be writing its temporary file this instant; none stays.
+    wait_until(lambda: stale_temp_files(state_dir) == [], 10, "no temporary file left by the failed commits")
 
     filler.unlink()  # space returns: the retried commit goes through, training continues
     wait_until(lambda: state(stub).phase != pb.PHASE_HALTED, 30, "the commit to be retried")

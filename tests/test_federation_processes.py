@@ -14,6 +14,7 @@ from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
 from fedgradnorm.simulator import Simulation, SimulationConfig
 from fedgradnorm.tasks import federation
 from services.aggregator.store import STATE_FILE, FileStateStore
+from tests.faults_helpers import wait_until
 from tests.grpc_client import connect, register, state
 
 TASKS = federation("radcom").task_names
@@ -96,11 +97,12 @@ def test_aggregator_sigkill_resumes_from_last_committed_round(tmp_path: Path) ->
                 n.submit(
                     h.round,
                     {k: torch.full_like(v, 0.01 * (1 + h.round)) for k, v in omega.items()},
-                    loss=0.9,
+                    loss=0.9 if h.round else 1.0,  # a node's first update has F~ = 1
                     initial_loss=1.0,
-                    loss_ratio=0.9,
+                    loss_ratio=0.9 if h.round else 1.0,
                 )
-        header, _ = nodes[0].fetch()  # round 2 is open (so round 1 is committed): kill mid-round
+        header, _ = nodes[0].fetch()  # round 2 is open; round 1's state is written beside it...
+        wait_until(lambda: state(stub).last_committed_round == 1, 30, "round 1 to be committed")  # ...and now durable
         committed = FileStateStore(state_dir).load()
         agg.kill()
         channel.close()

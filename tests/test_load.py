@@ -124,6 +124,7 @@ def run_load(tmp_path: Path, procs: Processes, nodes: int, rounds: int, max_work
     state_dir = tmp_path / "state"
     flags = ["--dataset", "mtfl", "--min-nodes", str(nodes), "--max-nodes", str(nodes), "--rounds", str(rounds)]
     flags += ["--round-timeout", "120", "--heartbeat-interval", "1", "--heartbeat-timeout", "600"]
+    flags += ["--new-node-burst", str(nodes)]  # every simulated node enrols from 127.0.0.1
     flags += ["--max-workers", str(max_workers), "--max-fetch-wait", "5", "--state-dir", str(state_dir)]
     _agg, ready = aggregator_process(procs, tmp_path, flags)
     port, mport = ready["grpc_port"], ready["metrics_port"]

@@ -6,9 +6,14 @@ transition (open, close, step, commit); RPC threads only register, wait, and dep
 
 Round life cycle::
 
-    WAITING --(enough registered nodes)--> OPEN --(all participants submitted | deadline)--> STEPPING
+    WAITING --(enough live nodes)--> OPEN --(all participants submitted | deadline)--> STEPPING
     STEPPING --(server step + atomic commit)--> WAITING     (or DONE after the last round)
+    STEPPING --(the step would poison the state)--> WAITING  (round refused, state kept, reopened)
     STEPPING --(commit failed: disk full, read-only)--> HALTED  (retries the commit; never advances)
+    any     --(the driver itself raised: a bug)--> HALTED  (for good: readiness NOT_SERVING)
+
+A live node is a registered one that has fetched or sent a heartbeat since it registered: a name
+that only registers never holds a round open.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import structlog
 import torch
 
 from fedgradnorm.algorithm import (
+    MAX_LOSS_RATIO,
     AlgorithmError,
     ClientUpdate,
     ServerConfig,
@@ -37,11 +43,14 @@ from fedgradnorm.algorithm import (
     StepResult,
     TensorDict,
     default_omega_tilde,
+    norm_outliers,
     server_step,
+    update_norm,
     validate_update,
 )
 from fedgradnorm.models import build_shared
 from fedgradnorm.tasks import Federation, federation
+from services.aggregator.roundlog import round_records
 from services.aggregator.store import MemberRecord, Snapshot, StateError, StateStore
 
 log = structlog.get_logger("fedgradnorm.aggregator")
@@ -50,6 +59,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_SAMPLES = 1_000_000_000
 LOSS_RATIO_RTOL = 1e-4
 MAX_TEST_METRICS = 8
+MAX_FIELD = 256  # longest dataset, task or peer string kept or echoed before it is checked
+GETSTATE_PAGE = 1000  # nodes per GetState reply, at most
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +138,11 @@ class CoordinatorConfig:
     enrollment_token: str = field(default="", repr=False)
     register_burst: int = 5  # registration attempts per (peer, node name) before the rate applies
     register_rate: float = 0.2  # refill per second of that bucket; failed enrolments share one per peer
+    new_node_burst: int = 64  # enrolments of new names per peer before new_node_rate applies
+    new_node_rate: float = 1.0  # new names per second and peer after the burst
+    departed_retention: float = 86400.0  # seconds a departed node's p, F_0 and identity are kept
+    max_departed: int = 1024  # departed nodes kept at most (the longest gone are forgotten first)
+    update_norm_factor: float = 1e4  # drop an update whose norm exceeds this x the round's median (0: off)
 
     def __post_init__(self) -> None:
         federation(self.dataset)
@@ -135,8 +151,12 @@ class CoordinatorConfig:
             raise ValueError("need 1 <= min_nodes <= max_nodes")
         if self.round_timeout <= 0 or self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError("round_timeout and heartbeat_interval must be positive, heartbeat_timeout larger")
-        if self.register_burst < 1 or self.register_rate <= 0:
-            raise ValueError("register_burst must be >= 1 and register_rate positive")
+        if self.register_burst < 1 or self.register_rate <= 0 or self.new_node_burst < 1 or self.new_node_rate <= 0:
+            raise ValueError("register_burst and new_node_burst must be >= 1, register_rate and new_node_rate positive")
+        if self.departed_retention < 0 or self.max_departed < 0:
+            raise ValueError("departed_retention and max_departed must be non-negative")
+        if not (self.update_norm_factor == 0 or self.update_norm_factor >= 1):
+            raise ValueError("update_norm_factor must be 0 (off) or at least 1")
         if self.tau_h < 0 or self.tau_omega < 1 or self.batch_size < 1 or self.rounds < 0:
             raise ValueError("need tau_h >= 0, tau_omega >= 1, batch_size >= 1, rounds >= 0")
 
@@ -190,6 +210,7 @@ class Submission:
     num_samples: int
     test_loss: float | None = None
     test_metrics: Mapping[str, float] = field(default_factory=dict)
+    norm: float = 0.0  # l2 norm of the whole gradient (set on admission)
 
 
 @dataclass(frozen=True)
@@ -199,7 +220,7 @@ class RoundSummary:
     round: int
     algorithm: str
     participants: tuple[str, ...]
-    submitted: dict[str, Submission]
+    submitted: dict[str, Submission]  # the updates the step used
     step: StepResult
     members: dict[str, MemberRecord]
     duration_seconds: float  # opening to the end of the step, when the next round can open
@@ -283,6 +304,8 @@ class RoundCoordinator:
         self._members: dict[str, MemberRecord] = {}
         self._tokens: dict[str, str] = {}  # node id -> sha256 of its session token
         self._last_seen: dict[str, float] = {}
+        self._live: set[str] = set()  # registered and seen (fetch or heartbeat) since registering
+        self._last_records: list[dict[str, Any]] = []  # metrics.jsonl rows of the last committed round
         self._open: _OpenRound | None = None
         self._pending: _PendingCommit | None = None  # the last round's commit, while it is written
         self._committed_round = -1  # the round of the state last written to the store
@@ -291,8 +314,12 @@ class RoundCoordinator:
         self._server_config: ServerConfig | None = None
         self._expected: dict[str, tuple[int, ...]] = {}
         self.halted_reason: str | None = None
+        self._crashed = False  # the driver raised: halted until the process is restarted
+        self.refused_rounds = 0  # rounds whose step would have made the state non-finite
+        self.dropped_updates = 0  # accepted updates left out at the close by the norm bound
         self._attempts = RateLimiter(config.register_rate, config.register_burst)
         self._failures = RateLimiter(config.register_rate, 4 * config.register_burst)
+        self._new_names = RateLimiter(config.new_node_rate, config.new_node_burst)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -315,10 +342,14 @@ class RoundCoordinator:
                 )
             self._state, self._members = snap.server, snap.members
             self._committed_round = snap.server.round
+            self._last_records = list(snap.records)
             log.info("state.resumed", round=snap.server.round, nodes=len(snap.members), store=self.store.describe())
         now = time.monotonic()
         self._tokens = {k: m.token_sha256 for k, m in self._members.items()}
         self._last_seen = {k: now for k, m in self._members.items() if m.registered}
+        # After a restart, nodes that have taken part in a round count as live until their
+        # heartbeat times out; a name that only ever registered must show up first.
+        self._live = {k for k, m in self._members.items() if m.registered and m.last_round >= 0}
         self._server_config = self.config.server_config(self._state.omega)
         self._expected = {k: tuple(v.shape) for k, v in self._state.omega.items()}
         missing = [n for n in self._server_config.omega_tilde if n not in self._expected]
@@ -326,6 +357,11 @@ class RoundCoordinator:
             raise ValueError(f"omega_tilde names {missing} are not parameters of {self.config.network}")
         if self.config.rounds and self._state.round >= self.config.rounds:
             self._phase = Phase.DONE
+
+    @property
+    def last_round_records(self) -> list[dict[str, Any]]:
+        """The metrics.jsonl rows of the last committed round (empty before the first)."""
+        return list(self._last_records)
 
     @property
     def committed_round(self) -> int:
@@ -380,28 +416,37 @@ class RoundCoordinator:
     def model_bytes(self) -> int:
         return sum(4 * math.prod(s) for s in self._expected.values())
 
-    def view(self) -> dict[str, Any]:
-        """A consistent copy of the state for GetState."""
+    def view(self, page_size: int = GETSTATE_PAGE, after: str = "") -> dict[str, Any]:
+        """A consistent copy of the state for GetState: at most ``page_size`` nodes (capped at
+        GETSTATE_PAGE) whose ids sort after ``after``, and the id to continue from."""
+        size = GETSTATE_PAGE if page_size <= 0 else min(page_size, GETSTATE_PAGE)
         with self._cond:
             assert self._state is not None
-            weights = {k: w.p for k, w in self._state.weights.items()}
             active = self._open.participants if self._open else set()
+            ids = sorted(k for k in self._members if k > after)
+            page = ids[:size]
             nodes = []
-            for k, m in sorted(self._members.items()):
-                nodes.append({**copy.deepcopy(m.__dict__), "weight": weights.get(k, 1.0), "active": k in active})
-            for n in nodes:
+            for k in page:
+                n = copy.deepcopy(self._members[k].__dict__)
                 n.pop("token_sha256", None)
+                nodes.append({**n, "weight": self._state.weight(k), "active": k in active})
             return {
                 "round": self._state.round,
+                "last_committed_round": self._committed_round - 1,
                 "phase": self._phase.value,
                 "open_round": self._open.number if self._open else None,
                 "nodes": nodes,
+                "next_after": page[-1] if len(ids) > size else "",
+                "total_nodes": len(self._members),
                 "halted_reason": self.halted_reason,
             }
 
     def registered_count(self) -> int:
         with self._cond:
-            return sum(1 for m in self._members.values() if m.registered)
+            return self._registered_locked()
+
+    def _registered_locked(self) -> int:
+        return sum(1 for m in self._members.values() if m.registered)
 
     # -- node calls -------------------------------------------------------------------------
 
@@ -419,7 +464,15 @@ class RoundCoordinator:
         if not member.registered:
             raise FailedPrecondition(f"node {node_id!r} is deregistered; register again", reason="deregistered")
         self._last_seen[node_id] = time.monotonic()
+        if node_id not in self._live:
+            self._live.add(node_id)
+            self._cond.notify_all()
         return member
+
+    def authenticate(self, node_id: str, token: str) -> None:
+        """Raise unless ``token`` is the session of the registered node ``node_id`` (marks it live)."""
+        with self._cond:
+            self._authenticate(node_id, token)
 
     def register(
         self,
@@ -434,6 +487,12 @@ class RoundCoordinator:
         peer: str = "",
     ) -> Registration:
         """Enrol a node or resume one. ``peer`` (the caller's host) keys the attempt rate limits."""
+        # Sizes first: nothing a caller sends is kept or echoed before it is known to be small.
+        if not NAME_RE.match(name or ""):
+            raise InvalidArgument(f"node name {name[:64]!r} must match {NAME_RE.pattern}", reason="bad_name")
+        if len(dataset) > MAX_FIELD or len(task) > MAX_FIELD or len(node_id) > MAX_FIELD:
+            raise InvalidArgument(f"dataset, task and node_id are at most {MAX_FIELD} characters", reason="bad_value")
+        peer = peer[:MAX_FIELD]
         if not self._attempts.allow(f"{peer}|{name}"):
             raise ResourceExhausted(
                 f"too many registration attempts for {name!r} from {peer or 'this peer'}; back off and retry",
@@ -454,8 +513,6 @@ class RoundCoordinator:
                 f"unknown task {task!r} for {dataset}; tasks: {list(self.config.federation.task_names)}",
                 reason="bad_task",
             )
-        if not NAME_RE.match(name or ""):
-            raise InvalidArgument(f"node name {name!r} must match {NAME_RE.pattern}", reason="bad_name")
         if not 1 <= num_samples <= MAX_SAMPLES:
             raise InvalidArgument(f"num_samples must be in [1, {MAX_SAMPLES}], got {num_samples}", reason="bad_value")
         with self._cond:
@@ -470,8 +527,12 @@ class RoundCoordinator:
                     raise InvalidArgument(
                         f"node {node_id!r} was registered for task {member.task!r}, not {task!r}", reason="bad_task"
                     )
+                if not member.registered and self._registered_locked() >= self.config.max_nodes:
+                    raise ResourceExhausted(f"the federation is full ({self.config.max_nodes} nodes)", reason="full")
                 member.registered = True
+                member.departed_unix = None
                 member.num_samples = num_samples
+                self._live.discard(node_id)  # live again at its next fetch or heartbeat
                 self._last_seen[node_id] = time.monotonic()
                 self._cond.notify_all()
                 log.info("node.resumed", node=node_id, task=task)
@@ -482,8 +543,12 @@ class RoundCoordinator:
                     f"node name {name!r} is taken; a restarting node resumes with its stored id and token",
                     reason="name_taken",
                 )
-            if sum(1 for m in self._members.values() if m.registered) >= self.config.max_nodes:
+            if self._registered_locked() >= self.config.max_nodes:
                 raise ResourceExhausted(f"the federation is full ({self.config.max_nodes} nodes)", reason="full")
+            if not self._new_names.allow(peer):
+                raise ResourceExhausted(
+                    f"too many new node names from {peer or 'this peer'}; back off and retry", reason="rate_limited"
+                )
             token = secrets.token_urlsafe(32)
             member = MemberRecord(
                 node_id=name,
@@ -515,7 +580,9 @@ class RoundCoordinator:
 
     def _drop_locked(self, node_id: str, why: str) -> None:
         self._members[node_id].registered = False
+        self._members[node_id].departed_unix = self._wall()
         self._last_seen.pop(node_id, None)
+        self._live.discard(node_id)
         if self._open is not None and node_id not in self._open.submitted:
             self._open.participants.discard(node_id)
         self._cond.notify_all()
@@ -546,10 +613,11 @@ class RoundCoordinator:
                     return None
                 self._cond.wait(min(remaining, 1.0))
 
-    def check_submit(self, node_id: str, token: str, round_: int) -> None:
-        """Everything that can be refused before the payload is read."""
+    def check_submit(self, node_id: str, token: str, round_: int) -> float:
+        """Everything that can be refused before the payload is read; returns the round's
+        deadline (Unix seconds), after which the upload is of no use."""
         with self._cond:
-            self._check_submit_locked(node_id, token, round_)
+            return self._check_submit_locked(node_id, token, round_).deadline_unix
 
     def _check_submit_locked(self, node_id: str, token: str, round_: int) -> _OpenRound:
         self._authenticate(node_id, token)
@@ -571,6 +639,8 @@ class RoundCoordinator:
         loss = _finite("loss", sub.loss)
         f0 = _finite("initial_loss", sub.initial_loss, positive=True)
         ratio = _finite("loss_ratio", sub.loss_ratio, positive=True)
+        if ratio > MAX_LOSS_RATIO:
+            raise InvalidArgument(f"loss_ratio {ratio} is above {MAX_LOSS_RATIO:g}", reason="bad_value")
         if abs(ratio - loss / f0) > LOSS_RATIO_RTOL * max(1.0, ratio):
             raise InvalidArgument(f"loss_ratio {ratio} is not loss / initial_loss = {loss / f0}", reason="bad_value")
         if not 1 <= sub.num_samples <= MAX_SAMPLES:
@@ -590,10 +660,20 @@ class RoundCoordinator:
             validate_update(ClientUpdate(sub.node_id, sub.gradient, ratio), self._state.omega)
         except AlgorithmError as e:
             raise InvalidArgument(str(e), reason="bad_tensor") from e
+        sub = replace(sub, norm=update_norm(sub.gradient))
         with self._cond:
             o = self._check_submit_locked(sub.node_id, token, sub.round)
             member = self._members[sub.node_id]
-            if member.initial_loss is not None and not math.isclose(f0, member.initial_loss, rel_tol=1e-6):
+            if member.initial_loss is None:
+                # The node's first update: F_0 is this round's loss, so F~ is 1 (Algorithm 2).
+                if not math.isclose(loss, f0, rel_tol=1e-6) or abs(ratio - 1.0) > LOSS_RATIO_RTOL:
+                    raise InvalidArgument(
+                        f"the first update of node {sub.node_id!r} must have loss = initial_loss and loss_ratio 1 "
+                        f"(got loss {loss}, initial_loss {f0}, loss_ratio {ratio})",
+                        reason="bad_value",
+                    )
+                member.initial_loss = f0  # F_0 as the aggregator first saw it
+            elif not math.isclose(f0, member.initial_loss, rel_tol=1e-6):
                 raise InvalidArgument(
                     f"initial_loss {f0} differs from the stored F_0 {member.initial_loss} of node {sub.node_id!r}",
                     reason="bad_value",
@@ -606,33 +686,70 @@ class RoundCoordinator:
     def _drive(self) -> None:
         with self._cond:
             while not self._stop.is_set():
-                self._expire_silent_locked()
-                self._settle_commit_locked(wait=False)
-                if self._phase is Phase.WAITING:
-                    if not self._try_open_locked():
-                        self._cond.wait(self.config.heartbeat_interval)
-                elif self._phase is Phase.OPEN:
-                    o = self._open
-                    assert o is not None
-                    remaining = o.deadline_mono - time.monotonic()
-                    if o.participants <= set(o.submitted) or remaining <= 0:
-                        # The step updates omega in place: the last round's state must be on disk
-                        # first; if that commit failed, this round is withdrawn (HALTED).
-                        self._settle_commit_locked(wait=True)
-                        if self._phase is Phase.OPEN:
-                            self._close_locked()
-                    else:
-                        self._cond.wait(min(remaining, self.config.heartbeat_interval))
-                elif self._phase is Phase.HALTED:
-                    self._retry_commit_locked()
-                else:  # DONE
-                    self._cond.wait(self.config.heartbeat_interval)
+                try:
+                    self._drive_once_locked()
+                except Exception as e:  # a bug: never a silent zombie that answers SERVING
+                    self._crash_locked(e)
+
+    def _crash_locked(self, error: Exception) -> None:
+        log.exception("driver.crashed", error=f"{type(error).__name__}: {error}", phase=self._phase.value)
+        self._crashed = True
+        self.halted_reason = f"the round driver failed ({type(error).__name__}: {error}); restart the aggregator"
+        self._phase = Phase.HALTED
+        self._open = None
+        self._cond.notify_all()
+
+    def _drive_once_locked(self) -> None:
+        self._expire_silent_locked()
+        self._expire_departed_locked()
+        self._settle_commit_locked(wait=False)
+        if self._phase is Phase.WAITING:
+            if not self._try_open_locked():
+                self._cond.wait(self.config.heartbeat_interval)
+        elif self._phase is Phase.OPEN:
+            o = self._open
+            assert o is not None
+            remaining = o.deadline_mono - time.monotonic()
+            if o.participants <= set(o.submitted) or remaining <= 0:
+                # No round builds on a state that is not on disk: the last round's commit must
+                # have landed first; if it failed, this round is withdrawn (HALTED).
+                self._settle_commit_locked(wait=True)
+                if self._phase is Phase.OPEN:
+                    self._close_locked()
+            else:
+                self._cond.wait(min(remaining, self.config.heartbeat_interval))
+        elif self._phase is Phase.HALTED:
+            if self._crashed:
+                self._cond.wait(self.config.heartbeat_interval)
+            else:
+                self._retry_commit_locked()
+        else:  # DONE
+            self._cond.wait(self.config.heartbeat_interval)
 
     def _expire_silent_locked(self) -> None:
         limit = time.monotonic() - self.config.heartbeat_timeout
         for node_id, seen in list(self._last_seen.items()):
             if seen < limit:
                 self._drop_locked(node_id, "heartbeat timeout")
+
+    def _expire_departed_locked(self) -> None:
+        """Forget departed nodes after the retention, and the longest gone beyond max_departed
+        (their identity, p and F_0: a node that returns later enrols afresh)."""
+        assert self._state is not None
+        keep = set(self._open.submitted) if self._open is not None else set()
+        departed = sorted(
+            (m.departed_unix or 0.0, k) for k, m in self._members.items() if not m.registered and k not in keep
+        )
+        excess = len(departed) - self.config.max_departed
+        limit = self._wall() - self.config.departed_retention
+        gone = [k for i, (since, k) in enumerate(departed) if i < excess or since < limit]
+        if not gone:
+            return
+        for k in gone:
+            del self._members[k]
+            self._tokens.pop(k, None)
+        self._state.weights = {k: w for k, w in self._state.weights.items() if k in self._members}
+        log.info("nodes.forgotten", count=len(gone), retention_seconds=self.config.departed_retention)
 
     def _try_open_locked(self) -> bool:
         assert self._state is not None
@@ -644,7 +761,7 @@ class RoundCoordinator:
             self._cond.notify_all()
             log.info("training.done", rounds=self._state.round)
             return True
-        active = {k for k, m in self._members.items() if m.registered}
+        active = {k for k in self._live if self._members[k].registered}
         if len(active) < self.config.min_nodes:
             return False
         now_mono, now_wall = time.monotonic(), self._wall()
@@ -654,7 +771,7 @@ class RoundCoordinator:
             deadline_unix=now_wall + self.config.round_timeout,
             deadline_mono=now_mono + self.config.round_timeout,
             opened_mono=now_mono,
-            omega={k: v.clone() for k, v in self._state.omega.items()},
+            omega=self._state.omega,  # never written to: the step makes new tensors
         )
         self._phase = Phase.OPEN
         self._cond.notify_all()
@@ -670,20 +787,31 @@ class RoundCoordinator:
             self._open, self._phase = None, Phase.WAITING
             return
         stragglers = sorted(o.participants - set(submitted))
+        dropped = norm_outliers({k: s.norm for k, s in submitted.items()}, self.config.update_norm_factor)
+        for k in sorted(dropped):
+            log.error("update.dropped", round=o.number, node=k, norm=submitted[k].norm, why="norm above the bound")
+            del submitted[k]
+        self.dropped_updates += len(dropped)
         self._phase = Phase.STEPPING
         t_collected = time.monotonic()
         self._cond.release()  # the step runs without the lock: RPCs keep being answered
         try:
             updates = [ClientUpdate(k, s.gradient, s.loss_ratio) for k, s in submitted.items()]
             result = server_step(self._state, updates, self.server_config, validate=False)  # checked in submit()
+        except AlgorithmError as e:
+            result, refusal = None, e
         finally:
             self._cond.acquire()
+        if result is None:  # the state is untouched: the same round opens again
+            self.refused_rounds += 1
+            log.error("round.refused", round=o.number, error=str(refusal), submitted=sorted(submitted))
+            self._open, self._phase = None, Phase.WAITING
+            self._cond.notify_all()
+            return
         t_stepped = time.monotonic()
         for k, s in submitted.items():
             m = self._members[k]
             rep = result.reports[k]
-            if m.initial_loss is None:
-                m.initial_loss = s.initial_loss
             m.last_round = o.number
             m.train_loss, m.loss_ratio, m.grad_norm = s.loss, s.loss_ratio, rep.grad_norm
             m.test_loss, m.test_metrics = s.test_loss, dict(s.test_metrics)
@@ -710,7 +838,10 @@ class RoundCoordinator:
         )
         # The next round opens now, while this round's state is written (it is the state the next
         # round's nodes fetch; the next step waits for the commit, see _drive).
-        self._pending = self._begin_commit(self._snapshot(), summary)
+        snap = self._snapshot()
+        # The rows go into the committed state too, so a crash after the commit cannot lose them.
+        snap.records = [{**r, "commit_seconds": None} for r in round_records(summary)]
+        self._pending = self._begin_commit(snap, summary)
         self._phase = Phase.WAITING
         self._cond.notify_all()
 
@@ -767,15 +898,17 @@ class RoundCoordinator:
         assert self._state is not None
         return Snapshot(
             identity=self.config.identity(),
-            # omega and the Adam moments are shared, not copied: only the step changes them, and it
-            # waits for the commit; round and weights are copied.
+            # omega and the Adam moments are shared, not copied: the step replaces them with new
+            # tensors and never writes to the old ones; round and weights are copied.
             server=replace(self._state, weights=dict(self._state.weights)),
             members={k: replace(m, test_metrics=dict(m.test_metrics)) for k, m in self._members.items()},
+            records=self._last_records,
         )
 
     def _commit_locked_snapshot(self, snap: Snapshot) -> None:
         self.store.save(snap)
         self._committed_round = snap.server.round
+        self._last_records = snap.records
 
     def _commit_or_halt_locked(self) -> None:
         """Commit the state now, in this thread (the retry while HALTED); the file is written

@@ -36,6 +36,11 @@ UPDATE_OUTCOMES = (
     "overflow",
     "truncated",
     "not_finite",
+    "chunk_too_large",
+    "busy",  # a second SubmitUpdate of a node while one is in flight
+    "deadline",  # an upload cut off at its round's deadline
+    "cancelled",  # an upload the client abandoned
+    "dropped_norm",  # accepted, then left out at the close: norm above the round's bound
 )
 REGISTRATION_OUTCOMES = (
     "registered",
@@ -94,7 +99,21 @@ class AggregatorMetrics:
         self.registrations = Counter(
             "fedgradnorm_registrations_total", "Register calls by outcome", ("outcome",), registry=r
         )
-        self.halted = Gauge("fedgradnorm_halted", "1 while state commits fail and rounds do not advance", registry=r)
+        self.halted = Gauge(
+            "fedgradnorm_halted", "1 while rounds do not advance (state commits fail, or the driver failed)", registry=r
+        )
+        self.rounds_refused = Counter(
+            "fedgradnorm_rounds_refused_total",
+            "Rounds whose server step would have made omega or its Adam moments non-finite (state kept)",
+            registry=r,
+        )
+        self.streams_cancelled = Counter(
+            "fedgradnorm_streams_cancelled_total",
+            "FetchRound/SubmitUpdate streams the aggregator cut off: replaced by the node's newer one, or past the deadline",
+            ("reason",),
+            registry=r,
+        )
+        self._synced: dict[str, int] = {}
         # Every known label exists from the start at 0, so rate() and increase() see the first event.
         for outcome in UPDATE_OUTCOMES:
             self.updates.labels(outcome)
@@ -104,6 +123,8 @@ class AggregatorMetrics:
             self.bytes.labels(direction)
         for phase in ROUND_PHASES:
             self.round_phase.labels(phase)
+        for reason in ("replaced", "deadline"):
+            self.streams_cancelled.labels(reason)
         self._series: dict[str, tuple[str, set[str]]] = {}  # node -> (task, metric names)
 
     def on_round(self, summary: RoundSummary) -> None:
@@ -130,6 +151,20 @@ class AggregatorMetrics:
         for node, member in summary.members.items():
             if not member.registered:
                 self.forget(node)
+
+    def sync_counts(self, counts: dict[str, int]) -> None:
+        """Bring counters kept as plain totals elsewhere (coordinator, stream guard) up to date."""
+        targets = {
+            "rounds_refused": self.rounds_refused,
+            "dropped_updates": self.updates.labels("dropped_norm"),
+            "streams_replaced": self.streams_cancelled.labels("replaced"),
+            "streams_deadline": self.streams_cancelled.labels("deadline"),
+        }
+        for key, total in counts.items():
+            delta = total - self._synced.get(key, 0)
+            if delta > 0:
+                targets[key].inc(delta)
+                self._synced[key] = total
 
     def forget(self, node: str) -> None:
         """Remove a departed node's series."""

@@ -21,11 +21,11 @@ from prometheus_client import start_http_server
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm.atomic import atomic_write_text
-from fedgradnorm.records import append_jsonl, round_record
 from services.aggregator.codec import WireCodec
 from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import CoordinatorConfig, Phase, RoundCoordinator, RoundSummary
+from services.aggregator.coordinator import CoordinatorConfig, Phase, RoundCoordinator
 from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.roundlog import RoundLog
 from services.aggregator.servicer import AggregatorServicer
 from services.aggregator.store import FileStateStore
 
@@ -48,43 +48,6 @@ def _split_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-class RoundLog:
-    """Appends the metrics.jsonl records of every closed round (same shape as the simulator's)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, s: RoundSummary) -> None:
-        records = []
-        for node, sub in sorted(s.submitted.items()):
-            member = s.members[node]
-            metric = next(iter(sub.test_metrics), None)
-            records.append(
-                round_record(
-                    round_=s.round,
-                    client=node,
-                    task=member.task,
-                    algorithm=s.algorithm,
-                    report=s.step.reports[node],
-                    f_grad=s.step.f_grad,
-                    train_loss=sub.loss,
-                    test_loss=sub.test_loss,
-                    test_metric=metric,
-                    test_value=sub.test_metrics.get(metric) if metric else None,
-                    num_samples=sub.num_samples,
-                )
-            )
-        timing = {
-            "round_seconds": s.duration_seconds,
-            "collect_seconds": s.collect_seconds,
-            "step_seconds": s.step_seconds,
-            "commit_seconds": s.commit_seconds,
-            "closed_unix": s.closed_unix,
-        }
-        append_jsonl(self.path, [{**r, **timing} for r in records])
-
-
 @dataclass
 class RunningAggregator:
     server: grpc.Server
@@ -95,6 +58,7 @@ class RunningAggregator:
     metrics_port: int | None
     health_port: int | None = None
     health_server: grpc.Server | None = None
+    servicer: AggregatorServicer | None = None
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -102,6 +66,8 @@ class RunningAggregator:
         if self.health_server is not None:
             self.health_server.stop(0).wait()
         self.coordinator.stop()
+        if self.servicer is not None:
+            self.servicer.streams.close()
 
 
 def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> RunningAggregator:
@@ -110,19 +76,21 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
         torch.set_num_threads(service.torch_threads)
     metrics = AggregatorMetrics()
     store = FileStateStore(service.state_dir)
-    log_path = Path(service.metrics_log or os.path.join(service.state_dir, "metrics.jsonl"))
-    coordinator = RoundCoordinator(rounds, store, listeners=[metrics.on_round, RoundLog(log_path)])
+    round_log = RoundLog(Path(service.metrics_log or os.path.join(service.state_dir, "metrics.jsonl")))
+    coordinator = RoundCoordinator(rounds, store, listeners=[metrics.on_round, round_log])
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    # Each waiting FetchRound holds a worker: size the pool for every node plus room for GetState,
-    # health and registrations (threads are only created as they are needed).
-    workers = max(service.max_workers, rounds.max_nodes + 16)
+    # Each FetchRound or SubmitUpdate in flight holds a worker, at most one of each per node
+    # (streams.py): the pool has one of each for every node plus max_workers to spare, so node
+    # traffic cannot starve health, GetState or Register (threads are only created as needed).
+    workers = 2 * rounds.max_nodes + service.max_workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS, interceptors=[WireCodec()]
     )
-    pb_grpc.add_AggregatorServicer_to_server(AggregatorServicer(coordinator, service, metrics), server)
+    servicer = AggregatorServicer(coordinator, service, metrics)
+    pb_grpc.add_AggregatorServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -155,7 +123,9 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     )
 
     try:
-        coordinator.start()  # loads or initialises the state; raises StateError on a corrupt one
+        coordinator.load()  # or initialise the state; raises StateError on a corrupt one
+        round_log.reconcile(coordinator.last_round_records)
+        coordinator.start()
     except BaseException:
         server.stop(0)
         raise
@@ -163,7 +133,7 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningAggregator(
-        server, coordinator, health_servicer, metrics, port, metrics_port, health_port, health_server
+        server, coordinator, health_servicer, metrics, port, metrics_port, health_port, health_server, servicer
     )
     threading.Thread(target=_watch_halt, args=(running,), name="health-watch", daemon=True).start()
     if service.ready_file:
@@ -173,10 +143,18 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
 
 
 def _watch_halt(running: RunningAggregator) -> None:
-    """Readiness follows the coordinator: NOT_SERVING for the service while commits fail."""
+    """Readiness follows the coordinator: NOT_SERVING for the service while it is halted."""
     last = None
-    while running.coordinator.running:
-        halted = running.coordinator.phase is Phase.HALTED
+    coord, streams = running.coordinator, running.servicer.streams if running.servicer else None
+    while coord.running:
+        running.metrics.sync_counts(
+            {
+                "rounds_refused": coord.refused_rounds,
+                "dropped_updates": coord.dropped_updates,
+                **({f"streams_{k}": v for k, v in streams.cancelled.items()} if streams else {}),
+            }
+        )
+        halted = coord.phase is Phase.HALTED
         if halted != last:
             status = health_pb2.HealthCheckResponse.NOT_SERVING if halted else health_pb2.HealthCheckResponse.SERVING
             running.health.set(SERVICE_NAME, status)

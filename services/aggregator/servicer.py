@@ -17,6 +17,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from services.aggregator.config import ServiceConfig
 from services.aggregator.coordinator import (
+    NAME_RE,
     AlreadyExists,
     CoordinatorError,
     FailedPrecondition,
@@ -31,6 +32,7 @@ from services.aggregator.coordinator import (
     Unavailable,
 )
 from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.streams import StreamBusy, StreamGuard
 
 log = structlog.get_logger("fedgradnorm.aggregator")
 
@@ -55,6 +57,7 @@ PHASES = {
 
 
 MAX_STATUS_MESSAGE = 512  # status details echo request fields: keep them within gRPC's metadata limits
+STREAM_GRACE = 5.0  # seconds a stream may run past its round's deadline before it is cancelled
 
 
 def _message(error: Exception) -> str:
@@ -115,6 +118,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.wire_dtype = wire.DTYPE_BY_NAME[config.wire_dtype]
         self.accepted = tuple(wire.DTYPE_BY_NAME.values())
         self._encoded = EncodedRounds(config.chunk_bytes)
+        self.streams = StreamGuard()
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
         _require_loaded(self.coord, context)
@@ -166,26 +170,39 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad_dtype: dtype {dtype} is not among {self.accepted}")
         wait = min(max(request.wait_seconds, 0.0), self.config.max_fetch_wait)
         try:
-            ticket = self.coord.fetch_round(request.node_id, request.session_token, wait, alive=context.is_active)
+            self.coord.authenticate(request.node_id, request.session_token)
         except CoordinatorError as e:
             _abort(context, e)
-        if ticket is None:
-            status = pb.ROUND_STATUS_FINISHED if self.coord.phase is Phase.DONE else pb.ROUND_STATUS_NOT_YET
-            yield pb.FetchRoundResponse(header=pb.RoundHeader(status=status, round=self.coord.round))
-            return
-        specs = wire.tensor_specs(ticket.omega, dtype)
-        total = wire.payload_nbytes(specs)
-        yield pb.FetchRoundResponse(
-            header=pb.RoundHeader(
-                status=pb.ROUND_STATUS_OPEN,
-                round=ticket.round,
-                deadline_unix_seconds=ticket.deadline_unix,
-                tensors=specs,
-                total_bytes=total,
+        with self.streams.fetch(request.node_id, context) as stream:  # replaces the node's older one
+            try:
+                ticket = self.coord.fetch_round(
+                    request.node_id,
+                    request.session_token,
+                    wait,
+                    alive=lambda: context.is_active() and not stream.cancelled,
+                )
+            except CoordinatorError as e:
+                _abort(context, e)
+            if stream.cancelled:
+                return
+            if ticket is None:
+                status = pb.ROUND_STATUS_FINISHED if self.coord.phase is Phase.DONE else pb.ROUND_STATUS_NOT_YET
+                yield pb.FetchRoundResponse(header=pb.RoundHeader(status=status, round=self.coord.round))
+                return
+            stream.expire_at_unix(ticket.deadline_unix, STREAM_GRACE)  # a reader that stalls is cut off
+            specs = wire.tensor_specs(ticket.omega, dtype)
+            total = wire.payload_nbytes(specs)
+            yield pb.FetchRoundResponse(
+                header=pb.RoundHeader(
+                    status=pb.ROUND_STATUS_OPEN,
+                    round=ticket.round,
+                    deadline_unix_seconds=ticket.deadline_unix,
+                    tensors=specs,
+                    total_bytes=total,
+                )
             )
-        )
-        yield from self._encoded.chunks(ticket.round, ticket.omega, dtype)  # serialized: codec.WireCodec
-        self.metrics.bytes.labels("sent").inc(total)
+            yield from self._encoded.chunks(ticket.round, ticket.omega, dtype)  # serialized: codec.WireCodec
+            self.metrics.bytes.labels("sent").inc(total)
 
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
@@ -197,16 +214,31 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             if first is None or first.WhichOneof("payload") != "header":
                 raise InvalidArgument("the first message of SubmitUpdate must be a SubmitHeader", reason="bad_stream")
             h = first.header
-            self.coord.check_submit(h.node_id, h.session_token, h.round)  # before any payload is buffered
-            asm = wire.TensorAssembler.from_header(
-                h, self.coord.expected_shapes(), max_bytes=self.coord.model_bytes(), allowed_dtypes=self.accepted
-            )
-            for msg in request_iterator:
-                if msg.WhichOneof("payload") != "chunk":
-                    raise InvalidArgument("only TensorChunk messages may follow the header", reason="bad_stream")
-                asm.feed(msg.chunk.data)
-                received += len(msg.chunk.data)
-            gradient = asm.finish()
+            deadline = self.coord.check_submit(h.node_id, h.session_token, h.round)  # before any payload
+            with self.streams.submit(h.node_id, context, deadline, STREAM_GRACE) as stream:
+                asm = wire.TensorAssembler.from_header(
+                    h, self.coord.expected_shapes(), max_bytes=self.coord.model_bytes(), allowed_dtypes=self.accepted
+                )
+                try:
+                    for msg in request_iterator:
+                        if msg.WhichOneof("payload") != "chunk":
+                            raise InvalidArgument(
+                                "only TensorChunk messages may follow the header", reason="bad_stream"
+                            )
+                        if len(msg.chunk.data) > self.config.chunk_bytes:
+                            raise InvalidArgument(
+                                f"a chunk of {len(msg.chunk.data)} bytes is above max_chunk_bytes "
+                                f"{self.config.chunk_bytes}",
+                                reason="chunk_too_large",
+                            )
+                        asm.feed(msg.chunk.data)
+                        received += len(msg.chunk.data)
+                except grpc.RpcError:  # the stream was cancelled (see below)
+                    pass
+                if stream.cancelled or not context.is_active():  # cut off at its deadline, or the client left
+                    self.metrics.updates.labels("deadline" if stream.cancelled == "deadline" else "cancelled").inc()
+                    context.abort(grpc.StatusCode.CANCELLED, f"upload cut off ({stream.cancelled or 'client gone'})")
+                gradient = asm.finish()
             self.coord.submit(
                 h.session_token,
                 Submission(
@@ -221,6 +253,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                     test_metrics=dict(h.test_metrics),
                 ),
             )
+        except StreamBusy as e:
+            self.metrics.updates.labels("busy").inc()
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"busy: {e}")
         except CoordinatorError as e:
             self.metrics.updates.labels(e.reason).inc()
             _abort(context, e)
@@ -254,7 +289,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
         _require_loaded(self.coord, context)
-        view = self.coord.view()
+        after = request.page_token
+        if len(after) > 64 or (after and not NAME_RE.match(after)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad_page_token: not a token of a GetState reply")
+        view = self.coord.view(request.page_size, after)
         cfg = self.coord.config
         nodes = []
         for n in view["nodes"]:
@@ -295,4 +333,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             ),
             nodes=nodes,
             halted_reason=view["halted_reason"] or "",
+            last_committed_round=view["last_committed_round"],
+            next_page_token=view["next_after"],
+            total_nodes=view["total_nodes"],
         )

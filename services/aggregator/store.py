@@ -50,6 +50,7 @@ class MemberRecord:
     grad_norm: float | None = None
     test_loss: float | None = None
     test_metrics: dict[str, float] = field(default_factory=dict)
+    departed_unix: float | None = None  # when it left (deregistered or silent); None while registered
 
 
 @dataclass
@@ -57,6 +58,9 @@ class Snapshot:
     identity: dict[str, Any]  # network, algorithm, dataset, seed: a restart with others is refused
     server: ServerState
     members: dict[str, MemberRecord]
+    # The metrics.jsonl rows of the round this state closed, so that a crash between the commit
+    # and the append cannot lose them (services/aggregator/roundlog.py puts them back).
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _payload(snap: Snapshot) -> dict[str, Any]:
@@ -71,6 +75,7 @@ def _payload(snap: Snapshot) -> dict[str, Any]:
         "adam_exp_avg_sq": s.omega_adam.exp_avg_sq,
         "weights": {k: asdict(w) for k, w in s.weights.items()},
         "members": {k: asdict(m) for k, m in snap.members.items()},
+        "records": snap.records,
     }
 
 
@@ -101,9 +106,10 @@ def decode_snapshot(blob: bytes, origin: str) -> Snapshot:
             weights={k: ClientWeight(**w) for k, w in payload["weights"].items()},
         )
         members = {k: MemberRecord(**m) for k, m in payload["members"].items()}
+        records = [dict(r) for r in payload.get("records", [])]
     except (KeyError, TypeError, ValueError) as e:
         raise StateError(f"{origin}: incomplete aggregator state ({e})") from e
-    return Snapshot(identity=dict(payload["identity"]), server=server, members=members)
+    return Snapshot(identity=dict(payload["identity"]), server=server, members=members, records=records)
 
 
 class StateStore(abc.ABC):

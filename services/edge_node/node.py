@@ -196,6 +196,9 @@ class EdgeNode:
             initial_loss=resp.initial_loss if resp.HasField("initial_loss") else None,
         )
         self._build_client(session)
+        assert self.client is not None
+        # F_0 is the aggregator's: a node it has no F_0 for starts afresh (its next update has F~ = 1).
+        self.client.initial_loss = session.initial_loss
         log.info("node.registered", node=identity.node_id, task=cfg.task, resumed=resp.resumed, weight=resp.weight)
         self.session = session
         return session
@@ -212,8 +215,6 @@ class EdgeNode:
                 raise NodeStateError(
                     f"{self.store.client_path}: corrupt personal model ({type(e).__name__}: {e})"
                 ) from e
-        if client.initial_loss is None and session.initial_loss is not None:
-            client.initial_loss = session.initial_loss
         self.client = client
 
     # -- the round loop -------------------------------------------------------------------------

@@ -212,8 +212,12 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., registered: _Optional[bool] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class Hyperparameters(_message.Message):
     __slots__ = ("gamma", "alpha", "beta", "tau_h", "tau_omega", "batch_size", "min_nodes", "round_timeout_seconds")
@@ -275,7 +279,7 @@ class NodeState(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., task: _Optional[str] = ..., weight: _Optional[float] = ..., loss_ratio: _Optional[float] = ..., grad_norm: _Optional[float] = ..., train_loss: _Optional[float] = ..., initial_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., active: _Optional[bool] = ..., last_round: _Optional[int] = ..., registered_unix_seconds: _Optional[float] = ...) -> None: ...
 
 class GetStateResponse(_message.Message):
-    __slots__ = ("round", "phase", "algorithm", "dataset", "network", "hyperparameters", "nodes", "halted_reason")
+    __slots__ = ("round", "phase", "algorithm", "dataset", "network", "hyperparameters", "nodes", "halted_reason", "last_committed_round", "next_page_token", "total_nodes")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +288,9 @@ class GetStateResponse(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     HALTED_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NODES_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: Phase
     algorithm: str
@@ -292,4 +299,7 @@ class GetStateResponse(_message.Message):
     hyperparameters: Hyperparameters
     nodes: _containers.RepeatedCompositeFieldContainer[NodeState]
     halted_reason: str
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., algorithm: _Optional[str] = ..., dataset: _Optional[str] = ..., network: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., halted_reason: _Optional[str] = ...) -> None: ...
+    last_committed_round: int
+    next_page_token: str
+    total_nodes: int
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., algorithm: _Optional[str] = ..., dataset: _Optional[str] = ..., network: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., halted_reason: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., next_page_token: _Optional[str] = ..., total_nodes: _Optional[int] = ...) -> None: ...
