@@ -14,7 +14,7 @@ from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
 from fedgradnorm.machine import torch_threads
 from fedgradnorm.simulator import Simulation, SimulationConfig
 from fedgradnorm.tasks import federation
-from services.aggregator.store import STATE_FILE, FileStateStore
+from services.aggregator.store import STATE_FILE, FileStateStore, Snapshot, decode_snapshot
 from tests.grpc_client import connect, register, state
 
 TASKS = federation("radcom").task_names
@@ -31,6 +31,13 @@ def wait_exit(procs: list[ServiceProcess], timeout: float) -> None:
     for p in procs:
         rc = p.wait(max(1.0, end - time.monotonic()))
         assert rc == 0, f"{p.name} exited with {rc}:\n{p.log_text()[-3000:]}"
+
+
+def read_state(state_dir: Path) -> Snapshot | None:
+    """The state file as a running aggregator left it. Not FileStateStore.load: that removes
+    commit temporaries, and while the aggregator runs one of them is its writer's."""
+    path = state_dir / STATE_FILE
+    return decode_snapshot(path.read_bytes(), str(path)) if path.exists() else None
 
 
 def test_services_match_the_simulator(tmp_path: Path) -> None:
@@ -109,8 +116,14 @@ def test_aggregator_sigkill_resumes_from_last_committed_round(tmp_path: Path) ->
                     initial_loss=1.0,
                     loss_ratio=0.9,
                 )
-        header, _ = nodes[0].fetch()  # round 2 is open (so round 1 is committed): kill mid-round
-        committed = FileStateStore(state_dir).load()
+        header, _ = nodes[0].fetch()  # round 2 is open: kill mid-round, once round 1's state is on disk
+        assert header.round == 2
+        # Round 1's state is written beside round 2 (the pipelined commit): round 2 being open does
+        # not mean the file holds it yet, and on a busy machine the writer can still be at work.
+        end = time.monotonic() + 60
+        while (committed := read_state(state_dir)) is None or committed.server.round < 2:
+            assert time.monotonic() < end, "round 1's state was not committed within 60 s"
+            time.sleep(0.02)
         agg.kill()
         channel.close()
         assert (state_dir / STATE_FILE).exists()
