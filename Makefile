@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/main
 
-.PHONY: help venv run test test-faults lint fmt proto bench reproduce clean
+.PHONY: help venv run test test-busy test-faults lint fmt proto bench reproduce clean
 
 help:
 	@echo "make run    - the main job: FedGradNorm vs FedRep on synthetic RadCom (loopback, no downloads)"
 	@echo "make test   - the test suite"
+	@echo "make test-busy - the test suite beside two CPU burners (a busy machine)"
 	@echo "make lint   - ruff"
 	@echo "make proto  - regenerate gRPC stubs from proto/"
 	@echo "make test-faults - the long fault-injection loops"
@@ -31,6 +32,14 @@ run: $(STAMP)
 	$(BIN)/fedgradnorm demo --out $(RUN_DIR)
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# `make test` while two busy loops take CPU from it; the loops are killed however pytest ends.
+test-busy: $(STAMP)
+	@burners=(); \
+	for i in 1 2; do sh -c 'while :; do :; done' & burners+=($$!); done; \
+	trap 'kill $${burners[@]} 2>/dev/null; wait $${burners[@]} 2>/dev/null' EXIT; \
+	echo "CPU burners: $${burners[*]}"; \
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -19,6 +19,7 @@ import torch
 
 from benchmarks.common import MB, Table, fmt_s, median
 from fedgradnorm.algorithm import ClientUpdate, ServerConfig, ServerState, server_step
+from fedgradnorm.machine import torch_threads
 from fedgradnorm.models import build_shared
 
 
@@ -104,9 +105,8 @@ def run(node_counts: tuple[int, ...] = (3, 16, 64, 256), repeats: int = 3, bandw
     )
     rows = []
     bandwidth = {}
-    try:
-        for threads in thread_counts:
-            torch.set_num_threads(threads)
+    for threads in thread_counts:
+        with torch_threads(threads):
             bw = bandwidth[threads] = read_bandwidth(bandwidth_bytes)
             for n in node_counts:
                 m = measure(n, repeats)
@@ -124,8 +124,6 @@ def run(node_counts: tuple[int, ...] = (3, 16, 64, 256), repeats: int = 3, bandw
                     f"{m['peak_bytes'] / MB:.0f} MB",
                 )
                 rows.append(m)
-    finally:
-        torch.set_num_threads(default_threads)
     exact = all(r["exact_peak"] for r in rows)
     t.notes += [
         f"Memory read bandwidth, same run (sum over a {bandwidth_bytes / MB:.0f} MB float32 tensor, best of 5): "

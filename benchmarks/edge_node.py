@@ -12,20 +12,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.common import Table, fmt_s, median
 from benchmarks.deploy import Deployment
 from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.federation import Allocation, DataSource, load_clients
+from fedgradnorm.machine import torch_threads
 from fedgradnorm.models import build_shared
 from fedgradnorm.simulator import SimulationConfig
 
 
 def outside(config: SimulationConfig, task: str, rounds: int, skip: int) -> float:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         fed = config.federation
         data = load_clients(
             DataSource("radcom", None, config.seed, config.synthetic_size),
@@ -43,8 +40,6 @@ def outside(config: SimulationConfig, task: str, rounds: int, skip: int) -> floa
             client.run_round(shared, k)
             times.append(time.perf_counter() - t0)
         return median(times[skip:])
-    finally:
-        torch.set_num_threads(old)
 
 
 def inside(workdir: Path, config: SimulationConfig, task: str, rounds: int, skip: int) -> float:

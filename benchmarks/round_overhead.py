@@ -28,20 +28,9 @@ from benchmarks.common import MB, Table, fmt_s, loopback_copy, median
 from benchmarks.deploy import Deployment, intervals
 from fedgradnorm.algorithm import ClientUpdate, ServerState, server_step
 from fedgradnorm.client import load_omega_
+from fedgradnorm.machine import torch_threads
 from fedgradnorm.models import build_shared
 from fedgradnorm.simulator import Simulation, SimulationConfig
-
-
-def _threads(n: int) -> Any:
-    class _Ctx:
-        def __enter__(self) -> None:
-            self.old = torch.get_num_threads()
-            torch.set_num_threads(n)
-
-        def __exit__(self, *exc: object) -> None:
-            torch.set_num_threads(self.old)
-
-    return _Ctx()
 
 
 def server_step_seconds(nodes: int, repeats: int, config: SimulationConfig) -> float:
@@ -78,7 +67,7 @@ def commit_seconds(workdir: Path, repeats: int) -> float:
 
 def simulator_round(config: SimulationConfig, rounds: int, skip: int) -> dict[str, float]:
     """The in-process simulator's rounds, one torch thread: per-round total, clients' steps, server step."""
-    with _threads(1):
+    with torch_threads(1):
         sim = Simulation.build(config)
         totals, client_sums, client_max, steps = [], [], [], []
         for _ in range(rounds + skip):

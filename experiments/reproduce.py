@@ -34,7 +34,7 @@ import numpy as np
 from experiments import analysis as an
 from experiments.figures import LABELS, snr_figure, training_figure
 from experiments.runs import RunSpec, load_records, prepare_data, run_one
-from fedgradnorm.machine import machine_info
+from fedgradnorm.machine import machine_info, torch_threads
 
 ALGORITHMS = ("fedrep", "fedgradnorm")
 
@@ -142,6 +142,7 @@ PLANS = {"full": FULL, "smoke": SMOKE}
 
 
 def _worker_init(threads: int) -> None:
+    """Initializer of a pool's worker process (the setting lives as long as that process)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -157,10 +158,10 @@ def run_plan(specs: Sequence[RunSpec], out: Path, workers: int, reuse: bool, log
     ordered = sorted(specs, key=lambda s: (s.dataset != "mtfl", s.experiment, s.seed, s.algorithm))
     results: list[dict[str, Any]] = []
     if workers <= 1:
-        _worker_init(1)
-        for i, spec in enumerate(ordered, 1):
-            results.append(run_one(spec, out, reuse=reuse))
-            log(f"[{i}/{len(ordered)}] {spec.key}: {results[-1]['wall_seconds']:.0f} s")
+        with torch_threads(1):  # as a worker process has; the caller's count is restored after
+            for i, spec in enumerate(ordered, 1):
+                results.append(run_one(spec, out, reuse=reuse))
+                log(f"[{i}/{len(ordered)}] {spec.key}: {results[-1]['wall_seconds']:.0f} s")
         return results
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(1,)) as pool:

@@ -1,10 +1,30 @@
-"""What machine a number was measured on, for the reports (`make bench`, `make reproduce`)."""
+"""What machine a number was measured on, for the reports (`make bench`, `make reproduce`), and
+how many torch threads a block of work runs with."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from collections.abc import Iterator
 from typing import Any
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the count it had (also on error).
+
+    ``torch.set_num_threads`` is process-wide: a bare call in a library function or a test leaks
+    into everything the process runs afterwards.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def machine_info() -> dict[str, Any]:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from benchmarks import aggregator_step, load, transport
 from benchmarks.common import Table, fmt_s, loopback_copy, pct
 from benchmarks.deploy import fresh
 from benchmarks.round_overhead import commit_seconds, server_step_seconds, simulator_round
 from benchmarks.run import SCALES, headline, render
-from fedgradnorm.machine import machine_info
+from fedgradnorm.machine import machine_info, torch_threads
 from fedgradnorm.simulator import SimulationConfig
 
 
@@ -80,12 +78,8 @@ def test_headline_reads_every_table() -> None:
 
 
 def test_in_process_parts(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the smoke test checks code paths, not the default thread count
-    try:
+    with torch_threads(1):  # the smoke test checks code paths, not the default thread count
         _in_process_parts(tmp_path)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _in_process_parts(tmp_path: Path) -> None:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from experiments import analysis as an
 from experiments.reproduce import SMOKE, main
+from fedgradnorm.machine import torch_threads
 
 
 def _records(task_losses: dict[str, list[float]], algorithm: str) -> list[dict]:
@@ -65,7 +67,9 @@ def test_rounds_to_fraction_common_level() -> None:
 def test_smoke_reproduce_writes_the_document(tmp_path: Path) -> None:
     doc = tmp_path / "docs" / "results.md"
     out = tmp_path / "runs"
-    assert main(["--scale", "smoke", "--out", str(out), "--doc", str(doc), "--workers", "1"]) == 0
+    with torch_threads(3):  # one worker: the runs take one torch thread in this process and give it back
+        assert main(["--scale", "smoke", "--out", str(out), "--doc", str(doc), "--workers", "1"]) == 0
+        assert torch.get_num_threads() == 3
     text = doc.read_text()
     for needle in ("Table II", "Fig. 2", "Fig. 3", "FedGradNorm", "FedRep", "Accuracy against SNR", "paper, FedRep"):
         assert needle in text
@@ -77,7 +81,7 @@ def test_smoke_reproduce_writes_the_document(tmp_path: Path) -> None:
     specs = SMOKE.specs()
     for spec in specs:
         result = json.loads((out / spec.key / "result.json").read_text())
-        assert result["spec"]["seed"] == spec.seed
+        assert result["spec"]["seed"] == spec.seed and result["torch_threads"] == 1
         assert set(result["final"]) == set(result["clients"])
         lines = (out / spec.key / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == spec.rounds * len(result["clients"])
