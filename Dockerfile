@@ -52,7 +52,7 @@ COPY --from=build /dist/ /tmp/dist/
 RUN /opt/fedgradnorm/bin/pip install --no-index --no-deps --no-cache-dir --disable-pip-version-check /tmp/dist/*.whl \
     && rm -rf /tmp/dist \
     && /opt/fedgradnorm/bin/python3 -c "import torch; assert torch.version.cuda is None, torch.__version__" \
-    && /opt/fedgradnorm/bin/python3 -c "import fedgradnorm.cli, services.aggregator.server, services.edge_node.main"
+    && /opt/fedgradnorm/bin/python3 -c "import fedgradnorm.cli, fedgradnorm.services.aggregator.server, fedgradnorm.services.edge_node.main"
 # State (aggregator-state.pt, edge identity and personal model) under /var/lib/fedgradnorm and the
 # generated synthetic data under /var/cache/fedgradnorm: mount volumes there (the Kubernetes
 # manifests do), and a writable /tmp when the root filesystem is read-only.

@@ -238,7 +238,7 @@ def run(
     max_workers: tuple[int | None, ...] = (None, 512),
 ) -> Table:
     """The load test once per aggregator thread-pool size (None: the aggregator's default)."""
-    from services.aggregator.config import ServiceConfig
+    from fedgradnorm.services.aggregator.config import ServiceConfig
 
     default_workers = ServiceConfig.max_workers
     t = Table(

@@ -51,7 +51,7 @@ def server_step_seconds(nodes: int, repeats: int, config: SimulationConfig) -> f
 
 def commit_seconds(workdir: Path, repeats: int) -> float:
     """Median time of the aggregator's atomic state commit (omega + Adam moments) on this disk."""
-    from services.aggregator.store import FileStateStore, Snapshot
+    from fedgradnorm.services.aggregator.store import FileStateStore, Snapshot
 
     shared = build_shared("network2", 0)
     state = ServerState.initial(dict(shared.named_parameters()))

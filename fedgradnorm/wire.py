@@ -28,15 +28,15 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from typing import Literal, Protocol
+from typing import Protocol
 
-import grpc
 import numpy as np
 import torch
 
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType, TensorSpec
 from fedgradnorm.finite import all_finite
+from fedgradnorm.reasons import Reason
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -49,7 +49,6 @@ __all__ = [
     "TensorAssembler",
     "TensorSpec",
     "WireError",
-    "WireErrorCode",
     "element_size",
     "iter_chunks",
     "payload_nbytes",
@@ -80,37 +79,35 @@ _CONVERT_ELEMENTS = 1 << 20
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _SWAP_DTYPES = {4: np.uint32, 2: np.uint16}
 
-WireErrorCode = Literal[
-    "bad_dtype",  # DTYPE_UNSPECIFIED, unknown, or not among the accepted dtypes
-    "duplicate_tensor",  # a name appears twice in the header
-    "unknown_tensor",  # a name the receiver's model does not have
-    "missing_tensor",  # a name of the receiver's model is absent
-    "order_mismatch",  # names in another order than the model's (only with strict_order)
-    "shape_mismatch",  # a shape differs from the model's
-    "size_mismatch",  # total_bytes disagrees with the specs
-    "too_large",  # total_bytes above the receiver's limit
-    "overflow",  # more bytes arrived than announced
-    "truncated",  # fewer bytes arrived than announced
-    "not_finite",  # a NaN or infinity (only with check_finite)
-]
+
+# The reasons a payload or its header is refused for (the codes of WireError).
+FRAMING_REASONS = frozenset(
+    {
+        Reason.BAD_DTYPE,
+        Reason.DUPLICATE_TENSOR,
+        Reason.UNKNOWN_TENSOR,
+        Reason.MISSING_TENSOR,
+        Reason.ORDER_MISMATCH,
+        Reason.SHAPE_MISMATCH,
+        Reason.SIZE_MISMATCH,
+        Reason.TOO_LARGE,
+        Reason.OVERFLOW,
+        Reason.TRUNCATED,
+        Reason.NOT_FINITE,
+    }
+)
 
 
 class WireError(ValueError):
     """A payload or header that the receiver refuses; ``code`` is a short machine-readable tag."""
 
-    def __init__(self, code: WireErrorCode, message: str) -> None:
+    def __init__(self, code: Reason, message: str) -> None:
         super().__init__(code, message)
-        self.code: WireErrorCode = code
+        self.code = code
         self.message = message
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
-
-    def grpc_status(self) -> grpc.StatusCode:
-        """The status to fail an RPC with: RESOURCE_EXHAUSTED for too_large, else INVALID_ARGUMENT."""
-        if self.code == "too_large":
-            return grpc.StatusCode.RESOURCE_EXHAUSTED
-        return grpc.StatusCode.INVALID_ARGUMENT
 
 
 class _PayloadHeader(Protocol):
@@ -128,7 +125,7 @@ def torch_dtype(dtype: DType) -> torch.dtype:
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise WireError("bad_dtype", f"unsupported wire dtype {_dtype_name(dtype)}") from None
+        raise WireError(Reason.BAD_DTYPE, f"unsupported wire dtype {_dtype_name(dtype)}") from None
 
 
 def element_size(dtype: DType) -> int:
@@ -150,7 +147,7 @@ def payload_nbytes(specs: Iterable[TensorSpec]) -> int:
 
 def _check_source(name: str, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point():
-        raise WireError("bad_dtype", f"tensor {name!r} is {tensor.dtype}; only floating tensors travel")
+        raise WireError(Reason.BAD_DTYPE, f"tensor {name!r} is {tensor.dtype}; only floating tensors travel")
 
 
 def tensor_specs(tensors: Mapping[str, torch.Tensor], dtype: DType) -> list[TensorSpec]:
@@ -281,23 +278,23 @@ class TensorAssembler:
         strict_order: bool = False,
     ) -> None:
         if max_bytes is not None and total_bytes > max_bytes:
-            raise WireError("too_large", f"payload of {total_bytes} bytes exceeds the limit of {max_bytes}")
+            raise WireError(Reason.TOO_LARGE, f"payload of {total_bytes} bytes exceeds the limit of {max_bytes}")
         if total_bytes < 0:
-            raise WireError("size_mismatch", f"negative total_bytes {total_bytes}")
+            raise WireError(Reason.SIZE_MISMATCH, f"negative total_bytes {total_bytes}")
         shapes = {name: _shape_of(value) for name, value in expected.items()}
         names = [spec.name for spec in specs]
         seen: set[str] = set()
         for name in names:
             if name in seen:
-                raise WireError("duplicate_tensor", f"tensor {name!r} appears twice in the header")
+                raise WireError(Reason.DUPLICATE_TENSOR, f"tensor {name!r} appears twice in the header")
             seen.add(name)
             if name not in shapes:
-                raise WireError("unknown_tensor", f"tensor {name!r} is not part of the model")
+                raise WireError(Reason.UNKNOWN_TENSOR, f"tensor {name!r} is not part of the model")
         missing = [name for name in shapes if name not in seen]
         if missing:
-            raise WireError("missing_tensor", f"the header lacks {missing}")
+            raise WireError(Reason.MISSING_TENSOR, f"the header lacks {missing}")
         if strict_order and names != list(shapes):
-            raise WireError("order_mismatch", f"tensors arrive as {names}, expected {list(shapes)}")
+            raise WireError(Reason.ORDER_MISMATCH, f"tensors arrive as {names}, expected {list(shapes)}")
 
         self._layout: list[tuple[str, int, int, tuple[int, ...], DType]] = []
         offset = 0
@@ -305,17 +302,17 @@ class TensorAssembler:
             if spec.dtype not in DTYPES or spec.dtype not in allowed_dtypes:
                 allowed = sorted(_dtype_name(d) for d in allowed_dtypes)
                 got = _dtype_name(spec.dtype)
-                raise WireError("bad_dtype", f"tensor {spec.name!r} has dtype {got}, accepted: {allowed}")
+                raise WireError(Reason.BAD_DTYPE, f"tensor {spec.name!r} has dtype {got}, accepted: {allowed}")
             shape = tuple(spec.shape)
             if shape != shapes[spec.name]:
                 raise WireError(
-                    "shape_mismatch", f"tensor {spec.name!r} has shape {shape}, expected {shapes[spec.name]}"
+                    Reason.SHAPE_MISMATCH, f"tensor {spec.name!r} has shape {shape}, expected {shapes[spec.name]}"
                 )
             nbytes = math.prod(shape) * element_size(spec.dtype)
             self._layout.append((spec.name, offset, nbytes, shape, spec.dtype))
             offset += nbytes
         if offset != total_bytes:
-            raise WireError("size_mismatch", f"header announces {total_bytes} bytes, the tensors take {offset}")
+            raise WireError(Reason.SIZE_MISMATCH, f"header announces {total_bytes} bytes, the tensors take {offset}")
 
         self._order = list(shapes)
         self._check_finite = check_finite
@@ -368,7 +365,7 @@ class TensorAssembler:
         chunk = memoryview(data).cast("B")
         end = self._received + chunk.nbytes
         if end > self._total:
-            raise WireError("overflow", f"received more than the announced {self._total} bytes")
+            raise WireError(Reason.OVERFLOW, f"received more than the announced {self._total} bytes")
         self._view[self._received : end] = chunk
         self._received = end
 
@@ -380,7 +377,7 @@ class TensorAssembler:
         if self._result is not None:
             return dict(self._result)
         if self._received != self._total:
-            raise WireError("truncated", f"received {self._received} of {self._total} bytes")
+            raise WireError(Reason.TRUNCATED, f"received {self._received} of {self._total} bytes")
         out: dict[str, torch.Tensor] = {}
         for name, offset, nbytes, shape, dtype in self._layout:
             size = element_size(dtype)
@@ -393,7 +390,7 @@ class TensorAssembler:
             if dtype != DTYPE_FLOAT32:
                 tensor = tensor.float()
             if self._check_finite and not all_finite(tensor):
-                raise WireError("not_finite", f"tensor {name!r} contains NaN or infinity")
+                raise WireError(Reason.NOT_FINITE, f"tensor {name!r} contains NaN or infinity")
             out[name] = tensor
         self._result = {name: out[name] for name in self._order}
         return dict(self._result)

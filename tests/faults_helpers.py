@@ -36,7 +36,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm.data.base import MultiTaskArrays
 from fedgradnorm.data.federation import ClientData
 from fedgradnorm.launch import ServiceProcess, start_aggregator
-from services.aggregator.store import STATE_FILE, Snapshot, decode_snapshot
+from fedgradnorm.services.aggregator.store import STATE_FILE, Snapshot, decode_snapshot
 from tests.grpc_client import RawNode, connect, register, state
 
 T = TypeVar("T")

@@ -21,11 +21,13 @@ import torch
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.algorithm import ClientReport
-from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import CoordinatorConfig, RoundSummary, Submission
-from services.aggregator.roundlog import RoundLog, round_records
-from services.aggregator.server import start_aggregator
-from services.aggregator.store import MemberRecord
+from fedgradnorm.reasons import Reason
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+from fedgradnorm.services.aggregator.roundlog import RoundLog, round_records
+from fedgradnorm.services.aggregator.server import start_aggregator
+from fedgradnorm.services.aggregator.store import MemberRecord
+from fedgradnorm.services.domain import RoundSummary, Submission
+from fedgradnorm.services.refusals import reason_of
 from tests.faults_helpers import (
     NOT_SERVING,
     SERVING,
@@ -107,7 +109,7 @@ def test_an_absurd_loss_ratio_is_refused_and_rounds_go_on(tmp_path: Path, procs:
 def test_a_failing_round_driver_halts_visibly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever raises inside the round driver, the aggregator never stays 'SERVING but stuck':
     phase HALTED with the cause, readiness NOT_SERVING, fedgradnorm_halted 1."""
-    import services.aggregator.coordinator as coordinator
+    import fedgradnorm.services.aggregator.coordinator as coordinator
 
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("injected fault in the server step")
@@ -461,3 +463,18 @@ def test_round_log_reconcile_keeps_complete_rows_and_drops_later_ones(tmp_path: 
     log.reconcile([{**r, "commit_seconds": None} for r in round_records(summary(1))])
     rows = [json.loads(line) for line in log.path.read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["commit_seconds"] == 0.2
+
+
+def test_refusals_carry_a_machine_readable_reason(tmp_path: Path, procs: Processes) -> None:
+    """A client decides on the reason code (trailing metadata), never on the words of a message."""
+    _, ready = aggregator_process(procs, tmp_path, mtfl(tmp_path / "state"))
+    channel, stub = connect(ready["grpc_port"])
+    with channel:
+        a = register(stub, "a", "gender")
+        a.deregister()
+        e = refused(lambda: a.fetch(wait=0.1))
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and reason_of(e) is Reason.DEREGISTERED
+        e = refused(lambda: register(stub, "a", "gender"))
+        assert e.code() == grpc.StatusCode.ALREADY_EXISTS and reason_of(e) is Reason.NAME_TAKEN
+        e = refused(lambda: register(stub, "b", "no-such-task"))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and reason_of(e) is Reason.BAD_TASK

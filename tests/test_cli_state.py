@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
-from fedgradnorm.commands import plain
-from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import CoordinatorConfig
-from services.aggregator.server import start_aggregator
+from fedgradnorm.cli.services import plain
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+from fedgradnorm.services.aggregator.server import start_aggregator
 from tests.faults_helpers import safe_structlog
 from tests.grpc_client import connect, register
 

@@ -9,20 +9,18 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from services.aggregator.coordinator import (
+from fedgradnorm.services.aggregator.config import CoordinatorConfig
+from fedgradnorm.services.aggregator.coordinator import RoundCoordinator
+from fedgradnorm.services.aggregator.errors import (
     AlreadyExists,
-    CoordinatorConfig,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    Phase,
     ResourceExhausted,
-    RoundCoordinator,
-    RoundSummary,
-    Submission,
     Unauthenticated,
 )
-from services.aggregator.store import MemoryStateStore, Snapshot, StateError, StateStore
+from fedgradnorm.services.aggregator.store import MemoryStateStore, Snapshot, StateError, StateStore
+from fedgradnorm.services.domain import Phase, RoundSummary, Submission
 
 
 def config(**kw: object) -> CoordinatorConfig:
@@ -157,8 +155,8 @@ def test_newcomer_joins_the_next_round_with_weight_one(coord: RoundCoordinator) 
     assert ticket.round == k + 1
     run_round(coord, tokens)
     view = coord.view()
-    assert {n["node_id"] for n in view["nodes"]} == {"a", "b", "c"}
-    assert sum(n["weight"] for n in view["nodes"]) == pytest.approx(3.0)
+    assert {n.record.node_id for n in view.nodes} == {"a", "b", "c"}
+    assert sum(n.weight for n in view.nodes) == pytest.approx(3.0)
 
 
 def test_straggler_is_left_out_at_the_deadline_and_back_next_round(store: MemoryStateStore) -> None:
@@ -201,7 +199,7 @@ def test_restart_resumes_identity_weight_and_round(store: MemoryStateStore) -> N
     c.start()
     tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
     run_round(c, tokens)
-    weights = {n["node_id"]: n["weight"] for n in c.view()["nodes"]}
+    weights = {n.record.node_id: n.weight for n in c.view().nodes}
     c.stop()
     c2 = RoundCoordinator(config(), store)
     c2.start()
@@ -262,7 +260,7 @@ def test_failed_commit_halts_training_until_the_disk_recovers() -> None:
         for n, t in tokens.items():
             c.submit(t, submission(c, n, k))
         wait_for(lambda: c.phase is Phase.HALTED)
-        assert "No space" in c.view()["halted_reason"]
+        assert "No space" in c.view().halted_reason
         assert c.fetch_round("a", tokens["a"], 0.2) is None  # no new round while halted
         assert store.load().server.round == k
         store.fail = False
@@ -440,7 +438,7 @@ def test_the_rate_limiter_keeps_only_bounded_keys() -> None:
             c.register(name=f"{i}" + "x" * (1 << 20), dataset="mtfl", task="gender", num_samples=1, peer="p" * 10**6)
     with pytest.raises(InvalidArgument, match="at most"):
         c.register(name="ok", dataset="d" * (1 << 20), task="gender", num_samples=1)
-    buckets = c._attempts._buckets  # the limiter's memory: nothing of the huge requests is in it
+    buckets = c.members.attempts.keys()  # the limiter's memory: nothing of the huge requests is in it
     assert all(len(k) < 400 for k in buckets), [len(k) for k in buckets]
 
 
@@ -451,10 +449,10 @@ def test_getstate_shows_the_last_committed_round_beside_the_open_one() -> None:
     try:
         hold_round_zero_commit(c, store)  # round 0 stepped, its state not yet on disk
         view = c.view()
-        assert view["round"] == 1 and view["last_committed_round"] == -1
+        assert view.round == 1 and view.last_committed_round == -1
         store.armed = False
         store.gate.set()
-        wait_for(lambda: c.view()["last_committed_round"] == 0)
+        wait_for(lambda: c.view().last_committed_round == 0)
     finally:
         store.gate.set()
         c.stop()
@@ -467,8 +465,8 @@ def test_departed_nodes_are_forgotten_after_the_retention() -> None:
         tokens = {"a": register(c, "a"), "b": register(c, "b", "smile")}
         run_round(c, tokens)
         c.deregister("b", tokens["b"])
-        assert {n["node_id"] for n in c.view()["nodes"]} == {"a", "b"}  # kept within the retention
-        wait_for(lambda: c.view()["total_nodes"] == 1)
+        assert {n.record.node_id for n in c.view().nodes} == {"a", "b"}  # kept within the retention
+        wait_for(lambda: c.view().total_nodes == 1)
         assert c._state is not None and set(c._state.weights) == {"a"}  # its p went with it
         with pytest.raises(NotFound):
             c.heartbeat("b", tokens["b"])

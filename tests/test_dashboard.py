@@ -122,8 +122,8 @@ def test_the_panels_the_operators_need_are_there(board: dict[str, Any]) -> None:
 
 def registered_metric_names() -> set[str]:
     """The names the aggregator and the edge node really register (with _bucket/_sum/_count, _total)."""
-    from services.aggregator.metrics import AggregatorMetrics
-    from services.edge_node.node import NodeMetrics
+    from fedgradnorm.services.aggregator.metrics import AggregatorMetrics
+    from fedgradnorm.services.edge_node.node import NodeMetrics
 
     names = set()
     for registry in (AggregatorMetrics().registry, NodeMetrics().registry):
@@ -146,7 +146,7 @@ def test_queries_use_metrics_the_services_export(board: dict[str, Any]) -> None:
         for name in re.findall(r"\b(fedgradnorm_[a-z0-9_]+)", t["expr"]):
             assert name in known, f"{panel['title']}: {name} is not a metric of the services"
             used.add(name)
-    from services.aggregator.metrics import AggregatorMetrics
+    from fedgradnorm.services.aggregator.metrics import AggregatorMetrics
 
     aggregator = {f.name for f in AggregatorMetrics().registry.collect()}
     missing = {n for n in aggregator if not any(u == n or u.startswith(n + "_") for u in used)}

@@ -25,12 +25,11 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.algorithm import ServerState
 from fedgradnorm.launch import ServiceProcess, start_edge_node
-from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import CoordinatorConfig
-from services.aggregator.server import start_aggregator
-from services.aggregator.store import STATE_FILE, FileStateStore, Snapshot
-from services.edge_node.config import EdgeConfig
-from services.edge_node.node import EdgeNode
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+from fedgradnorm.services.aggregator.server import start_aggregator
+from fedgradnorm.services.aggregator.store import STATE_FILE, FileStateStore, Snapshot
+from fedgradnorm.services.edge_node.config import EdgeConfig
+from fedgradnorm.services.edge_node.node import EdgeNode
 from tests.faults_helpers import (
     NOT_SERVING,
     SERVING,

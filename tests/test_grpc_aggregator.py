@@ -14,10 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.algorithm import ServerState
-from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import CoordinatorConfig
-from services.aggregator.server import RunningAggregator, start_aggregator
-from services.aggregator.store import STATE_FILE, FileStateStore, Snapshot
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+from fedgradnorm.services.aggregator.server import RunningAggregator, start_aggregator
+from fedgradnorm.services.aggregator.store import STATE_FILE, FileStateStore, Snapshot
+from tests.faults_helpers import wait_until
 from tests.grpc_client import RawNode, connect, register, state, weights
 
 Start = Callable[..., RunningAggregator]
@@ -212,6 +212,7 @@ def test_every_bad_submit_is_refused_with_its_status_and_changes_nothing(start: 
         play_round([a, b])
         header, omega = a.fetch()
         k = header.round
+        wait_until(lambda: state(stub).last_committed_round == k - 1, 30, "the last round's commit")
         file_before = (tmp_path / "s" / STATE_FILE).read_bytes()
         state_before = state(stub)
         for what, code, call in _bad_submits(a, b, k, omega):

@@ -4,7 +4,7 @@ and a lying aggregator, corrupt state folders and bad data files thrown at the e
 The aggregator under fire runs in-process (start_aggregator, plaintext, 127.0.0.1:0) with a round
 open, one update already in it, and the federation full. Every hostile call must end in a gRPC
 status with a message (never UNKNOWN, never a hang, never INTERNAL: bytes that do not decode are
-INVALID_ARGUMENT, see services/aggregator/codec.py), and afterwards omega, p, the
+INVALID_ARGUMENT, see fedgradnorm/services/aggregator/codec.py), and afterwards omega, p, the
 Adam moments and the membership must be bit-identical to before: the committed state file,
 GetState, and the coordinator's in-memory state.
 """
@@ -38,14 +38,14 @@ from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.data.base import DataError
 from fedgradnorm.launch import start_aggregator as start_aggregator_process
 from fedgradnorm.models import build_shared
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+from fedgradnorm.services.aggregator.server import RunningAggregator, start_aggregator
+from fedgradnorm.services.aggregator.store import STATE_FILE, FileStateStore, StateError
+from fedgradnorm.services.domain import Phase
+from fedgradnorm.services.edge_node.config import EdgeConfig
+from fedgradnorm.services.edge_node.node import EdgeNode, EdgeNodeError
+from fedgradnorm.services.edge_node.store import NodeStateError
 from fedgradnorm.tasks import federation
-from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import CoordinatorConfig, Phase
-from services.aggregator.server import RunningAggregator, start_aggregator
-from services.aggregator.store import STATE_FILE, FileStateStore, StateError
-from services.edge_node.config import EdgeConfig
-from services.edge_node.node import EdgeNode, EdgeNodeError
-from services.edge_node.store import NodeStateError
 from tests.faults_helpers import gradient_like, health, safe_structlog, same_tensors, small_client_data, wait_until
 from tests.grpc_client import OPTIONS, RawNode, connect, register, state
 
@@ -170,7 +170,7 @@ def fingerprint(t: Target) -> dict[str, Any]:
             {k: v.clone() for k, v in s.omega_adam.exp_avg_sq.items()},
         ),
         "weights": {k: asdict(w) for k, w in s.weights.items()},
-        "members": {k: asdict(m) for k, m in coord._members.items()},
+        "members": {k: asdict(m) for k, m in coord.members.records.items()},
         "open": (o.number, sorted(o.participants), sorted(o.submitted)),
     }
 
@@ -195,7 +195,7 @@ def quick_invariant(t: Target) -> tuple[object, ...]:
         o.number if o else None,
         frozenset(o.submitted) if o else None,
         frozenset(o.participants) if o else None,
-        tuple((k, m.registered, m.num_samples) for k, m in sorted(coord._members.items())),
+        tuple((k, m.registered, m.num_samples) for k, m in sorted(coord.members.records.items())),
     )
 
 

@@ -26,10 +26,9 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip ins
 
 from fedgradnorm import config as cfgmod  # noqa: E402
 from fedgradnorm.cli import build_parser  # noqa: E402
-from services.aggregator.config import ServiceConfig  # noqa: E402
-from services.aggregator.coordinator import CoordinatorConfig  # noqa: E402
-from services.aggregator.server import SERVICE_NAME  # noqa: E402
-from services.edge_node.config import EdgeConfig  # noqa: E402
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig  # noqa: E402
+from fedgradnorm.services.aggregator.server import SERVICE_NAME  # noqa: E402
+from fedgradnorm.services.edge_node.config import EdgeConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -712,8 +711,8 @@ def test_committed_development_pki_completes_a_mutual_tls_handshake(tmp_path: Pa
 
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
-    from fedgradnorm.tls import ClientTLS
-    from services.aggregator.server import start_aggregator
+    from fedgradnorm.services.aggregator.server import start_aggregator
+    from fedgradnorm.services.tls import ClientTLS
 
     def materialise(doc: Doc, names: tuple[str, ...]) -> dict[str, str]:
         folder = tmp_path / doc.name

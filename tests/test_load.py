@@ -179,9 +179,8 @@ def test_heavier_load_loses_no_update(tmp_path: Path, procs: Processes) -> None:
 
 @pytest.mark.long
 def test_state_and_health_answer_while_nodes_outnumber_workers(tmp_path: Path) -> None:
-    from services.aggregator.config import ServiceConfig
-    from services.aggregator.coordinator import CoordinatorConfig
-    from services.aggregator.server import start_aggregator
+    from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+    from fedgradnorm.services.aggregator.server import start_aggregator
     from tests.faults_helpers import safe_structlog
     from tests.grpc_client import connect, register
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedgradnorm.algorithm import ClientWeight, ServerState
-from services.aggregator.store import (
+from fedgradnorm.services.aggregator.store import (
     FileStateStore,
     MemberRecord,
     MemoryStateStore,

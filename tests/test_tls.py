@@ -11,10 +11,9 @@ import pytest
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm.certs import make_certificates
-from fedgradnorm.tls import ClientTLS, TLSConfigError
-from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import CoordinatorConfig
-from services.aggregator.server import RunningAggregator, start_aggregator
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+from fedgradnorm.services.aggregator.server import RunningAggregator, start_aggregator
+from fedgradnorm.services.tls import ClientTLS, TLSConfigError
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +116,7 @@ def test_development_pki_is_warned_about_and_other_certificates_are_not(tmp_path
     from structlog.testing import capture_logs
 
     from fedgradnorm.certs import DEVELOPMENT_ORGANIZATION
-    from fedgradnorm.tls import ServerTLS
+    from fedgradnorm.services.tls import ServerTLS
 
     make_certificates(tmp_path / "dev", organization=DEVELOPMENT_ORGANIZATION)
     make_certificates(tmp_path / "own")

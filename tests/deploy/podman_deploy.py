@@ -292,7 +292,7 @@ def state(grpc_port: int, tls: list[str]) -> dict[str, Any] | None:
     )
     if res.returncode != 0:
         return None
-    return json.loads(res.stdout)  # every field, numbers as numbers (fedgradnorm.commands.plain)
+    return json.loads(res.stdout)  # every field, numbers as numbers (fedgradnorm.cli.services.plain)
 
 
 def health(port: int, service: str) -> str:

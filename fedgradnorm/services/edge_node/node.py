@@ -27,9 +27,13 @@ from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
 from fedgradnorm.errors import FatalError
 from fedgradnorm.models import build_shared
+from fedgradnorm.reasons import Reason
+from fedgradnorm.services import serde
+from fedgradnorm.services.domain import Submission
+from fedgradnorm.services.edge_node.config import EdgeConfig
+from fedgradnorm.services.edge_node.store import Identity, NodeStateError, NodeStore
+from fedgradnorm.services.refusals import reason_of
 from fedgradnorm.tasks import federation
-from services.edge_node.config import EdgeConfig
-from services.edge_node.store import Identity, NodeStateError, NodeStore
 
 log = structlog.get_logger("fedgradnorm.edge_node")
 
@@ -128,7 +132,6 @@ class EdgeNode:
         self.session: Session | None = None
         self.rounds_done = 0
         self._zero_gradient: dict[str, torch.Tensor] | None = None
-        self._gradient: dict[str, torch.Tensor] = {}
         self._needs_register = threading.Event()
 
     # -- connection ---------------------------------------------------------------------------
@@ -185,10 +188,9 @@ class EdgeNode:
         identity = Identity(resp.node_id, resp.session_token, cfg.aggregator, cfg.dataset, cfg.task)
         self.store.save_identity(identity)
         self.identity = identity
-        rc = resp.round_config
         session = Session(
             identity=identity,
-            config=ClientConfig(tau_h=rc.tau_h, tau_omega=rc.tau_omega, beta=rc.beta, batch_size=rc.batch_size),
+            config=serde.round_config(resp.round_config),
             seed=resp.seed,
             dtype=wire.DTYPE_BY_NAME[cfg.wire_dtype] if cfg.wire_dtype else resp.wire_dtype,
             chunk_bytes=resp.max_chunk_bytes,
@@ -253,62 +255,52 @@ class EdgeNode:
             raise EdgeNodeError(f"global model of round {header.round} refused: {e}") from e
         return header, omega
 
-    def train(self, round_: int, omega: dict[str, torch.Tensor]) -> pb.SubmitHeader:
-        """The library's client step on omega_k; returns the header and stashes the gradient."""
+    def train(self, round_: int, omega: dict[str, torch.Tensor]) -> Submission:
+        """The library's client step on omega_k: the round's update, built once and sent as is."""
         assert self.client is not None and self.session is not None
+        node_id = self.session.identity.node_id
         if self.config.no_train:
             if self._zero_gradient is None:
                 self._zero_gradient = {k: torch.zeros_like(v) for k, v in omega.items()}
-            self._gradient = self._zero_gradient
-            loss = f0 = ratio = 1.0
-            test_loss, test_metrics = None, {}
-        else:
-            load_omega_(self.shared, omega)
-            t0 = time.perf_counter()
-            result, evaluation = self.client.run_round(self.shared, round_)
-            dt = time.perf_counter() - t0
-            self.metrics.step_seconds.observe(dt)
-            steps = self.session.config.tau_h + self.session.config.tau_omega
-            self.metrics.samples_per_second.set(
-                steps * min(self.session.config.batch_size, self.client.num_samples) / dt
-            )
-            self.metrics.train_loss.set(result.loss)
-            self.metrics.loss_ratio.set(result.loss_ratio)
-            self.metrics.test_loss.set(evaluation.test_loss)
-            self.metrics.test_metric.labels(evaluation.metric).set(evaluation.value)
-            self._gradient = result.gradient
-            loss, f0, ratio = result.loss, result.initial_loss, result.loss_ratio
-            test_loss, test_metrics = evaluation.test_loss, {evaluation.metric: evaluation.value}
-        s = self.session
-        header = pb.SubmitHeader(
-            node_id=s.identity.node_id,
-            session_token=s.identity.session_token,
+            return Submission(node_id, round_, self._zero_gradient, 1.0, 1.0, 1.0, self.client.num_samples)
+        load_omega_(self.shared, omega)
+        t0 = time.perf_counter()
+        result, evaluation = self.client.run_round(self.shared, round_)
+        dt = time.perf_counter() - t0
+        self.metrics.step_seconds.observe(dt)
+        steps = self.session.config.tau_h + self.session.config.tau_omega
+        self.metrics.samples_per_second.set(steps * min(self.session.config.batch_size, self.client.num_samples) / dt)
+        self.metrics.train_loss.set(result.loss)
+        self.metrics.loss_ratio.set(result.loss_ratio)
+        self.metrics.test_loss.set(evaluation.test_loss)
+        self.metrics.test_metric.labels(evaluation.metric).set(evaluation.value)
+        return Submission(
+            node_id=node_id,
             round=round_,
-            tensors=wire.tensor_specs(self._gradient, s.dtype),
-            loss=loss,
-            initial_loss=f0,
-            loss_ratio=ratio,
+            gradient=result.gradient,
+            loss=result.loss,
+            initial_loss=result.initial_loss,
+            loss_ratio=result.loss_ratio,
             num_samples=self.client.num_samples,
-            test_metrics=test_metrics,
+            test_loss=evaluation.test_loss,
+            test_metrics={evaluation.metric: evaluation.value},
         )
-        header.total_bytes = wire.payload_nbytes(header.tensors)
-        if test_loss is not None:
-            header.test_loss = test_loss
-        return header
 
-    def _submit_stream(self, header: pb.SubmitHeader) -> Iterator[bytes]:
+    def _submit_stream(self, update: Submission) -> Iterator[bytes]:
         """Serialized SubmitUpdateRequest messages: the header, then the chunks of the gradient
         (encoded by wire.iter_chunk_messages with one copy of the payload, not protobuf's three)."""
-        assert self.session is not None
+        s = self.session
+        assert s is not None
+        header = serde.submit_header(update, s.identity.session_token, s.dtype)
         yield pb.SubmitUpdateRequest(header=header).SerializeToString()
-        yield from wire.iter_chunk_messages(self._gradient, self.session.dtype, self.session.chunk_bytes, CHUNK_FIELD)
+        yield from wire.iter_chunk_messages(update.gradient, s.dtype, s.chunk_bytes, CHUNK_FIELD)
 
-    def submit(self, header: pb.SubmitHeader) -> bool:
+    def submit(self, update: Submission) -> bool:
         try:
-            self._submit_update(self._submit_stream(header), timeout=120)
+            self._submit_update(self._submit_stream(update), timeout=120)
         except grpc.RpcError as e:
             if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
-                log.warning("update.not_used", round=header.round, code=e.code().name, why=e.details())
+                log.warning("update.not_used", round=update.round, code=e.code().name, why=e.details())
                 return False
             raise
         return True
@@ -322,18 +314,18 @@ class EdgeNode:
             return True
         structlog.contextvars.bind_contextvars(round=header.round, node=self.config.node_name)
         try:
-            submit_header = self.train(header.round, omega)
+            update = self.train(header.round, omega)
             if self.stop_event.is_set():
                 log.info("round.abandoned", why="stopping")
                 return False
-            accepted = self._retry("SubmitUpdate", lambda: self.submit(submit_header))
+            accepted = self._retry("SubmitUpdate", lambda: self.submit(update))
             if accepted:
                 assert self.client is not None
                 if not self.config.no_train:
                     self.store.save_client(self.client.state_bytes())
                 self.rounds_done += 1
                 self.metrics.round.set(header.round)
-                log.info("round.submitted", loss=round(submit_header.loss, 5), ratio=round(submit_header.loss_ratio, 5))
+                log.info("round.submitted", loss=round(update.loss, 5), ratio=round(update.loss_ratio, 5))
         finally:
             structlog.contextvars.unbind_contextvars("round", "node")
         return True
@@ -372,9 +364,7 @@ class EdgeNode:
                     if not self.run_once():
                         break
                 except grpc.RpcError as e:
-                    if e.code() in REJOIN or (
-                        e.code() == grpc.StatusCode.FAILED_PRECONDITION and "deregistered" in (e.details() or "")
-                    ):
+                    if e.code() in REJOIN or reason_of(e) is Reason.DEREGISTERED:
                         log.warning("node.rejoining", code=e.code().name, why=e.details())
                         self.register()
                         continue

@@ -18,7 +18,7 @@ from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.records import append_jsonl, round_record
 
 if TYPE_CHECKING:
-    from services.aggregator.coordinator import RoundSummary
+    from fedgradnorm.services.domain import RoundSummary
 
 log = structlog.get_logger("fedgradnorm.aggregator")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
+from typing import NoReturn
 
 import grpc
 import structlog
@@ -15,62 +16,44 @@ import torch
 from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
-from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import (
-    NAME_RE,
+from fedgradnorm.reasons import Reason
+from fedgradnorm.services import serde
+from fedgradnorm.services.aggregator.config import ServiceConfig
+from fedgradnorm.services.aggregator.coordinator import RoundCoordinator
+from fedgradnorm.services.aggregator.errors import (
     AlreadyExists,
     CoordinatorError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
-    Phase,
     ResourceExhausted,
-    RoundCoordinator,
-    Submission,
     Unauthenticated,
-    Unavailable,
 )
-from services.aggregator.metrics import AggregatorMetrics
-from services.aggregator.streams import StreamBusy, StreamGuard
+from fedgradnorm.services.aggregator.membership import NAME_RE
+from fedgradnorm.services.aggregator.metrics import AggregatorMetrics
+from fedgradnorm.services.aggregator.streams import StreamBusy, StreamGuard
+from fedgradnorm.services.domain import Phase
+from fedgradnorm.services.refusals import refuse, wire_status
 
 log = structlog.get_logger("fedgradnorm.aggregator")
 
 STATUS: dict[type[CoordinatorError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
-
-PHASES = {
-    Phase.WAITING: pb.PHASE_WAITING_FOR_NODES,
-    Phase.OPEN: pb.PHASE_ROUND_OPEN,
-    Phase.STEPPING: pb.PHASE_STEPPING,
-    Phase.DONE: pb.PHASE_DONE,
-    Phase.HALTED: pb.PHASE_HALTED,
 }
 
 
-MAX_STATUS_MESSAGE = 512  # status details echo request fields: keep them within gRPC's metadata limits
 STREAM_GRACE = 5.0  # seconds a stream may run past its round's deadline before it is cancelled
 
 
-def _message(error: Exception) -> str:
-    text = str(error)
-    return text if len(text) <= MAX_STATUS_MESSAGE else text[: MAX_STATUS_MESSAGE - 3] + "..."
-
-
-def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+def _abort(context: grpc.ServicerContext, error: CoordinatorError | wire.WireError) -> NoReturn:
     if isinstance(error, CoordinatorError):
-        context.abort(STATUS.get(type(error), grpc.StatusCode.FAILED_PRECONDITION), _message(error))
-    if isinstance(error, wire.WireError):
-        context.abort(error.grpc_status(), _message(error))
-    raise error
+        refuse(context, STATUS[type(error)], error.reason, str(error))
+    refuse(context, wire_status(error), error.code, str(error))
 
 
 def _peer_host(context: grpc.ServicerContext) -> str:
@@ -107,7 +90,9 @@ class EncodedRounds:
 
 def _require_loaded(coord: RoundCoordinator, context: grpc.ServicerContext) -> None:
     if not coord.loaded:
-        context.abort(grpc.StatusCode.UNAVAILABLE, "the aggregator is loading its state; retry shortly")
+        refuse(
+            context, grpc.StatusCode.UNAVAILABLE, Reason.LOADING, "the aggregator is loading its state; retry shortly"
+        )
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
@@ -138,28 +123,15 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             _abort(context, e)
         self.metrics.registrations.labels("resumed" if reg.resumed else "registered").inc()
         self.metrics.registered.set(self.coord.registered_count())
-        cfg = self.coord.config
-        resp = pb.RegisterResponse(
-            node_id=reg.node_id,
-            session_token=reg.session_token,
-            network=cfg.network,
-            algorithm=cfg.algorithm,
-            omega_tilde=list(self.coord.server_config.omega_tilde),
-            round_config=pb.RoundConfig(
-                tau_h=cfg.tau_h, tau_omega=cfg.tau_omega, beta=cfg.beta, batch_size=cfg.batch_size
-            ),
-            seed=cfg.seed,
+        return serde.register_response(
+            reg,
+            self.coord.config,
+            omega_tilde=self.coord.server_config.omega_tilde,
             wire_dtype=self.wire_dtype,
-            accepted_dtypes=list(self.accepted),
+            accepted_dtypes=self.accepted,
             max_chunk_bytes=self.config.chunk_bytes,
             max_update_bytes=self.coord.model_bytes(),
-            heartbeat_interval_seconds=cfg.heartbeat_interval,
-            weight=reg.weight,
-            resumed=reg.resumed,
         )
-        if reg.initial_loss is not None:
-            resp.initial_loss = reg.initial_loss
-        return resp
 
     def FetchRound(
         self, request: pb.FetchRoundRequest, context: grpc.ServicerContext
@@ -167,7 +139,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         _require_loaded(self.coord, context)
         dtype = request.dtype or self.wire_dtype
         if dtype not in self.accepted:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad_dtype: dtype {dtype} is not among {self.accepted}")
+            refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                Reason.BAD_DTYPE,
+                f"bad_dtype: dtype {dtype} is not among {self.accepted}",
+            )
         wait = min(max(request.wait_seconds, 0.0), self.config.max_fetch_wait)
         try:
             self.coord.authenticate(request.node_id, request.session_token)
@@ -212,7 +189,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("payload") != "header":
-                raise InvalidArgument("the first message of SubmitUpdate must be a SubmitHeader", reason="bad_stream")
+                raise InvalidArgument(
+                    "the first message of SubmitUpdate must be a SubmitHeader", reason=Reason.BAD_STREAM
+                )
             h = first.header
             deadline = self.coord.check_submit(h.node_id, h.session_token, h.round)  # before any payload
             with self.streams.submit(h.node_id, context, deadline, STREAM_GRACE) as stream:
@@ -223,39 +202,29 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                     for msg in request_iterator:
                         if msg.WhichOneof("payload") != "chunk":
                             raise InvalidArgument(
-                                "only TensorChunk messages may follow the header", reason="bad_stream"
+                                "only TensorChunk messages may follow the header", reason=Reason.BAD_STREAM
                             )
                         if len(msg.chunk.data) > self.config.chunk_bytes:
                             raise InvalidArgument(
                                 f"a chunk of {len(msg.chunk.data)} bytes is above max_chunk_bytes "
                                 f"{self.config.chunk_bytes}",
-                                reason="chunk_too_large",
+                                reason=Reason.CHUNK_TOO_LARGE,
                             )
                         asm.feed(msg.chunk.data)
                         received += len(msg.chunk.data)
                 except grpc.RpcError:  # the stream was cancelled (see below)
                     pass
                 if stream.cancelled or not context.is_active():  # cut off at its deadline, or the client left
-                    self.metrics.updates.labels("deadline" if stream.cancelled == "deadline" else "cancelled").inc()
-                    context.abort(grpc.StatusCode.CANCELLED, f"upload cut off ({stream.cancelled or 'client gone'})")
+                    why = Reason.DEADLINE if stream.cancelled == "deadline" else Reason.CANCELLED
+                    self.metrics.updates.labels(why).inc()
+                    refuse(
+                        context, grpc.StatusCode.CANCELLED, why, f"upload cut off ({stream.cancelled or 'client gone'})"
+                    )
                 gradient = asm.finish()
-            self.coord.submit(
-                h.session_token,
-                Submission(
-                    node_id=h.node_id,
-                    round=h.round,
-                    gradient=gradient,
-                    loss=h.loss,
-                    initial_loss=h.initial_loss,
-                    loss_ratio=h.loss_ratio,
-                    num_samples=h.num_samples,
-                    test_loss=h.test_loss if h.HasField("test_loss") else None,
-                    test_metrics=dict(h.test_metrics),
-                ),
-            )
+            self.coord.submit(h.session_token, serde.submission(h, gradient))
         except StreamBusy as e:
-            self.metrics.updates.labels("busy").inc()
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"busy: {e}")
+            self.metrics.updates.labels(Reason.BUSY).inc()
+            refuse(context, grpc.StatusCode.ALREADY_EXISTS, Reason.BUSY, f"busy: {e}")
         except CoordinatorError as e:
             self.metrics.updates.labels(e.reason).inc()
             _abort(context, e)
@@ -291,49 +260,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         _require_loaded(self.coord, context)
         after = request.page_token
         if len(after) > 64 or (after and not NAME_RE.match(after)):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad_page_token: not a token of a GetState reply")
-        view = self.coord.view(request.page_size, after)
-        cfg = self.coord.config
-        nodes = []
-        for n in view["nodes"]:
-            node = pb.NodeState(
-                node_id=n["node_id"],
-                node_name=n["name"],
-                task=n["task"],
-                weight=n["weight"],
-                loss_ratio=n["loss_ratio"] or 0.0,
-                grad_norm=n["grad_norm"] or 0.0,
-                train_loss=n["train_loss"] or 0.0,
-                test_metrics=n["test_metrics"],
-                num_samples=n["num_samples"],
-                active=n["registered"],
-                last_round=n["last_round"],
-                registered_unix_seconds=n["registered_unix"],
+            refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                Reason.BAD_VALUE,
+                "bad_page_token: not a token of a GetState reply",
             )
-            if n["initial_loss"] is not None:
-                node.initial_loss = n["initial_loss"]
-            if n["test_loss"] is not None:
-                node.test_loss = n["test_loss"]
-            nodes.append(node)
-        return pb.GetStateResponse(
-            round=view["round"],
-            phase=PHASES[self.coord.phase],
-            algorithm=cfg.algorithm,
-            dataset=cfg.dataset,
-            network=cfg.network,
-            hyperparameters=pb.Hyperparameters(
-                gamma=cfg.gamma,
-                alpha=cfg.alpha,
-                beta=cfg.beta,
-                tau_h=cfg.tau_h,
-                tau_omega=cfg.tau_omega,
-                batch_size=cfg.batch_size,
-                min_nodes=cfg.min_nodes,
-                round_timeout_seconds=cfg.round_timeout,
-            ),
-            nodes=nodes,
-            halted_reason=view["halted_reason"] or "",
-            last_committed_round=view["last_committed_round"],
-            next_page_token=view["next_after"],
-            total_nodes=view["total_nodes"],
-        )
+        return serde.state_response(self.coord.view(request.page_size, after), self.coord.config)

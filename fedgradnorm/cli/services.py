@@ -18,16 +18,14 @@ from fedgradnorm import config as cfgmod
 
 
 def _aggregator(args: argparse.Namespace) -> int:
-    from services.aggregator.config import ServiceConfig
-    from services.aggregator.coordinator import CoordinatorConfig
-    from services.aggregator.server import serve_forever
+    from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+    from fedgradnorm.services.aggregator.server import serve_forever
 
     return serve_forever(cfgmod.build(ServiceConfig, args), cfgmod.build(CoordinatorConfig, args))
 
 
 def register_aggregator(sub: argparse._SubParsersAction) -> None:
-    from services.aggregator.config import ServiceConfig
-    from services.aggregator.coordinator import CoordinatorConfig
+    from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
 
     p = sub.add_parser(
         "aggregator",
@@ -40,14 +38,14 @@ def register_aggregator(sub: argparse._SubParsersAction) -> None:
 
 
 def _edge_node(args: argparse.Namespace) -> int:
-    from services.edge_node.config import EdgeConfig
-    from services.edge_node.main import serve_edge_node
+    from fedgradnorm.services.edge_node.config import EdgeConfig
+    from fedgradnorm.services.edge_node.main import serve_edge_node
 
     return serve_edge_node(cfgmod.build(EdgeConfig, args), max_rounds=args.max_rounds)
 
 
 def register_edge_node(sub: argparse._SubParsersAction) -> None:
-    from services.edge_node.config import EdgeConfig
+    from fedgradnorm.services.edge_node.config import EdgeConfig
 
     p = sub.add_parser(
         "edge-node",
@@ -88,7 +86,7 @@ def _scalar(f: FieldDescriptor, value: Any) -> Any:
 def _state(args: argparse.Namespace) -> int:
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
-    from fedgradnorm.tls import ClientTLS
+    from fedgradnorm.services.tls import ClientTLS
 
     tls = cfgmod.build(ClientTLSFlags, args)
     tls_config = ClientTLS(

@@ -187,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _service_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands contributed by the services and the demo (imported lazily, no gRPC at import)."""
-    from fedgradnorm import commands
+    from fedgradnorm.cli import services
 
-    return commands.REGISTRARS
+    return services.REGISTRARS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,7 +203,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from fedgradnorm.services.tls import ClientTLS
 from fedgradnorm.tasks import federation
-from fedgradnorm.tls import ClientTLS
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-log = structlog.get_logger("fedgradnorm.tls")
+log = structlog.get_logger("fedgradnorm.services.tls")
 
 
 class TLSConfigError(ValueError):

@@ -7,8 +7,8 @@ import signal
 import structlog
 from prometheus_client import start_http_server
 
-from services.edge_node.config import EdgeConfig
-from services.edge_node.node import EdgeNode
+from fedgradnorm.services.edge_node.config import EdgeConfig
+from fedgradnorm.services.edge_node.node import EdgeNode
 
 log = structlog.get_logger("fedgradnorm.edge_node")
 

@@ -10,51 +10,14 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.aggregator.coordinator import RoundSummary
+from fedgradnorm.reasons import Reason
+from fedgradnorm.services.domain import RoundSummary
 
 NODE_LABELS = ("node", "task")
 ROUND_PHASES = ("collect", "step", "commit")
-UPDATE_OUTCOMES = (
-    "accepted",
-    "wrong_round",
-    "not_participant",
-    "duplicate",
-    "unknown_node",
-    "bad_token",
-    "deregistered",
-    "bad_value",
-    "bad_tensor",
-    "bad_stream",
-    "bad_dtype",
-    "duplicate_tensor",
-    "unknown_tensor",
-    "missing_tensor",
-    "order_mismatch",
-    "shape_mismatch",
-    "size_mismatch",
-    "too_large",
-    "overflow",
-    "truncated",
-    "not_finite",
-    "chunk_too_large",
-    "busy",  # a second SubmitUpdate of a node while one is in flight
-    "deadline",  # an upload cut off at its round's deadline
-    "cancelled",  # an upload the client abandoned
-    "dropped_norm",  # accepted, then left out at the close: norm above the round's bound
-)
-REGISTRATION_OUTCOMES = (
-    "registered",
-    "resumed",
-    "bad_enrollment",
-    "rate_limited",
-    "name_taken",
-    "bad_task",
-    "bad_name",
-    "bad_value",
-    "unknown_node",
-    "bad_token",
-    "full",
-)
+# Every outcome label exists from the start (at 0): success, and every machine-readable reason.
+UPDATE_OUTCOMES = ("accepted", *Reason)
+REGISTRATION_OUTCOMES = ("registered", "resumed", *Reason)
 
 
 class AggregatorMetrics:
@@ -156,7 +119,7 @@ class AggregatorMetrics:
         """Bring counters kept as plain totals elsewhere (coordinator, stream guard) up to date."""
         targets = {
             "rounds_refused": self.rounds_refused,
-            "dropped_updates": self.updates.labels("dropped_norm"),
+            "dropped_updates": self.updates.labels(Reason.DROPPED_NORM),
             "streams_replaced": self.streams_cancelled.labels("replaced"),
             "streams_deadline": self.streams_cancelled.labels("deadline"),
         }

@@ -59,7 +59,7 @@ class Snapshot:
     server: ServerState
     members: dict[str, MemberRecord]
     # The metrics.jsonl rows of the round this state closed, so that a crash between the commit
-    # and the append cannot lose them (services/aggregator/roundlog.py puts them back).
+    # and the append cannot lose them (fedgradnorm/services/aggregator/roundlog.py puts them back).
     records: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -19,6 +19,9 @@ from typing import Any
 
 import grpc
 
+from fedgradnorm.reasons import Reason
+from fedgradnorm.services.refusals import refuse
+
 MAX_ERROR_TEXT = 200
 
 
@@ -37,7 +40,7 @@ def _decoder(parse: Callable[[bytes], Any], method: str) -> Callable[[bytes, grp
         try:
             return parse(raw)
         except Exception as e:  # protobuf's DecodeError, or a parser's own error on hostile bytes
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _describe(method, None, e))
+            refuse(context, grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_STREAM, _describe(method, None, e))
 
     return decode
 
@@ -89,7 +92,7 @@ def _strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
             try:
                 return inner_su(_decoding(parse, method, raw), context)
             except UndecodableRequest as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                refuse(context, grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_STREAM, str(e))
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, None, serialize)
 
@@ -99,7 +102,7 @@ def _strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
         try:
             yield from inner_ss(_decoding(parse, method, raw), context)
         except UndecodableRequest as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            refuse(context, grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_STREAM, str(e))
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
 

@@ -21,13 +21,14 @@ from prometheus_client import start_http_server
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm.atomic import atomic_write_text
-from services.aggregator.codec import WireCodec
-from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import CoordinatorConfig, Phase, RoundCoordinator
-from services.aggregator.metrics import AggregatorMetrics
-from services.aggregator.roundlog import RoundLog
-from services.aggregator.servicer import AggregatorServicer
-from services.aggregator.store import FileStateStore
+from fedgradnorm.services.aggregator.codec import WireCodec
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+from fedgradnorm.services.aggregator.coordinator import RoundCoordinator
+from fedgradnorm.services.aggregator.metrics import AggregatorMetrics
+from fedgradnorm.services.aggregator.roundlog import RoundLog
+from fedgradnorm.services.aggregator.servicer import AggregatorServicer
+from fedgradnorm.services.aggregator.store import FileStateStore
+from fedgradnorm.services.domain import Phase
 
 log = structlog.get_logger("fedgradnorm.aggregator")
 

@@ -1,0 +1,1 @@
+"""The two gRPC services on top of the library: the aggregator and the edge node."""

@@ -1,0 +1,74 @@
+"""Whether an update may enter its round: its numbers, its tensors, and its F_0 against the node's.
+
+Pure checks (no lock, no state but what they are given): the coordinator runs :func:`admit` in the
+RPC thread before it takes its lock, and :func:`check_initial_loss` under it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+
+from fedgradnorm.algorithm import MAX_LOSS_RATIO, AlgorithmError, ClientUpdate, update_norm, validate_update
+from fedgradnorm.reasons import Reason
+from fedgradnorm.services.aggregator.errors import InvalidArgument
+from fedgradnorm.services.aggregator.membership import MAX_SAMPLES, NAME_RE
+from fedgradnorm.services.aggregator.store import MemberRecord
+from fedgradnorm.services.domain import Submission
+
+LOSS_RATIO_RTOL = 1e-4
+MAX_TEST_METRICS = 8
+
+
+def _finite(name: str, value: float, positive: bool = False) -> float:
+    v = float(value)
+    if not math.isfinite(v) or (positive and v <= 0) or v < 0:
+        kind = "finite and positive" if positive else "finite and non-negative"
+        raise InvalidArgument(f"{name} must be {kind}, got {value}", Reason.BAD_VALUE)
+    return v
+
+
+def admit(sub: Submission, omega: Mapping[str, torch.Tensor]) -> Submission:
+    """The update if its numbers and tensors are usable, with its norm; InvalidArgument otherwise."""
+    loss = _finite("loss", sub.loss)
+    f0 = _finite("initial_loss", sub.initial_loss, positive=True)
+    ratio = _finite("loss_ratio", sub.loss_ratio, positive=True)
+    if ratio > MAX_LOSS_RATIO:
+        raise InvalidArgument(f"loss_ratio {ratio} is above {MAX_LOSS_RATIO:g}", Reason.BAD_VALUE)
+    if abs(ratio - loss / f0) > LOSS_RATIO_RTOL * max(1.0, ratio):
+        raise InvalidArgument(f"loss_ratio {ratio} is not loss / initial_loss = {loss / f0}", Reason.BAD_VALUE)
+    if not 1 <= sub.num_samples <= MAX_SAMPLES:
+        raise InvalidArgument(f"num_samples must be in [1, {MAX_SAMPLES}], got {sub.num_samples}", Reason.BAD_VALUE)
+    if sub.test_loss is not None:
+        _finite("test_loss", sub.test_loss)
+    if len(sub.test_metrics) > MAX_TEST_METRICS:
+        raise InvalidArgument(f"at most {MAX_TEST_METRICS} test metrics per update", Reason.BAD_VALUE)
+    for k, v in sub.test_metrics.items():
+        if not NAME_RE.match(k):
+            raise InvalidArgument(f"test metric name {k[:64]!r} must match {NAME_RE.pattern}", Reason.BAD_VALUE)
+        _finite(f"test metric {k!r}", v)
+    try:
+        validate_update(ClientUpdate(sub.node_id, sub.gradient, ratio), omega)
+    except AlgorithmError as e:
+        raise InvalidArgument(str(e), Reason.BAD_TENSOR) from e
+    return replace(sub, norm=update_norm(sub.gradient))
+
+
+def check_initial_loss(member: MemberRecord, sub: Submission) -> None:
+    """A node's first update has F~ = 1 (its loss is F_0, Algorithm 2); later ones carry the F_0
+    the aggregator first accepted."""
+    if member.initial_loss is None:
+        if not math.isclose(sub.loss, sub.initial_loss, rel_tol=1e-6) or abs(sub.loss_ratio - 1.0) > LOSS_RATIO_RTOL:
+            raise InvalidArgument(
+                f"the first update of node {sub.node_id!r} must have loss = initial_loss and loss_ratio 1 "
+                f"(got loss {sub.loss}, initial_loss {sub.initial_loss}, loss_ratio {sub.loss_ratio})",
+                Reason.BAD_VALUE,
+            )
+    elif not math.isclose(sub.initial_loss, member.initial_loss, rel_tol=1e-6):
+        raise InvalidArgument(
+            f"initial_loss {sub.initial_loss} differs from the stored F_0 {member.initial_loss} of node {sub.node_id!r}",
+            Reason.BAD_VALUE,
+        )

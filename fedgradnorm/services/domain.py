@@ -1,0 +1,96 @@
+"""The services' domain values: what an edge node sends (a Submission, built once and handed on as
+is), what the aggregator's coordinator hands out and takes in. Plain typed values, no gRPC:
+fedgradnorm.services.serde converts them to and from protobuf for both services."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from fedgradnorm.algorithm import StepResult, TensorDict
+from fedgradnorm.services.aggregator.store import MemberRecord
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"  # for enough live nodes
+    OPEN = "open"  # a round is open for fetches and submits
+    STEPPING = "stepping"  # the server step and the commit are running
+    DONE = "done"  # the configured number of rounds is reached
+    HALTED = "halted"  # a commit failed (retried) or the driver failed (for good): no round advances
+
+
+@dataclass(frozen=True)
+class Registration:
+    node_id: str
+    session_token: str  # only ever returned to the node itself; never logged
+    resumed: bool
+    initial_loss: float | None
+    weight: float
+
+
+@dataclass(frozen=True)
+class RoundTicket:
+    """An open round as a participant sees it: the number, the deadline and omega_k."""
+
+    round: int
+    deadline_unix: float
+    omega: TensorDict  # read-only: shared by every fetch of the round and by the commit
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One node's update of one round, as it arrives (fedgradnorm.services.serde builds it once)."""
+
+    node_id: str
+    round: int
+    gradient: Mapping[str, torch.Tensor]
+    loss: float
+    initial_loss: float
+    loss_ratio: float
+    num_samples: int
+    test_loss: float | None = None
+    test_metrics: Mapping[str, float] = field(default_factory=dict)
+    norm: float = 0.0  # l2 norm of the whole gradient (set on admission)
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """Everything about a closed round, for logs, metrics and metrics.jsonl."""
+
+    round: int
+    algorithm: str
+    participants: tuple[str, ...]
+    submitted: dict[str, Submission]  # the updates the step used
+    step: StepResult
+    members: dict[str, MemberRecord]
+    duration_seconds: float  # opening to the end of the step, when the next round can open
+    collect_seconds: float = 0.0  # opening until the last update arrived (or the deadline)
+    step_seconds: float = 0.0  # the server step (eq. 6-7 and the omega update)
+    commit_seconds: float = 0.0  # writing the state file, beside the next round (0 when it failed)
+    closed_unix: float = 0.0  # wall clock at the end of the step
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One node in GetState: its record (no token hash), its weight and whether the open round has it."""
+
+    record: MemberRecord
+    weight: float
+    in_open_round: bool
+
+
+@dataclass(frozen=True)
+class StateView:
+    """A consistent copy of the aggregator's state for GetState (one page of nodes)."""
+
+    round: int
+    last_committed_round: int
+    phase: Phase
+    open_round: int | None
+    nodes: list[NodeView]
+    next_after: str  # the node id to continue after; "" on the last page
+    total_nodes: int
+    halted_reason: str

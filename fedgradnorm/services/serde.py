@@ -1,0 +1,155 @@
+"""protobuf <-> domain values, for both services: the one place that knows both shapes.
+
+The edge node builds a :class:`Submission` once from its client step and sends it with
+:func:`submit_header` + the gradient's chunks; the aggregator turns the header and the reassembled
+gradient back into the same :class:`Submission` (:func:`submission`) and hands it on as is. The
+registration and the state view go the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedgradnorm import wire
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
+from fedgradnorm.algorithm import ClientConfig
+from fedgradnorm.services.aggregator.config import CoordinatorConfig
+from fedgradnorm.services.domain import Phase, Registration, StateView, Submission
+
+PHASES = {
+    Phase.WAITING: pb.PHASE_WAITING_FOR_NODES,
+    Phase.OPEN: pb.PHASE_ROUND_OPEN,
+    Phase.STEPPING: pb.PHASE_STEPPING,
+    Phase.DONE: pb.PHASE_DONE,
+    Phase.HALTED: pb.PHASE_HALTED,
+}
+
+
+# -- SubmitUpdate -------------------------------------------------------------------------------
+
+
+def submit_header(sub: Submission, session_token: str, dtype: DType) -> pb.SubmitHeader:
+    """The header that announces ``sub`` (its gradient follows as chunks in ``dtype``)."""
+    specs = wire.tensor_specs(sub.gradient, dtype)
+    header = pb.SubmitHeader(
+        node_id=sub.node_id,
+        session_token=session_token,
+        round=sub.round,
+        tensors=specs,
+        total_bytes=wire.payload_nbytes(specs),
+        loss=sub.loss,
+        initial_loss=sub.initial_loss,
+        loss_ratio=sub.loss_ratio,
+        num_samples=sub.num_samples,
+        test_metrics=dict(sub.test_metrics),
+    )
+    if sub.test_loss is not None:
+        header.test_loss = sub.test_loss
+    return header
+
+
+def submission(h: pb.SubmitHeader, gradient: Mapping[str, torch.Tensor]) -> Submission:
+    """The update a header and its reassembled gradient describe."""
+    return Submission(
+        node_id=h.node_id,
+        round=h.round,
+        gradient=gradient,
+        loss=h.loss,
+        initial_loss=h.initial_loss,
+        loss_ratio=h.loss_ratio,
+        num_samples=h.num_samples,
+        test_loss=h.test_loss if h.HasField("test_loss") else None,
+        test_metrics=dict(h.test_metrics),
+    )
+
+
+# -- Register -----------------------------------------------------------------------------------
+
+
+def register_response(
+    reg: Registration,
+    cfg: CoordinatorConfig,
+    *,
+    omega_tilde: tuple[str, ...],
+    wire_dtype: DType,
+    accepted_dtypes: tuple[DType, ...],
+    max_chunk_bytes: int,
+    max_update_bytes: int,
+) -> pb.RegisterResponse:
+    resp = pb.RegisterResponse(
+        node_id=reg.node_id,
+        session_token=reg.session_token,
+        network=cfg.network,
+        algorithm=cfg.algorithm,
+        omega_tilde=list(omega_tilde),
+        round_config=pb.RoundConfig(tau_h=cfg.tau_h, tau_omega=cfg.tau_omega, beta=cfg.beta, batch_size=cfg.batch_size),
+        seed=cfg.seed,
+        wire_dtype=wire_dtype,
+        accepted_dtypes=list(accepted_dtypes),
+        max_chunk_bytes=max_chunk_bytes,
+        max_update_bytes=max_update_bytes,
+        heartbeat_interval_seconds=cfg.heartbeat_interval,
+        weight=reg.weight,
+        resumed=reg.resumed,
+    )
+    if reg.initial_loss is not None:
+        resp.initial_loss = reg.initial_loss
+    return resp
+
+
+def round_config(rc: pb.RoundConfig) -> ClientConfig:
+    """The client hyperparameters an aggregator announced."""
+    return ClientConfig(tau_h=rc.tau_h, tau_omega=rc.tau_omega, beta=rc.beta, batch_size=rc.batch_size)
+
+
+# -- GetState -----------------------------------------------------------------------------------
+
+
+def state_response(view: StateView, cfg: CoordinatorConfig) -> pb.GetStateResponse:
+    nodes = []
+    for n in view.nodes:
+        m = n.record
+        node = pb.NodeState(
+            node_id=m.node_id,
+            node_name=m.name,
+            task=m.task,
+            weight=n.weight,
+            loss_ratio=m.loss_ratio or 0.0,
+            grad_norm=m.grad_norm or 0.0,
+            train_loss=m.train_loss or 0.0,
+            test_metrics=m.test_metrics,
+            num_samples=m.num_samples,
+            active=m.registered,
+            last_round=m.last_round,
+            registered_unix_seconds=m.registered_unix,
+        )
+        if m.initial_loss is not None:
+            node.initial_loss = m.initial_loss
+        if m.test_loss is not None:
+            node.test_loss = m.test_loss
+        nodes.append(node)
+    return pb.GetStateResponse(
+        round=view.round,
+        phase=PHASES[view.phase],
+        algorithm=cfg.algorithm,
+        dataset=cfg.dataset,
+        network=cfg.network,
+        hyperparameters=pb.Hyperparameters(
+            gamma=cfg.gamma,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            tau_h=cfg.tau_h,
+            tau_omega=cfg.tau_omega,
+            batch_size=cfg.batch_size,
+            min_nodes=cfg.min_nodes,
+            round_timeout_seconds=cfg.round_timeout,
+        ),
+        nodes=nodes,
+        halted_reason=view.halted_reason,
+        last_committed_round=view.last_committed_round,
+        next_page_token=view.next_after,
+        total_nodes=view.total_nodes,
+    )
