@@ -463,14 +463,14 @@ def render(
         f"| seeds | {seeds} (partition, model and head initialisation, minibatch order); both algorithms share each seed |"
     )
     w(
-        f"| MTFL data | `fedgradnorm.data.mtfl.generate_mtfl`, generator seed {plan.data_seed}: "
+        f"| MTFL data | `fedgradnorm.data.synthetic_mtfl.generate_mtfl`, generator seed {plan.data_seed}: "
         f"{plan.mtfl_size} training faces, {plan.mtfl_size * 3 // 10} test faces (procedural 250×250 drawings, "
         "read as 40×40 grayscale; landmarks in pixels of the 40×40 image) |"
     )
     w(f"| MTFL imbalanced (Table II) | training faces per client: {clients_imb}; {test_imb} test faces per client |")
     w(f"| MTFL balanced (Fig. 2) | {clients_bal} training faces per client; {test_imb} test faces per client |")
     w(
-        f"| RadCom data | `fedgradnorm.data.radcom.generate_radcom`, generator seed {plan.data_seed}: "
+        f"| RadCom data | `fedgradnorm.data.synthetic_radcom.generate_radcom`, generator seed {plan.data_seed}: "
         f"{plan.radcom_size} samples per (modulation, signal, SNR) key; per client {clients_rad} training and "
         f"{test_rad} test vectors (test fraction 0.2); anomaly = SNR < −4 dB |"
     )
