@@ -30,7 +30,6 @@ space; blank lines are skipped)::
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
+import structlog
 from PIL import Image
 
 from fedgradnorm.data.base import DataError, MultiTaskArrays
@@ -55,7 +55,7 @@ __all__ = [
     "read_mtfl",
 ]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("fedgradnorm.data.mtfl")
 
 TASKS: tuple[str, ...] = ("landmarks", "gender", "smile", "glasses", "pose")
 NUM_CLASSES: dict[str, int] = {"gender": 2, "smile": 2, "glasses": 2, "pose": 5}

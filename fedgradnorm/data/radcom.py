@@ -30,7 +30,6 @@ the file offset; the raw bytes are then read in one pass over the file. The deco
 from __future__ import annotations
 
 import ast
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import structlog
 
 from fedgradnorm.data.base import DataError, MultiTaskArrays
 from fedgradnorm.data.cache import ArrayCache, CacheEntry
@@ -55,7 +55,7 @@ __all__ = [
     "read_radcom",
 ]
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("fedgradnorm.data.radcom")
 
 MODULATIONS: tuple[str, ...] = ("amdsb", "amssb", "ask", "bpsk", "fmcw", "pulsed")
 SIGNALS: tuple[str, ...] = (
@@ -149,7 +149,7 @@ def read_radcom(path: str | Path, *, cache: bool = True) -> MultiTaskArrays:
         if _identity(_stat_input(path)) == _identity(stat):
             _CACHE.store(entry, decoded.fields())
         else:
-            log.warning("%s changed while it was read; its decoded arrays are not cached", path)
+            log.warning("radcom.changed_while_read", path=str(path), action="decoded arrays not cached")
     return decoded.to_arrays()
 
 
