@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from experiments import analysis as an
-from experiments.reproduce import SMOKE, Plan, main, render
+from experiments.document import render
+from experiments.reproduce import SMOKE, Plan, main
 from fedgradnorm.machine import torch_threads
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reproduce"
