@@ -26,6 +26,8 @@ from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load
 from fedgradnorm.simulator import Simulation, SimulationConfig, write_jsonl
 from fedgradnorm.tasks import derive_seed, federation
 
+ALGORITHMS = ("fedrep", "fedgradnorm")  # every experiment compares these two, on the same seeds
+
 
 @dataclass(frozen=True)
 class RunSpec:

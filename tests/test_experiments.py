@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from experiments import analysis as an
-from experiments.reproduce import SMOKE, main
+from experiments.document import render
+from experiments.reproduce import SMOKE, Plan, main
 from fedgradnorm.machine import torch_threads
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reproduce"
 
 
 def _records(task_losses: dict[str, list[float]], algorithm: str) -> list[dict]:
@@ -90,3 +95,44 @@ def test_smoke_reproduce_writes_the_document(tmp_path: Path) -> None:
     # a second invocation with --reuse trains nothing
     assert main(["--scale", "smoke", "--out", str(out), "--doc", str(doc), "--workers", "1", "--reuse"]) == 0
     assert f"reused runs: {len(specs)}" in doc.read_text()
+
+
+def _render_inputs(variant: str) -> tuple[an.Grouped, Plan, dict[str, Any], dict[str, Any]]:
+    """Fixed inputs of ``render``: the runs, machine info and timing of one smoke reproduction.
+
+    ``smoke`` is that reproduction (with an earlier, noted invocation in its history);
+    ``two-balanced-seeds`` adds a second balanced seed (the imbalanced seed-1 runs, relabelled) and has
+    an idle machine and every run reused, so that the other branches of the text are rendered too.
+    """
+    data = json.loads((FIXTURES / "smoke-runs.json").read_text())
+    runs = [(r["result"], r["records"]) for r in data["runs"]]
+    plan, info, timing = SMOKE, data["info"], data["timing"]
+    if variant == "two-balanced-seeds":
+        runs += [
+            ({**result, "spec": {**result["spec"], "experiment": "mtfl-balanced"}}, records)
+            for result, records in runs
+            if result["spec"]["experiment"] == "mtfl-imbalanced" and result["spec"]["seed"] == 1
+        ]
+        plan = replace(SMOKE, balanced_seeds=(0, 1))
+        info = {**info, "loadavg_start": [0.5, 0.4, 0.3], "loadavg_end": [1.0, 0.8, 0.6]}
+        timing = {**timing, "reused": len(timing["runs"]), "trained_by": []}
+    return an.group(runs), plan, info, timing
+
+
+@pytest.mark.parametrize("variant", ["smoke", "two-balanced-seeds"])
+def test_render_writes_the_pinned_document(variant: str, tmp_path: Path) -> None:
+    """``render`` gives, for fixed inputs, the text pinned in ``fixtures/reproduce/<variant>.md``.
+
+    Those files were written by ``render`` as it was before the prose moved into a template, so this
+    test shows that the template renders the very same document.
+    """
+    grouped, plan, info, timing = _render_inputs(variant)
+    command = "python -m experiments.reproduce --scale smoke"
+    text = render(grouped, plan, info, timing, tmp_path / "docs" / "img", "results-", command)
+    assert text == (FIXTURES / f"{variant}.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "docs" / "img").iterdir()) == [
+        "results-mtfl-balanced.png",
+        "results-mtfl-imbalanced.png",
+        "results-radcom-snr.png",
+        "results-radcom.png",
+    ]

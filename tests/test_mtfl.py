@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path, PureWindowsPath
 
@@ -9,16 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedgradnorm.data import mtfl
+from fedgradnorm.data import mtfl, synthetic_mtfl
 from fedgradnorm.data.base import DataError
 from fedgradnorm.data.mtfl import (
     IMAGE_SIZE,
     LANDMARK_NAMES,
     NUM_CLASSES,
     TASKS,
-    generate_mtfl,
     read_mtfl,
 )
+from fedgradnorm.data.synthetic_mtfl import generate_mtfl
 
 ATTRS = ("gender", "smile", "glasses", "pose")
 
@@ -145,12 +146,22 @@ def test_generator_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         for line in _lines(a / f"{split}.txt"):
             assert _image_of(a, line).read_bytes() == _image_of(b, line).read_bytes()
     # Worker threads draw the same faces as a single thread.
-    monkeypatch.setattr(mtfl, "_CHUNK", 2)
+    monkeypatch.setattr(synthetic_mtfl, "_CHUNK", 2)
     d = generate_mtfl(tmp_path / "d", n_train=6, n_test=3, seed=11, workers=2)
     for split in ("training", "testing"):
         assert (d / f"{split}.txt").read_text() == (a / f"{split}.txt").read_text()
     for line in _lines(a / "training.txt"):
         assert _image_of(a, line).read_bytes() == _image_of(d, line).read_bytes()
+
+
+def test_generated_annotations_are_pinned(tmp_path: Path) -> None:
+    """The annotation lines for a fixed seed, as first written: a change to any random stream shows here."""
+    root = generate_mtfl(tmp_path / "MTFL", n_train=6, n_test=3, seed=11, workers=1)
+    text = (root / "training.txt").read_text() + (root / "testing.txt").read_text()
+    assert text.startswith(" lfw_5590\\Laura_Lopez_0001.jpg 128.40 156.12 147.41 125.19 149.19 125.25 ")
+    assert (
+        hashlib.sha256(text.encode()).hexdigest() == "39741abe1b7adb2f37e5fa8bd6bd33ffc37370961236a9404dcbe4452ce4dab2"
+    )
 
 
 def test_generator_rejects_empty_splits(tmp_path: Path) -> None:

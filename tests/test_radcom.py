@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fedgradnorm.data import radcom
+from fedgradnorm.data import radcom, synthetic_radcom
 from fedgradnorm.data.base import DataError, MultiTaskArrays
 from fedgradnorm.data.radcom import (
     ANOMALY_SNR_DB,
@@ -20,9 +20,9 @@ from fedgradnorm.data.radcom import (
     SIGNALS,
     SNRS,
     TASKS,
-    generate_radcom,
     read_radcom,
 )
+from fedgradnorm.data.synthetic_radcom import generate_radcom
 
 SMALL = 3
 
@@ -131,6 +131,25 @@ def test_generation_is_deterministic_by_seed(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.hdf5", "b.hdf5", "c.hdf5"]  # no temporary left
 
 
+def test_generated_values_are_pinned(tmp_path: Path) -> None:
+    """The generator's values for a fixed seed, as first written: a change to any random stream shows here."""
+    pairs = (("pulsed", "Airborne-range"), ("bpsk", "Satcom"))
+    path = generate_radcom(tmp_path / "r.hdf5", samples_per_key=2, snrs=(-10, 10), seed=5, pairs=pairs)
+    x = read_radcom(path, cache=False).x.astype(np.float64)
+    expected = [
+        [-1.014133, 0.277989, 0.204219],
+        [0.243405, -0.420497, 0.718251],
+        [-0.092715, 0.312421, 0.623271],
+        [0.300247, 0.696128, 1.159137],
+        [0.827686, 0.262583, 0.653635],
+        [-0.078065, 0.051561, -0.364701],
+        [0.276691, -0.200099, 0.360017],
+        [0.055498, -0.042963, -0.097324],
+    ]
+    np.testing.assert_allclose(x[:, :3], expected, atol=2e-6)
+    assert np.abs(x).sum() == pytest.approx(1533.8267006, rel=1e-7)
+
+
 def test_generator_rejects_bad_arguments(tmp_path: Path) -> None:
     target = tmp_path / "x.hdf5"
     with pytest.raises(ValueError, match="samples_per_key"):
@@ -155,8 +174,8 @@ def test_failed_generation_leaves_the_old_file(tmp_path: Path, monkeypatch: pyte
             raise RuntimeError("disk on fire")
         return original(*args)
 
-    original = radcom._synthesize
-    monkeypatch.setattr(radcom, "_synthesize", failing)
+    original = synthetic_radcom._synthesize
+    monkeypatch.setattr(synthetic_radcom, "_synthesize", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         generate_radcom(target, samples_per_key=1, snrs=(0,), seed=1)
     assert target.read_bytes() == before

@@ -111,11 +111,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_datasets(args: argparse.Namespace) -> int:
     if args.which == "radcom":
-        from fedgradnorm.data.radcom import generate_radcom
+        from fedgradnorm.data.synthetic_radcom import generate_radcom
 
         path = generate_radcom(args.out, samples_per_key=args.samples_per_key, seed=args.seed)
     else:
-        from fedgradnorm.data.mtfl import generate_mtfl
+        from fedgradnorm.data.synthetic_mtfl import generate_mtfl
 
         path = generate_mtfl(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     print(f"wrote {path}")

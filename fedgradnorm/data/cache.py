@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import zipfile
 import zlib
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import structlog
 
 from fedgradnorm.atomic import atomic_write
 
@@ -35,7 +35,7 @@ CACHE_ENV = "FEDGRADNORM_CACHE_DIR"
 _BESIDE = ".fedgradnorm_cache"
 _LOAD_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("fedgradnorm.data.cache")
 
 
 def _user_cache_dir() -> Path:
@@ -83,11 +83,11 @@ class CacheEntry:
 class ArrayCache:
     """The decode cache of one kind of input.
 
-    ``kind`` starts the file names (``"radcom"``); ``label`` names the data set in log messages
+    ``kind`` starts the file names (``"radcom"``); ``label`` names the data set in log events
     (``"RadCom"``); ``arrays`` are the names of the arrays an entry holds; ``version`` goes into every key
     (raise it when what is stored changes); ``contents`` says what is not cached when no folder is
     writable (``"decoded arrays"``); ``mode`` gives the permission bits of the files (default: as
-    ``open`` would create them); ``logger`` is where messages go (the reader's, by default this module's).
+    ``open`` would create them); ``logger`` is where events go (the reader's structlog logger, by default this module's).
     """
 
     def __init__(
@@ -99,7 +99,7 @@ class ArrayCache:
         version: int = 1,
         contents: str = "decoded arrays",
         mode: int | None = None,
-        logger: logging.Logger | None = None,
+        logger: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.kind = kind
         self.label = label
@@ -131,7 +131,7 @@ class ArrayCache:
             arrays = self._read(file, entry.key, valid)
             if arrays is not None:
                 return arrays
-            self.log.warning("ignoring corrupt %s cache %s; it will be rebuilt", self.label, file)
+            self.log.warning("cache.corrupt", dataset=self.label, file=str(file), action="ignored, rebuilt")
         return None
 
     def _read(
@@ -157,11 +157,17 @@ class ArrayCache:
                     durable=False,  # a lost entry is only decoded again
                 )
             except OSError as err:
-                self.log.debug("%s cache folder %s is not writable (%s); trying the next one", self.label, folder, err)
+                self.log.debug(
+                    "cache.folder_not_writable",
+                    dataset=self.label,
+                    folder=str(folder),
+                    error=str(err),
+                    action="trying the next one",
+                )
                 continue
             self._remove_stale(folder, entry)
             return
-        self.log.warning("no writable cache folder for %s; %s are not cached", entry.source, self.contents)
+        self.log.warning("cache.no_writable_folder", source=str(entry.source), not_cached=self.contents)
 
     def _remove_stale(self, folder: Path, entry: CacheEntry) -> None:
         for old in folder.glob(f"{entry.prefix}*.npz"):
@@ -169,4 +175,4 @@ class ArrayCache:
                 try:
                     old.unlink()
                 except OSError:
-                    self.log.debug("could not remove stale %s cache %s", self.label, old)
+                    self.log.debug("cache.stale_not_removed", dataset=self.label, file=str(old))

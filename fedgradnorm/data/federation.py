@@ -147,7 +147,8 @@ def _generate_folder_once(root: Path, generate: Callable[[Path], object]) -> Non
 def load_pools(source: DataSource) -> tuple[MultiTaskArrays, MultiTaskArrays | None]:
     """(train pool, test pool or None); generates the synthetic set once into the cache."""
     if source.dataset == "radcom":
-        from fedgradnorm.data.radcom import generate_radcom, read_radcom
+        from fedgradnorm.data.radcom import read_radcom
+        from fedgradnorm.data.synthetic_radcom import generate_radcom
 
         path = Path(source.path) if source.path else None
         if path is None:
@@ -156,7 +157,8 @@ def load_pools(source: DataSource) -> tuple[MultiTaskArrays, MultiTaskArrays | N
                 generate_radcom(path, samples_per_key=source.synthetic_size, seed=source.synthetic_seed)
         return read_radcom(path), None
     if source.dataset == "mtfl":
-        from fedgradnorm.data.mtfl import generate_mtfl, read_mtfl
+        from fedgradnorm.data.mtfl import read_mtfl
+        from fedgradnorm.data.synthetic_mtfl import generate_mtfl
 
         root = Path(source.path) if source.path else None
         if root is None:
