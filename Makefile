@@ -79,6 +79,12 @@ image: $(STAMP)
 dashboard: $(STAMP)
 	$(BIN)/python scripts/dashboard.py
 
+# deploy/k8s/29-prometheus-rules.yaml and deploy/prometheus/fedgradnorm-prometheusrule.yaml, from
+# deploy/prometheus/fedgradnorm-rules.yml (tests/test_alert_rules.py fails when they are out of date).
+.PHONY: alerts
+alerts: $(STAMP)
+	$(BIN)/python scripts/alert_rules.py
+
 # docs/img/dashboard.png: the dashboard's panels drawn from a real Prometheus scraping a loopback run.
 dashboard-png: $(STAMP)
 	$(BIN)/python scripts/render_dashboard.py --out docs/img/dashboard.png
