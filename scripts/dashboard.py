@@ -11,7 +11,9 @@ from Grafana's own schema) and written twice:
   file provider loads at its first start (``deploy/k8s/41-grafana.yaml``).
 
 Every query filters on the ``federation`` label that Prometheus's scrape configuration copies
-from the pods' ``fedgradnorm.io/federation`` label (``deploy/k8s/30-prometheus.yaml``).
+from the pods' ``fedgradnorm.io/federation`` label (``deploy/k8s/30-prometheus.yaml``), with
+``federation=~"$federation|"``: series without the label match as well, so the dashboard works on a
+Prometheus that scrapes a local run (``make prometheus``), which adds no such label.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
     DataSourceRef,
+    DynamicConfigValue,
+    Threshold,
+    ThresholdsMode,
     VariableOption,
     VariableRefresh,
     VariableSort,
@@ -44,7 +49,7 @@ CONFIGMAP_KEY = "fedgradnorm.json"
 NAMESPACE = "fedgradnorm"
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
-FED = 'federation="$federation"'
+FED = 'federation=~"$federation|"'  # the chosen federation, or no federation label at all (a local run)
 TASKS = f'{FED}, task=~"$task"'
 
 
@@ -67,11 +72,17 @@ class Panel:
     kind: str = "series"  # "stat": one number; "series": lines; "bars": a counter's increases
     decimals: int = 0  # stat only
     no_value: str = ""  # stat only: what to show without data
+    thresholds: tuple[tuple[float | None, str], ...] = ((None, "green"),)  # (from value, colour); stat only
     soft_min: float | None = None
+    repeat: str = ""  # a variable: one copy of the panel per value
+    units: tuple[tuple[str, str, float | None, float | None], ...] = ()  # (series name regexp, unit, min, max)
 
 
 def q(expr: str, legend: str) -> tuple[Query]:
     return (Query(expr, legend),)
+
+
+RED_AT_ZERO = ((None, "red"), (1, "green"))  # no node at all: nothing trains
 
 
 def stat_panel(title: str, description: str, expr: str, legend: str, **kw: Any) -> Panel:
@@ -100,18 +111,26 @@ ROWS: list[tuple[str, list[Panel]]] = [
     (
         "Federation",
         [
-            stat_panel("Round", "The aggregator's current round.", f"max(fedgradnorm_round{{{FED}}})", "round"),
+            stat_panel(
+                "Round",
+                "The aggregator's current round.",
+                f"max(fedgradnorm_round{{{FED}}})",
+                "round",
+                thresholds=((None, "blue"),),
+            ),
             stat_panel(
                 "Registered nodes",
                 "Edge nodes registered with the aggregator (a node added with kubectl scale shows here first).",
                 f"sum(fedgradnorm_registered_nodes{{{FED}}})",
                 "registered",
+                thresholds=RED_AT_ZERO,
             ),
             stat_panel(
                 "Participants (last round)",
                 "Nodes whose update the last round used.",
                 f"sum(fedgradnorm_round_participants{{{FED}}})",
                 "participants",
+                thresholds=RED_AT_ZERO,
             ),
             stat_panel(
                 "Σ p",
@@ -133,6 +152,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 f'sum(increase(fedgradnorm_updates_total{{{FED}, outcome!="accepted"}}[1h]))',
                 "refused",
                 no_value="0",
+                thresholds=((None, "green"), (1, "orange"), (10, "red")),
             ),
         ],
     ),
@@ -165,10 +185,16 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 per_task("fedgradnorm_task_train_loss"),
             ),
             Panel(
-                "Test metric",
-                "What each node reports on its test split: accuracy (higher is better) or the landmark error "
-                "in pixels (lower is better).",
-                q(f"avg by (task, metric) (fedgradnorm_task_test_metric{{{TASKS}}})", "{{task}} {{metric}}"),
+                "Test metric: $metric",
+                "What each node reports on its test split, one panel per metric so that each has its own axis: "
+                "accuracy (higher is better; RadCom, MTFL's attributes) or landmark_error_px, the landmark error "
+                "in pixels (lower is better; MTFL's landmarks).",
+                q(
+                    f'avg by (task, metric) (fedgradnorm_task_test_metric{{{TASKS}, metric=~"$metric"}})',
+                    "{{task}} {{metric}}",
+                ),
+                repeat="metric",
+                units=((".* accuracy$", "percentunit", 0, 1), (".* landmark_error_px$", "suffix: px", 0, None)),
             ),
             Panel("Test loss", "Each task's loss on its test split.", per_task("fedgradnorm_task_test_loss")),
             Panel(
@@ -357,6 +383,10 @@ def render(p: Panel) -> stat.Panel | timeseries.Panel:
         )
         if p.no_value:
             panel = panel.no_value(p.no_value)
+        steps = [Threshold(value=value, color=color) for value, color in p.thresholds]
+        panel = panel.color_mode(common.BigValueColorMode.VALUE).thresholds(
+            dash.ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(steps)
+        )
     elif p.kind in ("series", "bars"):
         panel = (
             timeseries.Panel()
@@ -376,8 +406,16 @@ def render(p: Panel) -> stat.Panel | timeseries.Panel:
             panel = panel.draw_style(common.GraphDrawStyle.BARS)
         if p.soft_min is not None:
             panel = panel.axis_soft_min(p.soft_min)
+        for regexp, unit, low, high in p.units:
+            properties = [DynamicConfigValue(id_val="unit", value=unit)]
+            properties += [
+                DynamicConfigValue(id_val=k, value=v) for k, v in (("min", low), ("max", high)) if v is not None
+            ]
+            panel = panel.override_by_regexp(regexp, properties)
     else:
         raise ValueError(f"{p.title}: unknown kind {p.kind!r}")
+    if p.repeat:
+        panel = panel.repeat(p.repeat).repeat_direction("h")
     for i, query in enumerate(p.queries):
         panel = panel.with_target(_target(query, chr(ord("A") + i)))
     return panel
@@ -411,13 +449,27 @@ def build() -> dict:
             .query("label_values(fedgradnorm_round, federation)")
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .sort(VariableSort.ALPHABETICAL_ASC)
+            .include_all(True)
+            .all_value(".*")
             .current(VariableOption(selected=True, text="radcom", value="radcom"))
         )
         .with_variable(
             dash.QueryVariable("task")
             .label("Task")
             .datasource(DS)
-            .query('label_values(fedgradnorm_task_weight{federation="$federation"}, task)')
+            .query(f"label_values(fedgradnorm_task_weight{{{FED}}}, task)")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+            .current(VariableOption(selected=True, text="All", value="$__all"))
+        )
+        .with_variable(
+            dash.QueryVariable("metric")
+            .label("Test metric")
+            .datasource(DS)
+            .query(f"label_values(fedgradnorm_task_test_metric{{{FED}}}, metric)")
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .sort(VariableSort.ALPHABETICAL_ASC)
             .multi(True)
