@@ -79,6 +79,18 @@ image: $(STAMP)
 dashboard: $(STAMP)
 	$(BIN)/python scripts/dashboard.py
 
+# deploy/k8s/29-prometheus-rules.yaml and deploy/prometheus/fedgradnorm-prometheusrule.yaml, from
+# deploy/prometheus/fedgradnorm-rules.yml (tests/test_alert_rules.py fails when they are out of date).
+.PHONY: alerts
+alerts: $(STAMP)
+	$(BIN)/python scripts/alert_rules.py
+
+# A local Prometheus on 127.0.0.1:9090 scraping the by-hand services, with the shipped rules
+# (scripts/local_prometheus.py --help; e.g. make prometheus PROMETHEUS_ARGS="--edge-node m=127.0.0.1:9465").
+.PHONY: prometheus
+prometheus:
+	$(PY) scripts/local_prometheus.py $(PROMETHEUS_ARGS)
+
 # docs/img/dashboard.png: the dashboard's panels drawn from a real Prometheus scraping a loopback run.
 dashboard-png: $(STAMP)
 	$(BIN)/python scripts/render_dashboard.py --out docs/img/dashboard.png

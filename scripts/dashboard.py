@@ -11,7 +11,9 @@ from Grafana's own schema) and written twice:
   file provider loads at its first start (``deploy/k8s/41-grafana.yaml``).
 
 Every query filters on the ``federation`` label that Prometheus's scrape configuration copies
-from the pods' ``fedgradnorm.io/federation`` label (``deploy/k8s/30-prometheus.yaml``).
+from the pods' ``fedgradnorm.io/federation`` label (``deploy/k8s/30-prometheus.yaml``), with
+``federation=~"$federation|"``: series without the label match as well, so the dashboard works on a
+Prometheus that scrapes a local run (``make prometheus``), which adds no such label.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as dash
@@ -30,6 +33,9 @@ from grafana_foundation_sdk.models import common
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
     DataSourceRef,
+    DynamicConfigValue,
+    Threshold,
+    ThresholdsMode,
     VariableOption,
     VariableRefresh,
     VariableSort,
@@ -43,7 +49,7 @@ CONFIGMAP_KEY = "fedgradnorm.json"
 NAMESPACE = "fedgradnorm"
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
-FED = 'federation="$federation"'
+FED = 'federation=~"$federation|"'  # the chosen federation, or no federation label at all (a local run)
 TASKS = f'{FED}, task=~"$task"'
 
 
@@ -53,8 +59,301 @@ class Query:
     legend: str
 
 
-def _target(q: Query, ref: str) -> prometheus.Dataquery:
-    return prometheus.Dataquery().expr(q.expr).legend_format(q.legend).ref_id(ref).datasource(DS).range()
+@dataclass(frozen=True)
+class Panel:
+    """One panel of the table below: what it shows; ``kind`` says how (stat, series or bars)."""
+
+    title: str
+    description: str
+    queries: tuple[Query, ...]
+    unit: str = "short"
+    width: int = 12
+    height: int = 8
+    kind: str = "series"  # "stat": one number; "series": lines; "bars": a counter's increases
+    decimals: int = 0  # stat only
+    no_value: str = ""  # stat only: what to show without data
+    thresholds: tuple[tuple[float | None, str], ...] = ((None, "green"),)  # (from value, colour); stat only
+    soft_min: float | None = None
+    repeat: str = ""  # a variable: one copy of the panel per value
+    units: tuple[tuple[str, str, float | None, float | None], ...] = ()  # (series name regexp, unit, min, max)
+
+
+def q(expr: str, legend: str) -> tuple[Query]:
+    return (Query(expr, legend),)
+
+
+RED_AT_ZERO = ((None, "red"), (1, "green"))  # no node at all: nothing trains
+
+
+def stat_panel(title: str, description: str, expr: str, legend: str, **kw: Any) -> Panel:
+    return Panel(title, description, q(expr, legend), kind="stat", width=4, height=4, **kw)
+
+
+def mean_of(histogram: str, by: str = "") -> str:
+    """Mean of a histogram's observations per $__rate_interval (``by``: its grouping)."""
+    group = f" by ({by}) " if by else ""
+    return (
+        f"sum{group}(rate({histogram}_sum{{{FED}}}[$__rate_interval]))"
+        f" / sum{group}(rate({histogram}_count{{{FED}}}[$__rate_interval]))"
+    )
+
+
+def quantile(phi: str, histogram: str) -> str:
+    return f"histogram_quantile({phi}, sum by (le) (rate({histogram}_bucket{{{FED}}}[$__rate_interval])))"
+
+
+def per_task(metric: str) -> tuple[Query]:
+    return q(f"avg by (task) ({metric}{{{TASKS}}})", "{{task}}")
+
+
+# The dashboard, row by row: (row title, its panels), laid out left to right in this order.
+ROWS: list[tuple[str, list[Panel]]] = [
+    (
+        "Federation",
+        [
+            stat_panel(
+                "Round",
+                "The aggregator's current round.",
+                f"max(fedgradnorm_round{{{FED}}})",
+                "round",
+                thresholds=((None, "blue"),),
+            ),
+            stat_panel(
+                "Registered nodes",
+                "Edge nodes registered with the aggregator (a node added with kubectl scale shows here first).",
+                f"sum(fedgradnorm_registered_nodes{{{FED}}})",
+                "registered",
+                thresholds=RED_AT_ZERO,
+            ),
+            stat_panel(
+                "Participants (last round)",
+                "Nodes whose update the last round used.",
+                f"sum(fedgradnorm_round_participants{{{FED}}})",
+                "participants",
+                thresholds=RED_AT_ZERO,
+            ),
+            stat_panel(
+                "Σ p",
+                "Sum of the task weights: FedGradNorm renormalises p to the number of participating nodes.",
+                f"sum(fedgradnorm_task_weight{{{FED}}})",
+                "sum p",
+                decimals=3,
+            ),
+            stat_panel(
+                "F_grad",
+                "GradNorm auxiliary loss of the last round (how far the gradient norms are from their targets).",
+                f"max(fedgradnorm_f_grad{{{FED}}})",
+                "F_grad",
+                decimals=4,
+            ),
+            stat_panel(
+                "Updates refused (1h)",
+                "Submitted updates the aggregator refused in the last hour, all reasons.",
+                f'sum(increase(fedgradnorm_updates_total{{{FED}, outcome!="accepted"}}[1h]))',
+                "refused",
+                no_value="0",
+                thresholds=((None, "green"), (1, "orange"), (10, "red")),
+            ),
+        ],
+    ),
+    (
+        "Task weighting",
+        [
+            Panel(
+                "Task weight p",
+                "The loss weight of each task, one line per task (averaged over the task's nodes): the paper's "
+                "Fig. 2f/3d, live. Tasks that train slower than the others get more weight.",
+                per_task("fedgradnorm_task_weight"),
+                width=16,
+                height=10,
+            ),
+            Panel(
+                "Task weight p per node",
+                "One line per edge node, when a task has several.",
+                q(f"fedgradnorm_task_weight{{{TASKS}}}", "{{task}} {{node}}"),
+                width=8,
+                height=10,
+            ),
+            Panel(
+                "Loss ratio F~ = F_k / F_0",
+                "Inverse training rate of each task: the loss of the round over the node's initial loss.",
+                per_task("fedgradnorm_task_loss_ratio"),
+            ),
+            Panel(
+                "Training loss F_k",
+                "Each task's local training loss in the last round.",
+                per_task("fedgradnorm_task_train_loss"),
+            ),
+            Panel(
+                "Test metric: $metric",
+                "What each node reports on its test split, one panel per metric so that each has its own axis: "
+                "accuracy (higher is better; RadCom, MTFL's attributes) or landmark_error_px, the landmark error "
+                "in pixels (lower is better; MTFL's landmarks).",
+                q(
+                    f'avg by (task, metric) (fedgradnorm_task_test_metric{{{TASKS}, metric=~"$metric"}})',
+                    "{{task}} {{metric}}",
+                ),
+                repeat="metric",
+                units=((".* accuracy$", "percentunit", 0, 1), (".* landmark_error_px$", "suffix: px", 0, None)),
+            ),
+            Panel("Test loss", "Each task's loss on its test split.", per_task("fedgradnorm_task_test_loss")),
+            Panel(
+                "Gradient norm on the shared layer",
+                "Norm of each task's weighted gradient on the last shared layer, which GradNorm balances.",
+                per_task("fedgradnorm_task_grad_norm"),
+            ),
+            Panel(
+                "GradNorm loss F_grad",
+                "The auxiliary loss whose gradient moves p.",
+                q(f"max(fedgradnorm_f_grad{{{FED}}})", "F_grad"),
+            ),
+        ],
+    ),
+    (
+        "Rounds",
+        [
+            Panel(
+                "Round duration",
+                "Wall time from a round's opening to the end of its server step (the slowest participant, or the "
+                "round timeout, plus the step); the state commit runs beside the next round.",
+                (
+                    Query(quantile("0.5", "fedgradnorm_round_duration_seconds"), "p50"),
+                    Query(quantile("0.95", "fedgradnorm_round_duration_seconds"), "p95"),
+                    Query(mean_of("fedgradnorm_round_duration_seconds"), "mean"),
+                ),
+                unit="s",
+                width=8,
+            ),
+            Panel(
+                "Round phases",
+                "Mean wall time of each phase of a round: collect (opening until the last update arrived: fetches, "
+                "the nodes' training, submits), step (the FedGradNorm server step) and commit (the state file, "
+                "written while the next round runs; the next step waits for it).",
+                q(mean_of("fedgradnorm_round_phase_seconds", "phase"), "{{phase}}"),
+                unit="s",
+                width=8,
+            ),
+            Panel(
+                "Participants per round",
+                "Nodes whose update each round used, against the nodes registered: a new node is registered at "
+                "once and participates from the next round on.",
+                (
+                    Query(f"sum(fedgradnorm_round_participants{{{FED}}})", "participants"),
+                    Query(f"sum(fedgradnorm_registered_nodes{{{FED}}})", "registered"),
+                ),
+                width=8,
+                soft_min=0,
+            ),
+            Panel(
+                "Refused updates by reason",
+                "Updates the aggregator did not use, by outcome: wrong_round (late), unknown_node, bad_token, "
+                "bad_stream, payload checks, ...",
+                q(
+                    f'sum by (outcome) (increase(fedgradnorm_updates_total{{{FED}, outcome!="accepted"}}'
+                    "[$__rate_interval]))",
+                    "{{outcome}}",
+                ),
+                width=8,
+                kind="bars",
+            ),
+            Panel(
+                "Updates per second",
+                "Submitted updates by outcome.",
+                q(f"sum by (outcome) (rate(fedgradnorm_updates_total{{{FED}}}[$__rate_interval]))", "{{outcome}}"),
+                unit="ops",
+                width=8,
+            ),
+            Panel(
+                "Wire traffic",
+                "Payload bytes per second between the aggregator and its nodes (omega sent, gradients received).",
+                q(f"sum by (direction) (rate(fedgradnorm_bytes_total{{{FED}}}[$__rate_interval]))", "{{direction}}"),
+                unit="Bps",
+                width=8,
+            ),
+            Panel(
+                "Registrations by outcome",
+                "Register calls: registered, resumed, and refusals (bad_enrollment, rate_limited, name_taken, ...).",
+                q(
+                    f"sum by (outcome) (increase(fedgradnorm_registrations_total{{{FED}}}[$__rate_interval]))",
+                    "{{outcome}}",
+                ),
+                kind="bars",
+            ),
+            Panel(
+                "Aggregator halted",
+                "1 while rounds do not advance: the state cannot be committed (disk full, read-only), or the round "
+                "driver failed (restart the aggregator; the cause is GetState's halted_reason).",
+                q(f"max(fedgradnorm_halted{{{FED}}})", "halted"),
+                soft_min=0,
+            ),
+            Panel(
+                "Refused rounds",
+                "Rounds whose server step would have made omega or its Adam moments non-finite: refused, the state "
+                "kept, the round reopened (a node sending absurd but finite numbers).",
+                q(f"sum(increase(fedgradnorm_rounds_refused_total{{{FED}}}[$__rate_interval]))", "refused"),
+                kind="bars",
+            ),
+            Panel(
+                "Streams cut off",
+                "FetchRound/SubmitUpdate streams the aggregator cancelled: replaced by the node's newer one, or still "
+                "running past the round's deadline (a reader that stalls, a trickling upload).",
+                q(
+                    f"sum by (reason) (increase(fedgradnorm_streams_cancelled_total{{{FED}}}[$__rate_interval]))",
+                    "{{reason}}",
+                ),
+                kind="bars",
+            ),
+        ],
+    ),
+    (
+        "Edge nodes",
+        [
+            Panel(
+                "Local step time",
+                "Mean wall time of a node's local client step (tau_h head and tau_omega shared updates).",
+                q(mean_of("fedgradnorm_edge_step_seconds", "pod"), "{{pod}}"),
+                unit="s",
+                width=8,
+            ),
+            Panel(
+                "Training throughput",
+                "Samples per second of each node's last step.",
+                q(f"fedgradnorm_edge_samples_per_second{{{FED}}}", "{{pod}}"),
+                width=8,
+            ),
+            Panel(
+                "Edge training loss",
+                "F_k as each node sees it.",
+                q(f"fedgradnorm_edge_train_loss{{{FED}}}", "{{pod}}"),
+                width=8,
+            ),
+            Panel(
+                "Connected",
+                "1 while the node's calls to the aggregator succeed.",
+                q(f"fedgradnorm_edge_connected{{{FED}}}", "{{pod}}"),
+                width=8,
+                soft_min=0,
+            ),
+            Panel(
+                "Reconnects",
+                "Retries after the aggregator was away.",
+                q(f"sum by (pod) (increase(fedgradnorm_edge_reconnects_total{{{FED}}}[$__rate_interval]))", "{{pod}}"),
+                width=8,
+                kind="bars",
+            ),
+            Panel(
+                "Last round submitted",
+                "The last round each node submitted to.",
+                q(f"fedgradnorm_edge_round{{{FED}}}", "{{pod}}"),
+                width=8,
+            ),
+        ],
+    ),
+]
+
+
+def _target(query: Query, ref: str) -> prometheus.Dataquery:
+    return prometheus.Dataquery().expr(query.expr).legend_format(query.legend).ref_id(ref).datasource(DS).range()
 
 
 def _legend() -> cb.VizLegendOptions:
@@ -67,57 +366,59 @@ def _legend() -> cb.VizLegendOptions:
     )
 
 
-def series(
-    title: str,
-    description: str,
-    queries: list[Query],
-    *,
-    unit: str = "short",
-    width: int = 12,
-    height: int = 8,
-    bars: bool = False,
-    soft_min: float | None = None,
-) -> timeseries.Panel:
-    panel = (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DS)
-        .unit(unit)
-        .span(width)
-        .height(height)
-        .line_width(2)
-        .fill_opacity(10 if not bars else 60)
-        .show_points(common.VisibilityMode.NEVER)
-        .legend(_legend())
-        .tooltip(cb.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING))
-    )
-    if bars:
-        panel = panel.draw_style(common.GraphDrawStyle.BARS)
-    if soft_min is not None:
-        panel = panel.axis_soft_min(soft_min)
-    for i, q in enumerate(queries):
-        panel = panel.with_target(_target(q, chr(ord("A") + i)))
+def render(p: Panel) -> stat.Panel | timeseries.Panel:
+    """The typed Grafana panel of one entry of ROWS."""
+    if p.kind == "stat":
+        panel = (
+            stat.Panel()
+            .title(p.title)
+            .description(p.description)
+            .datasource(DS)
+            .unit(p.unit)
+            .decimals(p.decimals)
+            .span(p.width)
+            .height(p.height)
+            .graph_mode(common.BigValueGraphMode.AREA)
+            .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        )
+        if p.no_value:
+            panel = panel.no_value(p.no_value)
+        steps = [Threshold(value=value, color=color) for value, color in p.thresholds]
+        panel = panel.color_mode(common.BigValueColorMode.VALUE).thresholds(
+            dash.ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(steps)
+        )
+    elif p.kind in ("series", "bars"):
+        panel = (
+            timeseries.Panel()
+            .title(p.title)
+            .description(p.description)
+            .datasource(DS)
+            .unit(p.unit)
+            .span(p.width)
+            .height(p.height)
+            .line_width(2)
+            .fill_opacity(60 if p.kind == "bars" else 10)
+            .show_points(common.VisibilityMode.NEVER)
+            .legend(_legend())
+            .tooltip(cb.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING))
+        )
+        if p.kind == "bars":
+            panel = panel.draw_style(common.GraphDrawStyle.BARS)
+        if p.soft_min is not None:
+            panel = panel.axis_soft_min(p.soft_min)
+        for regexp, unit, low, high in p.units:
+            properties = [DynamicConfigValue(id_val="unit", value=unit)]
+            properties += [
+                DynamicConfigValue(id_val=k, value=v) for k, v in (("min", low), ("max", high)) if v is not None
+            ]
+            panel = panel.override_by_regexp(regexp, properties)
+    else:
+        raise ValueError(f"{p.title}: unknown kind {p.kind!r}")
+    if p.repeat:
+        panel = panel.repeat(p.repeat).repeat_direction("h")
+    for i, query in enumerate(p.queries):
+        panel = panel.with_target(_target(query, chr(ord("A") + i)))
     return panel
-
-
-def single(
-    title: str, description: str, query: Query, *, unit: str = "short", decimals: int = 0, no_value: str = ""
-) -> stat.Panel:
-    panel = (
-        stat.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DS)
-        .unit(unit)
-        .decimals(decimals)
-        .span(4)
-        .height(4)
-        .graph_mode(common.BigValueGraphMode.AREA)
-        .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
-        .with_target(_target(query, "A"))
-    )
-    return panel.no_value(no_value) if no_value else panel
 
 
 def build() -> dict:
@@ -148,13 +449,27 @@ def build() -> dict:
             .query("label_values(fedgradnorm_round, federation)")
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .sort(VariableSort.ALPHABETICAL_ASC)
+            .include_all(True)
+            .all_value(".*")
             .current(VariableOption(selected=True, text="radcom", value="radcom"))
         )
         .with_variable(
             dash.QueryVariable("task")
             .label("Task")
             .datasource(DS)
-            .query('label_values(fedgradnorm_task_weight{federation="$federation"}, task)')
+            .query(f"label_values(fedgradnorm_task_weight{{{FED}}}, task)")
+            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+            .current(VariableOption(selected=True, text="All", value="$__all"))
+        )
+        .with_variable(
+            dash.QueryVariable("metric")
+            .label("Test metric")
+            .datasource(DS)
+            .query(f"label_values(fedgradnorm_task_test_metric{{{FED}}}, metric)")
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .sort(VariableSort.ALPHABETICAL_ASC)
             .multi(True)
@@ -164,330 +479,10 @@ def build() -> dict:
         )
     )
 
-    d = d.with_row(dash.Row("Federation"))
-    d = d.with_panel(
-        single("Round", "The aggregator's current round.", Query(f"max(fedgradnorm_round{{{FED}}})", "round"))
-    )
-    d = d.with_panel(
-        single(
-            "Registered nodes",
-            "Edge nodes registered with the aggregator (a node added with kubectl scale shows here first).",
-            Query(f"sum(fedgradnorm_registered_nodes{{{FED}}})", "registered"),
-        )
-    )
-    d = d.with_panel(
-        single(
-            "Participants (last round)",
-            "Nodes whose update the last round used.",
-            Query(f"sum(fedgradnorm_round_participants{{{FED}}})", "participants"),
-        )
-    )
-    d = d.with_panel(
-        single(
-            "Σ p",
-            "Sum of the task weights: FedGradNorm renormalises p to the number of participating nodes.",
-            Query(f"sum(fedgradnorm_task_weight{{{FED}}})", "sum p"),
-            decimals=3,
-        )
-    )
-    d = d.with_panel(
-        single(
-            "F_grad",
-            "GradNorm auxiliary loss of the last round (how far the gradient norms are from their targets).",
-            Query(f"max(fedgradnorm_f_grad{{{FED}}})", "F_grad"),
-            decimals=4,
-        )
-    )
-    d = d.with_panel(
-        single(
-            "Updates refused (1h)",
-            "Submitted updates the aggregator refused in the last hour, all reasons.",
-            Query(
-                f'sum(increase(fedgradnorm_updates_total{{{FED}, outcome!="accepted"}}[1h]))',
-                "refused",
-            ),
-            no_value="0",
-        )
-    )
-
-    d = d.with_row(dash.Row("Task weighting"))
-    d = d.with_panel(
-        series(
-            "Task weight p",
-            "The loss weight of each task, one line per task (averaged over the task's nodes): the paper's "
-            "Fig. 2f/3d, live. Tasks that train slower than the others get more weight.",
-            [Query(f"avg by (task) (fedgradnorm_task_weight{{{TASKS}}})", "{{task}}")],
-            width=16,
-            height=10,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Task weight p per node",
-            "One line per edge node, when a task has several.",
-            [Query(f"fedgradnorm_task_weight{{{TASKS}}}", "{{task}} {{node}}")],
-            width=8,
-            height=10,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Loss ratio F~ = F_k / F_0",
-            "Inverse training rate of each task: the loss of the round over the node's initial loss.",
-            [Query(f"avg by (task) (fedgradnorm_task_loss_ratio{{{TASKS}}})", "{{task}}")],
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Training loss F_k",
-            "Each task's local training loss in the last round.",
-            [Query(f"avg by (task) (fedgradnorm_task_train_loss{{{TASKS}}})", "{{task}}")],
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Test metric",
-            "What each node reports on its test split: accuracy (higher is better) or the landmark error "
-            "in pixels (lower is better).",
-            [Query(f"avg by (task, metric) (fedgradnorm_task_test_metric{{{TASKS}}})", "{{task}} {{metric}}")],
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Test loss",
-            "Each task's loss on its test split.",
-            [Query(f"avg by (task) (fedgradnorm_task_test_loss{{{TASKS}}})", "{{task}}")],
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Gradient norm on the shared layer",
-            "Norm of each task's weighted gradient on the last shared layer, which GradNorm balances.",
-            [Query(f"avg by (task) (fedgradnorm_task_grad_norm{{{TASKS}}})", "{{task}}")],
-        )
-    )
-    d = d.with_panel(
-        series(
-            "GradNorm loss F_grad",
-            "The auxiliary loss whose gradient moves p.",
-            [Query(f"max(fedgradnorm_f_grad{{{FED}}})", "F_grad")],
-        )
-    )
-
-    d = d.with_row(dash.Row("Rounds"))
-    d = d.with_panel(
-        series(
-            "Round duration",
-            "Wall time from a round's opening to the end of its server step (the slowest participant, or the "
-            "round timeout, plus the step); the state commit runs beside the next round.",
-            [
-                Query(
-                    f"histogram_quantile(0.5, sum by (le) (rate(fedgradnorm_round_duration_seconds_bucket{{{FED}}}"
-                    "[$__rate_interval])))",
-                    "p50",
-                ),
-                Query(
-                    f"histogram_quantile(0.95, sum by (le) (rate(fedgradnorm_round_duration_seconds_bucket{{{FED}}}"
-                    "[$__rate_interval])))",
-                    "p95",
-                ),
-                Query(
-                    f"sum(rate(fedgradnorm_round_duration_seconds_sum{{{FED}}}[$__rate_interval]))"
-                    f" / sum(rate(fedgradnorm_round_duration_seconds_count{{{FED}}}[$__rate_interval]))",
-                    "mean",
-                ),
-            ],
-            unit="s",
-            width=8,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Round phases",
-            "Mean wall time of each phase of a round: collect (opening until the last update arrived: fetches, "
-            "the nodes' training, submits), step (the FedGradNorm server step) and commit (the state file, written while the next round runs; "
-            "the next step waits for it).",
-            [
-                Query(
-                    f"sum by (phase) (rate(fedgradnorm_round_phase_seconds_sum{{{FED}}}[$__rate_interval]))"
-                    f" / sum by (phase) (rate(fedgradnorm_round_phase_seconds_count{{{FED}}}[$__rate_interval]))",
-                    "{{phase}}",
-                ),
-            ],
-            unit="s",
-            width=8,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Participants per round",
-            "Nodes whose update each round used, against the nodes registered: a new node is registered at "
-            "once and participates from the next round on.",
-            [
-                Query(f"sum(fedgradnorm_round_participants{{{FED}}})", "participants"),
-                Query(f"sum(fedgradnorm_registered_nodes{{{FED}}})", "registered"),
-            ],
-            width=8,
-            soft_min=0,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Refused updates by reason",
-            "Updates the aggregator did not use, by outcome: wrong_round (late), unknown_node, bad_token, "
-            "bad_stream, payload checks, ...",
-            [
-                Query(
-                    f'sum by (outcome) (increase(fedgradnorm_updates_total{{{FED}, outcome!="accepted"}}'
-                    "[$__rate_interval]))",
-                    "{{outcome}}",
-                )
-            ],
-            width=8,
-            bars=True,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Updates per second",
-            "Submitted updates by outcome.",
-            [
-                Query(
-                    f"sum by (outcome) (rate(fedgradnorm_updates_total{{{FED}}}[$__rate_interval]))",
-                    "{{outcome}}",
-                )
-            ],
-            unit="ops",
-            width=8,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Wire traffic",
-            "Payload bytes per second between the aggregator and its nodes (omega sent, gradients received).",
-            [
-                Query(
-                    f"sum by (direction) (rate(fedgradnorm_bytes_total{{{FED}}}[$__rate_interval]))",
-                    "{{direction}}",
-                )
-            ],
-            unit="Bps",
-            width=8,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Registrations by outcome",
-            "Register calls: registered, resumed, and refusals (bad_enrollment, rate_limited, name_taken, ...).",
-            [
-                Query(
-                    f"sum by (outcome) (increase(fedgradnorm_registrations_total{{{FED}}}[$__rate_interval]))",
-                    "{{outcome}}",
-                )
-            ],
-            width=12,
-            bars=True,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Aggregator halted",
-            "1 while rounds do not advance: the state cannot be committed (disk full, read-only), or the round "
-            "driver failed (restart the aggregator; the cause is GetState's halted_reason).",
-            [Query(f"max(fedgradnorm_halted{{{FED}}})", "halted")],
-            width=12,
-            soft_min=0,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Refused rounds",
-            "Rounds whose server step would have made omega or its Adam moments non-finite: refused, the state "
-            "kept, the round reopened (a node sending absurd but finite numbers).",
-            [Query(f"sum(increase(fedgradnorm_rounds_refused_total{{{FED}}}[$__rate_interval]))", "refused")],
-            width=12,
-            bars=True,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Streams cut off",
-            "FetchRound/SubmitUpdate streams the aggregator cancelled: replaced by the node's newer one, or still "
-            "running past the round's deadline (a reader that stalls, a trickling upload).",
-            [
-                Query(
-                    f"sum by (reason) (increase(fedgradnorm_streams_cancelled_total{{{FED}}}[$__rate_interval]))",
-                    "{{reason}}",
-                )
-            ],
-            width=12,
-            bars=True,
-        )
-    )
-
-    d = d.with_row(dash.Row("Edge nodes"))
-    d = d.with_panel(
-        series(
-            "Local step time",
-            "Mean wall time of a node's local client step (tau_h head and tau_omega shared updates).",
-            [
-                Query(
-                    f"sum by (pod) (rate(fedgradnorm_edge_step_seconds_sum{{{FED}}}[$__rate_interval]))"
-                    f" / sum by (pod) (rate(fedgradnorm_edge_step_seconds_count{{{FED}}}[$__rate_interval]))",
-                    "{{pod}}",
-                )
-            ],
-            unit="s",
-            width=8,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Training throughput",
-            "Samples per second of each node's last step.",
-            [Query(f"fedgradnorm_edge_samples_per_second{{{FED}}}", "{{pod}}")],
-            width=8,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Edge training loss",
-            "F_k as each node sees it.",
-            [Query(f"fedgradnorm_edge_train_loss{{{FED}}}", "{{pod}}")],
-            width=8,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Connected",
-            "1 while the node's calls to the aggregator succeed.",
-            [Query(f"fedgradnorm_edge_connected{{{FED}}}", "{{pod}}")],
-            width=8,
-            soft_min=0,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Reconnects",
-            "Retries after the aggregator was away.",
-            [
-                Query(
-                    f"sum by (pod) (increase(fedgradnorm_edge_reconnects_total{{{FED}}}[$__rate_interval]))",
-                    "{{pod}}",
-                )
-            ],
-            width=8,
-            bars=True,
-        )
-    )
-    d = d.with_panel(
-        series(
-            "Last round submitted",
-            "The last round each node submitted to.",
-            [Query(f"fedgradnorm_edge_round{{{FED}}}", "{{pod}}")],
-            width=8,
-        )
-    )
+    for row, panels in ROWS:
+        d = d.with_row(dash.Row(row))
+        for panel in panels:
+            d = d.with_panel(render(panel))
     board = json.loads(json.dumps(d.build(), cls=JSONEncoder))
     for number, panel in enumerate(board["panels"], start=1):
         panel["id"] = number  # stable panel ids (links like ?viewPanel=N keep working)

@@ -5,7 +5,9 @@ configuration is the one in deploy/k8s/30-prometheus.yaml with one substitution:
 (kubernetes_sd_configs) becomes static targets on 127.0.0.1 that carry the same ``__meta_kubernetes_*``
 labels the discovery would give the pods of deploy/k8s (their labels, annotations, port names), so
 the shipped relabelling rules produce the ``federation``, ``component``, ``pod`` and ``task``
-labels the dashboard filters on. Everything listens on 127.0.0.1 on free ports.
+labels the dashboard filters on. The rules of the ConfigMap prometheus-rules are written under the
+Prometheus's folder as the Deployment mounts them, and loaded through the shipped ``rule_files``
+(rewritten to that folder). Everything listens on 127.0.0.1 on free ports.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def shipped_prometheus_config() -> str:
     return find("ConfigMap", "prometheus-config")["data"]["prometheus.yml"]
 
 
+def shipped_rule_files() -> dict[str, str]:
+    """The files the shipped Prometheus loads through rule_files, relative to its folder (``rules/...``):
+    the ConfigMap prometheus-rules as the Deployment mounts it."""
+    return {f"rules/{key}": text for key, text in find("ConfigMap", "prometheus-rules")["data"].items()}
+
+
 def _sanitize(name: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", name)
 
@@ -97,6 +105,8 @@ def loopback_config(targets: dict[str, tuple[str, str]], interval: str = "1s") -
         ]
         jobs.append(job)
     config["scrape_configs"] = jobs
+    # The mount point of the rules ConfigMap becomes rules/ beside prometheus.yml (shipped_rule_files()).
+    config["rule_files"] = [f"rules/{Path(pattern).name}" for pattern in config.get("rule_files", [])]
     return config
 
 
@@ -106,6 +116,7 @@ class Prometheus:
 
     workdir: Path
     config: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # more files for its folder: relative path -> text
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     _log: Any = None
@@ -119,6 +130,9 @@ class Prometheus:
         if binary is None:
             raise FileNotFoundError("prometheus is not installed (apt-get install prometheus)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for name, text in self.files.items():
+            (self.workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.workdir / name).write_text(text)
         conf = self.workdir / "prometheus.yml"
         conf.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.port = free_port()
@@ -162,6 +176,10 @@ class Prometheus:
         if body.get("status") != "success":
             raise RuntimeError(f"{path} {params}: {body}")
         return body["data"]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """The alerts of the loaded rules, pending or firing (/api/v1/alerts)."""
+        return self.api("alerts")["alerts"]
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         return self.api("query", query=expr)["result"]

@@ -172,7 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         refuse_one_update(fed.grpc_address)
         time.sleep(max(0.0, end - time.time()))
         fed.check_alive()
-        draw(prom, start, time.time(), Path(args.out), {"federation": "radcom", "task": ".*", "__rate_interval": "30s"})
+        draw(
+            prom,
+            start,
+            time.time(),
+            Path(args.out),
+            {"federation": "radcom", "task": ".*", "metric": "accuracy", "__rate_interval": "30s"},
+        )
         print(f"wrote {args.out}")
     finally:
         if prom is not None:

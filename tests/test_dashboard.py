@@ -22,7 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "fedgradnorm.json"
-VARIABLES = {"federation": "radcom", "task": ".*", "__rate_interval": "1m"}
+VARIABLES = {"federation": "radcom", "task": ".*", "metric": "accuracy", "__rate_interval": "1m"}
 BUILTIN = {"__rate_interval", "__interval", "__range"}
 
 
@@ -96,7 +96,13 @@ def test_every_panel_queries_prometheus_through_the_variable(board: dict[str, An
             assert t["expr"].strip() and t["legendFormat"], panel["title"]
             for name in re.findall(r"\$\{?(\w+)", t["expr"]):
                 assert name in variables or name in BUILTIN, f"{panel['title']}: undefined ${name}"
-            assert 'federation="$federation"' in t["expr"], f"{panel['title']}: not filtered by federation"
+            # The chosen federation, or none: a local Prometheus (make prometheus) adds no federation label.
+            assert 'federation=~"$federation|"' in t["expr"], f"{panel['title']}: not filtered by federation"
+            assert 'federation="' not in t["expr"], f"{panel['title']}: a filter that hides local series"
+    for name in ("federation", "task", "metric"):
+        assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*", name
+        if name != "federation":
+            assert 'federation=~"$federation|"' in variables[name]["query"], name
 
 
 def test_the_panels_the_operators_need_are_there(board: dict[str, Any]) -> None:
@@ -105,7 +111,7 @@ def test_the_panels_the_operators_need_are_there(board: dict[str, Any]) -> None:
         "Task weight p": "fedgradnorm_task_weight",
         "Loss ratio F~ = F_k / F_0": "fedgradnorm_task_loss_ratio",
         "Training loss F_k": "fedgradnorm_task_train_loss",
-        "Test metric": "fedgradnorm_task_test_metric",
+        "Test metric: $metric": "fedgradnorm_task_test_metric",
         "Round duration": "fedgradnorm_round_duration_seconds_bucket",
         "Participants per round": "fedgradnorm_round_participants",
         "Registered nodes": "fedgradnorm_registered_nodes",
@@ -118,6 +124,52 @@ def test_the_panels_the_operators_need_are_there(board: dict[str, Any]) -> None:
         'outcome!="accepted"' in exprs["Refused updates by reason"]
         and "by (outcome)" in exprs["Refused updates by reason"]
     )
+
+
+def test_test_metrics_get_a_panel_each(board: dict[str, Any]) -> None:
+    """Accuracy (0..1, higher is better) and landmark error (pixels, lower is better) never share an
+    axis: the panel repeats per metric, and each metric's series get their own unit."""
+    (panel,) = [p for p in board["panels"] if any("_test_metric" in t["expr"] for t in p.get("targets", []))]
+    assert panel["repeat"] == "metric" and "$metric" in panel["title"]
+    assert all('metric=~"$metric"' in t["expr"] for t in panel["targets"])
+    units = {
+        o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
+        for o in panel["fieldConfig"]["overrides"]
+    }
+    assert units == {
+        ".* accuracy$": {"unit": "percentunit", "min": 0, "max": 1},
+        ".* landmark_error_px$": {"unit": "suffix: px", "min": 0},
+    }
+
+
+def test_stat_panels_have_thresholds(board: dict[str, Any]) -> None:
+    stats = {p["title"]: p for p in board["panels"] if p["type"] == "stat"}
+    assert len(stats) == 6
+    for title, panel in stats.items():
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert steps and steps[0]["value"] is None, title  # the base colour
+        values = [s["value"] for s in steps[1:]]
+        assert values == sorted(values), title
+        assert panel["options"]["colorMode"] == "value", title
+    assert [s["color"] for s in stats["Registered nodes"]["fieldConfig"]["defaults"]["thresholds"]["steps"]] == [
+        "red",
+        "green",
+    ]
+    refused = stats["Updates refused (1h)"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [(s["value"], s["color"]) for s in refused] == [(None, "green"), (1, "orange"), (10, "red")]
+
+
+def test_the_table_is_the_dashboard() -> None:
+    """Every entry of the script's ROWS is one panel, in order, under its row."""
+    script = load_script()
+    board = script.build()
+    expected = []
+    for row, panels in script.ROWS:
+        expected.append((row, "row"))
+        expected += [(p.title, "stat" if p.kind == "stat" else "timeseries") for p in panels]
+    assert [(p["title"], p["type"]) for p in board["panels"]] == expected
+    titles = [t for t, kind in expected if kind != "row"]
+    assert len(titles) == len(set(titles)) >= 30
 
 
 def registered_metric_names() -> set[str]:

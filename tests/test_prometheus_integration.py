@@ -2,8 +2,14 @@
 
 The scrape configuration is the one shipped in deploy/k8s/30-prometheus.yaml, with the pod
 discovery replaced by static targets that carry the discovery labels of the manifests' pods
-(scripts/promharness.py). Through Prometheus's HTTP API: the task weights exist for each task and
-sum to the number of nodes, and every PromQL expression of the Grafana dashboard returns data.
+(scripts/promharness.py), and its rules are the shipped ConfigMap prometheus-rules. Through
+Prometheus's HTTP API: the task weights exist for each task and sum to the number of nodes, every
+PromQL expression of the Grafana dashboard returns data, the rules evaluate without error and no
+alert is pending or firing.
+
+A second Prometheus scrapes the same run as `make prometheus` would (scripts/local_prometheus.py:
+static targets, no federation label) plus one target where nothing listens: every dashboard query
+returns data there too, and the down target, and only it, fires an alert.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import pytest
@@ -22,14 +29,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import local_prometheus  # noqa: E402
 import promharness  # noqa: E402
 
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb  # noqa: E402
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc  # noqa: E402
 
 TASKS = ("modulation", "signal", "anomaly")
-VARIABLES = {"federation": "radcom", "task": ".*", "__rate_interval": "30s"}
+VARIABLES = {"federation": "radcom", "task": ".*", "metric": "accuracy", "__rate_interval": "30s"}
+# A local Prometheus has no federation label: Grafana's "All" (.*), or any federation chosen, must show it.
+LOCAL_VARIABLES = {"All": {**VARIABLES, "federation": ".*"}, "radcom": VARIABLES}
 MIN_ROUNDS = 3
+ALERTS = 'ALERTS{alertname=~"FedGradNorm.*"}'
 
 needs_prometheus = pytest.mark.skipif(
     promharness.Prometheus.binary() is None,
@@ -37,11 +48,31 @@ needs_prometheus = pytest.mark.skipif(
 )
 
 
+class Scraped(NamedTuple):
+    prom: promharness.Prometheus  # the shipped configuration and rules
+    fed: promharness.Federation
+    local: promharness.Prometheus  # make prometheus's configuration, plus a target that is down
+    down: str  # that target's address
+
+
+def start_local_prometheus(work: Path, fed: promharness.Federation) -> tuple[promharness.Prometheus, str]:
+    down = f"127.0.0.1:{promharness.free_port()}"  # nothing listens here
+    aggregator = fed.metrics_targets["radcom-aggregator-0"][1]
+    nodes = [f"{pod}={address}" for pod, (workload, address) in fed.metrics_targets.items() if address != aggregator]
+    settings = local_prometheus.settings_rules(min_nodes=len(TASKS), rounds=0)
+    config = local_prometheus.config(
+        [f"aggregator={aggregator}", f"gone={down}"],
+        nodes,
+        [str(local_prometheus.RULES), "local-settings.yml"],
+        interval="1s",
+    )
+    files = {"local-settings.yml": promharness.yaml.safe_dump(settings)}
+    return promharness.Prometheus(work / "local-prometheus", config, files=files).start(), down
+
+
 @pytest.fixture(scope="module")
-def scraped(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[promharness.Prometheus, promharness.Federation]]:
-    """Three RadCom edge nodes training against an aggregator, scraped every second."""
+def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
+    """Three RadCom edge nodes training against an aggregator, scraped every second twice."""
     work = tmp_path_factory.mktemp("prometheus-federation")
     fed = promharness.Federation(
         work,
@@ -50,9 +81,14 @@ def scraped(
         tasks=TASKS,
     )
     prom: promharness.Prometheus | None = None
+    local: promharness.Prometheus | None = None
     try:
         fed.start()
-        prom = promharness.Prometheus(work / "prometheus", promharness.loopback_config(fed.metrics_targets)).start()
+        rules = promharness.shipped_rule_files()
+        assert rules, "the ConfigMap prometheus-rules holds no rules"
+        config = promharness.loopback_config(fed.metrics_targets)
+        prom = promharness.Prometheus(work / "prometheus", config, files=rules).start()
+        local, down = start_local_prometheus(work, fed)
         prom.wait_for(
             f'fedgradnorm_round{{federation="radcom"}} >= {MIN_ROUNDS}', timeout=150, what=f"round {MIN_ROUNDS}"
         )
@@ -65,10 +101,11 @@ def scraped(
         prom.wait_for(
             'increase(fedgradnorm_updates_total{outcome="unknown_node"}[30s]) > 0', timeout=15, what="the second one"
         )
-        yield prom, fed
+        yield Scraped(prom, fed, local, down)
     finally:
-        if prom is not None:
-            prom.stop()
+        for p in (prom, local):
+            if p is not None:
+                p.stop()
         fed.stop()
 
 
@@ -85,7 +122,7 @@ def refuse_one_update(address: str) -> None:
 
 @needs_prometheus
 def test_task_weights_exist_per_task_and_sum_to_the_active_nodes(scraped) -> None:
-    prom, _ = scraped
+    prom = scraped.prom
     weights = prom.query('fedgradnorm_task_weight{federation="radcom"}')
     by_task = {s["metric"]["task"]: float(s["value"][1]) for s in weights}
     assert set(by_task) == set(TASKS), weights
@@ -104,18 +141,15 @@ def test_task_weights_exist_per_task_and_sum_to_the_active_nodes(scraped) -> Non
     assert len(up) == 1 + len(TASKS) and all(s["value"][1] == "1" for s in up)
 
 
-@needs_prometheus
-def test_every_dashboard_query_returns_data(scraped) -> None:
+def assert_every_dashboard_query_returns_data(prom: promharness.Prometheus, variables: dict[str, dict[str, str]]):
     """Rate windows need two scrapes of a series inside them: a query may still be empty just after
     start-up, so each is retried for up to a minute before it counts as empty."""
-    import time
-
-    prom, _ = scraped
     pending = {
-        f"{panel['title']} [{target['refId']}]": promharness.substitute(target["expr"], VARIABLES)
+        f"{panel['title']} [{target['refId']}] ({name})": promharness.substitute(target["expr"], values)
         for panel, target in promharness.dashboard_targets()
+        for name, values in variables.items()
     }
-    assert len(pending) >= 20
+    assert len(pending) >= 20 * len(variables)
     empty: dict[str, str] = {}
     end = time.monotonic() + 60
     while pending:
@@ -134,22 +168,86 @@ def test_every_dashboard_query_returns_data(scraped) -> None:
 
 
 @needs_prometheus
+def test_every_dashboard_query_returns_data(scraped) -> None:
+    assert_every_dashboard_query_returns_data(scraped.prom, {"radcom": VARIABLES})
+
+
+@needs_prometheus
+def test_every_dashboard_query_returns_data_without_a_federation_label(scraped) -> None:
+    """make prometheus's Prometheus: static targets, no federation label on any series."""
+    local = scraped.local
+    assert local.query("fedgradnorm_round") and not local.query('{__name__=~"fedgradnorm_.+", federation!=""}')
+    assert_every_dashboard_query_returns_data(local, LOCAL_VARIABLES)
+    # The filter is what lets them through: the strict form of the same query finds nothing here.
+    assert not local.query('fedgradnorm_round{federation="radcom"}')
+
+
+@needs_prometheus
+def test_shipped_rules_load_evaluate_and_stay_quiet_on_a_healthy_run(scraped) -> None:
+    prom = scraped.prom
+    groups = prom.api("rules")["groups"]
+    loaded = {r["name"]: r for g in groups for r in g["rules"]}
+    assert {n for n, r in loaded.items() if r["type"] == "alerting"} == set(alert_names())
+    errors = {n: r.get("lastError") for n, r in loaded.items() if r["health"] != "ok"}
+    assert not errors, f"rules that fail to evaluate: {errors}"
+    # The recording rules see the run: a mean round duration and a young round.
+    (age,) = prom.wait_for('fedgradnorm:round_age_seconds{federation="radcom"}', timeout=30)
+    (after,) = prom.query('fedgradnorm:round_stall_after_seconds{federation="radcom"}')
+    assert 0 <= float(age["value"][1]) < float(after["value"][1]) == 300
+    assert prom.query('fedgradnorm:round_duration_seconds:mean{federation="radcom"} > 0')
+    assert prom.query('fedgradnorm:min_nodes{federation="radcom"}')[0]["value"][1] == str(len(TASKS))
+    assert prom.alerts() == [], "alerts on a healthy run"
+    assert prom.query(ALERTS) == []
+
+
+@needs_prometheus
+def test_a_target_that_is_down_fires_an_alert_locally_and_nothing_else_does(scraped) -> None:
+    """The local Prometheus scrapes one more aggregator address, where nothing listens: after the
+    rule's `for`, FedGradNormTargetDown fires for it, and the rest of the run raises nothing."""
+    local, down = scraped.local, scraped.down
+    end = time.monotonic() + 120
+    while True:
+        alerts = local.alerts()
+        firing = [a for a in alerts if a["state"] == "firing"]
+        if firing or time.monotonic() > end:
+            break
+        time.sleep(1)
+    assert [(a["labels"]["alertname"], a["labels"]["instance"], a["labels"]["pod"]) for a in alerts] == [
+        ("FedGradNormTargetDown", down, "gone")
+    ], alerts
+    assert firing and firing[0]["labels"]["severity"] == "critical"
+    assert "is down" in firing[0]["annotations"]["summary"] and firing[0]["annotations"]["description"]
+    (series,) = local.query(ALERTS)
+    assert series["metric"]["alertstate"] == "firing"
+
+
+def alert_names() -> list[str]:
+    rules = promharness.yaml.safe_load(next(iter(promharness.shipped_rule_files().values())))
+    return [r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r]
+
+
+@needs_prometheus
 def test_dashboard_variables_offer_the_federation_and_its_tasks(scraped) -> None:
-    prom, _ = scraped
+    prom = scraped.prom
     board = promharness.dashboard()
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["federation"]["query"] == "label_values(fedgradnorm_round, federation)"
     federations = prom.api("label/federation/values", **{"match[]": "fedgradnorm_round"})
     assert "radcom" in federations
-    assert variables["task"]["query"] == 'label_values(fedgradnorm_task_weight{federation="$federation"}, task)'
-    tasks = prom.api("label/task/values", **{"match[]": 'fedgradnorm_task_weight{federation="radcom"}'})
-    assert set(tasks) == set(TASKS)
+    assert variables["task"]["query"] == 'label_values(fedgradnorm_task_weight{federation=~"$federation|"}, task)'
+    for name, prometheus in (("radcom", prom), ("All", scraped.local)):
+        match = promharness.substitute('fedgradnorm_task_weight{federation=~"$federation|"}', LOCAL_VARIABLES[name])
+        assert set(prometheus.api("label/task/values", **{"match[]": match})) == set(TASKS), name
+    assert (
+        variables["metric"]["query"] == 'label_values(fedgradnorm_task_test_metric{federation=~"$federation|"}, metric)'
+    )
+    assert prom.api("label/metric/values", **{"match[]": "fedgradnorm_task_test_metric"}) == ["accuracy"]
 
 
 @needs_prometheus
 def test_a_weight_series_over_time_has_one_line_per_task(scraped) -> None:
     """The dashboard's main panel as a range query: the weights p over the rounds so far."""
-    prom, _ = scraped
+    prom = scraped.prom
     board = promharness.dashboard()
     panel = next(p for p in board["panels"] if p["title"] == "Task weight p")
     expr = promharness.substitute(panel["targets"][0]["expr"], VARIABLES)
