@@ -42,9 +42,12 @@ test-busy: $(STAMP)
 	echo "CPU burners: $${burners[*]}"; \
 	$(BIN)/python -m pytest -q
 
+# ruff (style, and the layering: the library core never imports grpc, the services or the CLI),
+# mypy --strict over fedgradnorm/ (library, services, CLI).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -432,7 +432,7 @@ def client_step(
         with torch.no_grad():
             z = shared(x)
         head_optimizer.zero_grad(set_to_none=True)
-        loss_fn(head(z), y).backward()
+        torch.autograd.backward(loss_fn(head(z), y))
         head_optimizer.step()
     if after_head is not None:
         after_head()
@@ -447,9 +447,10 @@ def client_step(
         x, y = next(batches)
         omega_opt.zero_grad(set_to_none=True)
         loss = loss_fn(head(shared(x)), y)
-        loss.backward()
+        torch.autograd.backward(loss)
         losses.append(float(loss.detach()))
         for k, p in params.items():
+            assert p.grad is not None  # every parameter of the shared network takes part in the loss
             acc[k].add_(p.grad)
         omega_opt.step()
     shared.requires_grad_(False)

@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from fedgradnorm.certs import make_certificates
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
@@ -19,7 +20,7 @@ from fedgradnorm.report import final_table
 from fedgradnorm.tasks import federation
 
 
-def _format_round(records: list[dict]) -> str:
+def _format_round(records: list[dict[str, Any]]) -> str:
     parts = []
     for r in sorted(records, key=lambda r: r["task"]):
         metric = r.get("test_metric")

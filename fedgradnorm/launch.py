@@ -78,7 +78,8 @@ def wait_ready(ready_file: Path, proc: ServiceProcess, timeout: float = 120.0) -
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if ready_file.exists():
-            return json.loads(ready_file.read_text())
+            ready: dict[str, Any] = json.loads(ready_file.read_text())
+            return ready
         if not proc.alive():
             raise RuntimeError(
                 f"{proc.name} exited with {proc.proc.returncode if proc.proc else '?'}:\n{proc.log_text()[-4000:]}"

@@ -52,7 +52,8 @@ class Network2(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        out: torch.Tensor = self.layers(x)
+        return out
 
 
 NETWORKS: dict[str, type[nn.Module]] = {"network1": Network1, "network2": Network2}

@@ -51,7 +51,7 @@ def _label(records: Records, key: str, task: str) -> str:
     if key != "metric":
         return key.replace("_", " ")
     metric = next(r["test_metric"] for r in records if r["task"] == task)
-    return {"accuracy": "test accuracy", "landmark_error_px": "landmark error (px)"}.get(metric, metric)
+    return {"accuracy": "test accuracy", "landmark_error_px": "landmark error (px)"}.get(metric, str(metric))
 
 
 def _auto_quantity(records: Records) -> str:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from fedgradnorm.plotting import load_metrics
 
 SHORT = {"accuracy": "accuracy", "landmark_error_px": "error px"}
 
 
-def final_records(path: str | Path) -> dict[str, dict]:
+def final_records(path: str | Path) -> dict[str, dict[str, Any]]:
     records = load_metrics(path)
     last = max(r["round"] for r in records)
     return {r["task"]: r for r in records if r["round"] == last}

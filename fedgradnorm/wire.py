@@ -68,7 +68,7 @@ DTYPES: Mapping[DType, torch.dtype] = {
 }
 
 #: Names used in configuration (``--wire-dtype float16``) -> wire DType values.
-DTYPE_BY_NAME: Mapping[str, int] = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16, "bfloat16": DTYPE_BFLOAT16}
+DTYPE_BY_NAME: Mapping[str, DType] = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16, "bfloat16": DTYPE_BFLOAT16}
 
 #: A sensible chunk size: well under gRPC's default 4 MiB message limit.
 DEFAULT_CHUNK_BYTES = 1 << 20

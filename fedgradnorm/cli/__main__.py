@@ -2,6 +2,6 @@
 
 import sys
 
-from fedgradnorm.cli.main import main
+from fedgradnorm.cli.app import main
 
 sys.exit(main())

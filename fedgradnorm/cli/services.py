@@ -24,7 +24,7 @@ def _aggregator(args: argparse.Namespace) -> int:
     return serve_forever(cfgmod.build(ServiceConfig, args), cfgmod.build(CoordinatorConfig, args))
 
 
-def register_aggregator(sub: argparse._SubParsersAction) -> None:
+def register_aggregator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
 
     p = sub.add_parser(
@@ -44,7 +44,7 @@ def _edge_node(args: argparse.Namespace) -> int:
     return serve_edge_node(cfgmod.build(EdgeConfig, args), max_rounds=args.max_rounds)
 
 
-def register_edge_node(sub: argparse._SubParsersAction) -> None:
+def register_edge_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from fedgradnorm.services.edge_node.config import EdgeConfig
 
     p = sub.add_parser(
@@ -103,7 +103,7 @@ def _state(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_state(sub: argparse._SubParsersAction) -> None:
+def register_state(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("state", help="print the aggregator's state (round, nodes, weights) as JSON")
     p.add_argument("--aggregator", default="127.0.0.1:50051", help="aggregator address HOST:PORT")
     p.add_argument("--timeout", type=float, default=10.0)
@@ -154,7 +154,7 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_certs(sub: argparse._SubParsersAction) -> None:
+def register_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from fedgradnorm.certs import AGGREGATOR_SECRET, EDGE_NODE_SECRET
 
     p = sub.add_parser(
@@ -193,7 +193,7 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def register_demo(sub: argparse._SubParsersAction) -> None:
+def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="the main job: an aggregator and three RadCom edge nodes on loopback, FedGradNorm then FedRep",
@@ -206,7 +206,7 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     register_aggregator,
     register_edge_node,
     register_state,

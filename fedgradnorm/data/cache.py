@@ -152,7 +152,7 @@ class ArrayCache:
                 folder.mkdir(parents=True, exist_ok=True)
                 atomic_write(
                     folder / entry.name,
-                    lambda f: np.savez(f, key=np.array(entry.key), **arrays),
+                    lambda f: np.savez(f, key=np.array(entry.key), **dict(arrays)),  # type: ignore[arg-type]
                     mode=self.mode,
                     durable=False,  # a lost entry is only decoded again
                 )

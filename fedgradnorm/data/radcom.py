@@ -310,7 +310,7 @@ def _read_raw(path: Path, f: h5py.File, names: list[str], offsets: np.ndarray, d
     raw = np.empty((len(rows), width), np.uint8)
     order = np.argsort(offsets[rows], kind="stable")
     with open(path, "rb") as fh:
-        view = memoryview(raw.reshape(-1))
+        view = raw.reshape(-1).data
         for j in order:
             fh.seek(int(offsets[rows[j]]))
             if fh.readinto(view[j * width : (j + 1) * width]) != width:

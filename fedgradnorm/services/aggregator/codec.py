@@ -81,7 +81,8 @@ def _strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
         inner_us = handler.unary_stream
 
         def unary_stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
-            return inner_us(decode(raw, context), context)
+            responses: Iterator[Any] = inner_us(decode(raw, context), context)
+            return responses
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, None, serialize)
 
@@ -107,7 +108,7 @@ def _strict(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandle
     return grpc.stream_stream_rpc_method_handler(stream_stream, None, serialize)
 
 
-class WireCodec(grpc.ServerInterceptor):
+class WireCodec(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
     """Parse requests inside the handler (INVALID_ARGUMENT when one does not decode); send
     responses a handler yields as bytes as they are."""
 

@@ -16,6 +16,7 @@ import torch
 from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services import serde
 from fedgradnorm.services.aggregator.config import ServiceConfig
@@ -77,9 +78,9 @@ class EncodedRounds:
         self._lock = threading.Lock()
         self._omega: Mapping[str, torch.Tensor] | None = None  # the open round's own omega
         self._round = -1
-        self._by_dtype: dict[int, list[bytes]] = {}
+        self._by_dtype: dict[DType, list[bytes]] = {}
 
-    def chunks(self, round_: int, omega: Mapping[str, torch.Tensor], dtype: int) -> list[bytes]:
+    def chunks(self, round_: int, omega: Mapping[str, torch.Tensor], dtype: DType) -> list[bytes]:
         with self._lock:
             if omega is not self._omega or round_ != self._round:
                 self._omega, self._round, self._by_dtype = omega, round_, {}
@@ -95,7 +96,7 @@ def _require_loaded(coord: RoundCoordinator, context: grpc.ServicerContext) -> N
         )
 
 
-class AggregatorServicer(pb_grpc.AggregatorServicer):
+class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # the generated base is untyped
     def __init__(self, coordinator: RoundCoordinator, config: ServiceConfig, metrics: AggregatorMetrics) -> None:
         self.coord = coordinator
         self.config = config
@@ -135,7 +136,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
 
     def FetchRound(
         self, request: pb.FetchRoundRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.FetchRoundResponse]:
+    ) -> Iterator[pb.FetchRoundResponse | bytes]:  # chunk messages go out serialized (codec.WireCodec)
         _require_loaded(self.coord, context)
         dtype = request.dtype or self.wire_dtype
         if dtype not in self.accepted:

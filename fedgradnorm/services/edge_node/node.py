@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
 from fedgradnorm.algorithm import ClientConfig
 from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
@@ -36,10 +38,11 @@ from fedgradnorm.services.refusals import reason_of
 from fedgradnorm.tasks import federation
 
 log = structlog.get_logger("fedgradnorm.edge_node")
+T = TypeVar("T")
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 REJOIN = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.max_receive_message_length", 4 << 20),
     ("grpc.max_send_message_length", 4 << 20),
     # Ping the aggregator on idle links so that a stalled wireless link is noticed within ~10 s.
@@ -93,7 +96,7 @@ class Session:
     identity: Identity
     config: ClientConfig
     seed: int
-    dtype: int
+    dtype: DType
     chunk_bytes: int
     heartbeat_interval: float
     initial_loss: float | None
@@ -136,7 +139,7 @@ class EdgeNode:
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _retry(self, what: str, call: Callable[[], object]) -> object:
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
         """Call until it succeeds or the node is stopped; back off while the aggregator is away."""
         delay = 0.2
         while True:
@@ -159,7 +162,7 @@ class EdgeNode:
         ident = self.identity
 
         def call() -> pb.RegisterResponse:
-            return self.stub.Register(
+            resp: pb.RegisterResponse = self.stub.Register(
                 pb.RegisterRequest(
                     enrollment_token=cfg.enrollment_token,
                     node_name=cfg.node_name,
@@ -171,6 +174,7 @@ class EdgeNode:
                 ),
                 timeout=30,
             )
+            return resp
 
         try:
             resp = self._retry("Register", call)
@@ -307,7 +311,7 @@ class EdgeNode:
 
     def run_once(self) -> bool:
         """Fetch one round (waiting up to fetch_wait), train, submit. False when training is over."""
-        header, omega = self._retry("FetchRound", self.fetch)  # type: ignore[misc]
+        header, omega = self._retry("FetchRound", self.fetch)
         if header.status == pb.ROUND_STATUS_FINISHED:
             return False
         if omega is None:

@@ -7,12 +7,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
-from fedgradnorm.algorithm import ALGORITHMS
+from fedgradnorm.algorithm import ALGORITHMS, Algorithm
 from fedgradnorm.config import ConfigError
 from fedgradnorm.data.base import DataError
 from fedgradnorm.errors import FatalError
 from fedgradnorm.logs import configure_logging
+
+if TYPE_CHECKING:
+    from fedgradnorm.simulator import SimulationConfig
 
 
 def _add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -51,7 +55,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default="", help="comma-separated subset of the data set's tasks (default: all)")
 
 
-def _sim_config(args: argparse.Namespace, algorithm: str):
+def _sim_config(args: argparse.Namespace, algorithm: Algorithm) -> SimulationConfig:
     from fedgradnorm.simulator import SimulationConfig
 
     return SimulationConfig(
@@ -77,7 +81,7 @@ def _sim_config(args: argparse.Namespace, algorithm: str):
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedgradnorm.simulator import run_simulation
 
-    run_simulation(_sim_config(args, args.algorithm), args.out, progress=not args.quiet)
+    run_simulation(_sim_config(args, cast(Algorithm, args.algorithm)), args.out, progress=not args.quiet)
     print(f"wrote {Path(args.out) / 'metrics.jsonl'} and {Path(args.out) / 'training.png'}")
     return 0
 
@@ -89,7 +93,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedgradnorm.simulator import run_simulation
 
     out = Path(args.out)
-    runs = {}
+    runs: dict[str, Path] = {}
     for algorithm in ALGORITHMS:
         runs[algorithm] = run_simulation(_sim_config(args, algorithm), out / algorithm, progress=not args.quiet)
     png = plot_comparison(runs, out / "comparison.png")
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _service_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
+def _service_commands() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     """Subcommands contributed by the services and the demo (imported lazily, no gRPC at import)."""
     from fedgradnorm.cli import services
 
