@@ -12,7 +12,7 @@ help:
 	@echo "make run    - the main job: FedGradNorm vs FedRep on synthetic RadCom (loopback, no downloads)"
 	@echo "make test   - the test suite"
 	@echo "make test-busy - the test suite beside two CPU burners (a busy machine)"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff (incl. the layering rule) and mypy --strict"
 	@echo "make proto  - regenerate gRPC stubs from proto/"
 	@echo "make test-faults - the long fault-injection loops"
 	@echo "make bench  - benchmarks -> docs/benchmarks.md"
