@@ -554,6 +554,9 @@ def main() -> int:
             )
 
         s, after_node = wait(f"{edge} to resume and submit again", edge_resumed, deadline)
+        # Node ids are the names, so the id alone proves little; what proves the resume is that the node
+        # takes part again at all: the aggregator refuses a fresh enrolment under a name it still knows
+        # (name_taken, for departed_retention), so only the identity on the claim lets it back in.
         assert after_node["node_id"] == before_node["node_id"], f"{edge} came back as a new node: {after_node}"
         log(
             f"{edge} resumed as node {after_node['node_id']} (identity on its claim), submitted to round {after_node['last_round']}"
