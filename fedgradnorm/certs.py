@@ -8,12 +8,17 @@ the two Kubernetes Secrets the manifests of deploy/k8s mount (:data:`AGGREGATOR_
 :data:`DEVELOPMENT_ORGANIZATION`, the mark of the development PKI committed to git, which the
 services warn about (``tls.development_pki``). For production, use your own PKI: the services only
 need PEM files.
+
+``--san NAME`` (repeatable) adds names to the server certificate, such as the external name edge
+devices outside the cluster dial (:func:`server_names`); ``--client NAME --ca-dir DIR`` issues one
+more client certificate from the CA that ``--out DIR`` wrote, one per device (:func:`issue_client`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +62,35 @@ DEFAULT_SERVER_NAMES = (
 )
 
 
+# A DNS name of a certificate: labels of letters, digits and hyphens, optionally a leading wildcard label.
+_DNS_NAME = re.compile(
+    r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+)
+
+
+def check_server_name(name: str) -> str:
+    """``name`` if it is an IP address or a DNS name a certificate can hold; ValueError otherwise."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if len(name) > 253 or not _DNS_NAME.fullmatch(name):
+        raise ValueError(f"not a DNS name or IP address for a certificate: {name!r}")
+    return name.lower()
+
+
+def server_names(base: Sequence[str] = DEFAULT_SERVER_NAMES, extra: Sequence[str] = ()) -> list[str]:
+    """``base`` then ``extra`` (``--san``), each checked, without repeats, in that order."""
+    names: list[str] = []
+    for name in (*base, *extra):
+        checked = check_server_name(name.strip())
+        if checked not in names:
+            names.append(checked)
+    if not names:
+        raise ValueError("at least one server name is needed")
+    return names
+
+
 def _name(common: str, organization: str) -> x509.Name:
     return x509.Name(
         [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization), x509.NameAttribute(NameOID.COMMON_NAME, common)]
@@ -86,6 +120,36 @@ def _sans(names: Sequence[str]) -> x509.SubjectAlternativeName:
         except ValueError:
             entries.append(x509.DNSName(n))
     return x509.SubjectAlternativeName(entries)
+
+
+def _leaf(
+    ca: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    common: str,
+    organization: str,
+    usage: x509.ObjectIdentifier,
+    sans: Sequence[str],
+    now: dt.datetime,
+    not_after: dt.datetime,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A fresh key and its end-entity certificate for ``usage`` (server or client), signed by ``ca``."""
+    key = _key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common, organization))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(_sans(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
 
 
 @dataclass(frozen=True)
@@ -147,23 +211,7 @@ def issue(
     def leaf(
         common: str, usage: x509.ObjectIdentifier, sans: Sequence[str]
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        key = _key()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common, organization))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(_sans(sans), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        return cert, key
+        return _leaf(ca, ca_key, common, organization, usage, sans, now, not_after)
 
     server, server_key = leaf(server_names[0], ExtendedKeyUsageOID.SERVER_AUTH, server_names)
     client, client_key = leaf(client_name, ExtendedKeyUsageOID.CLIENT_AUTH, [client_name])
@@ -211,6 +259,36 @@ def make_certificates(
     return write_certificates(issue(server_names, days, client_name, organization), out)
 
 
+def issue_client(ca_dir: str | Path, name: str, days: int = 365, out: str | Path | None = None) -> dict[str, Path]:
+    """One more client certificate (an edge device of its own) from the CA that ``--out ca_dir`` wrote.
+
+    Reads ``ca_dir/ca.pem`` and ``ca_dir/ca.key``; writes ``NAME.pem`` and ``NAME.key`` (0600) into
+    ``out`` (default ``ca_dir``). The certificate is valid no longer than the CA. The aggregators accept
+    it as they accept every client certificate of their client CA (``ca.crt`` of their Secret).
+    """
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+        raise ValueError(f"client name {name!r}: letters, digits, '.', '_', '-' (a file name and the certificate's CN)")
+    ca_dir = Path(ca_dir)
+    ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.public_key().public_numbers() != (
+        ca.public_key().public_numbers()
+    ):
+        raise ValueError(f"{ca_dir / 'ca.key'} is not the key of {ca_dir / 'ca.pem'}")
+    now = dt.datetime.now(dt.UTC)
+    not_after = min(now + dt.timedelta(days=days), ca.not_valid_after_utc)
+    organization = ca.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
+    cert, key = _leaf(ca, ca_key, name, str(organization), ExtendedKeyUsageOID.CLIENT_AUTH, [name], now, not_after)
+    out = Path(out) if out else ca_dir
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"client_cert": out / f"{name}.pem", "client_key": out / f"{name}.key"}
+    _write(paths["client_cert"], cert.public_bytes(serialization.Encoding.PEM))
+    _write(paths["client_key"], _pem_key(key), private=True)
+    return paths
+
+
 # --- Kubernetes Secrets ----------------------------------------------------------------------------
 
 _DEVELOPMENT_HEADER = """\
@@ -244,7 +322,8 @@ _COMMON = """\
 #
 # Replace them with certificates of your own PKI, or with a fresh set whose CA key stays with you
 # (by default `fedgradnorm certs` puts loopback and the in-cluster names of radcom-aggregator and
-# mtfl-aggregator in the server certificate; choose others with --server-names):
+# mtfl-aggregator in the server certificate; add external names with --san NAME, or choose others
+# with --server-names):
 #
 #   fedgradnorm certs --out certs --days 365
 #   kubectl -n {namespace} create secret generic {aggregator} --type=kubernetes.io/tls \\
@@ -254,7 +333,7 @@ _COMMON = """\
 #     --from-file=tls.crt=certs/client.pem --from-file=tls.key=certs/client.key --from-file=ca.crt=certs/ca.pem \\
 #     --dry-run=client -o yaml | kubectl apply -f -
 #   kubectl -n {namespace} rollout restart statefulset -l app.kubernetes.io/component=aggregator
-#   kubectl -n {namespace} rollout restart deployment -l app.kubernetes.io/component=edge-node
+#   kubectl -n {namespace} rollout restart statefulset -l app.kubernetes.io/component=edge-node
 #
 # and drop this file from your copy of deploy/k8s (a later `kubectl apply -f deploy/k8s` would put it
 # back). Rotate the same way before the certificates expire: the services read the files at start only,

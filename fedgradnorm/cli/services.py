@@ -126,14 +126,23 @@ def _certs(args: argparse.Namespace) -> int:
         DEVELOPMENT_ORGANIZATION,
         ORGANIZATION,
         issue,
+        issue_client,
+        server_names,
         write_certificates,
         write_k8s_secrets,
     )
 
+    if args.client:
+        if not args.ca_dir:
+            raise ValueError("--client NAME needs --ca-dir DIR (the folder of ca.pem and ca.key that --out wrote)")
+        for what, path in issue_client(args.ca_dir, args.client, days=args.days, out=args.out or None).items():
+            print(f"{what:<12} {path}")
+        return 0
     if not (args.out or args.k8s_secrets):
         raise ValueError("give --out DIR (PEM files), --k8s-secrets FILE (Kubernetes Secrets) or both")
     given = args.server_names is not None
-    names = [n.strip() for n in args.server_names.split(",") if n.strip()] if given else list(DEFAULT_SERVER_NAMES)
+    base = [n for n in args.server_names.split(",") if n.strip()] if given else list(DEFAULT_SERVER_NAMES)
+    names = server_names(base, args.san)
     organization = DEVELOPMENT_ORGANIZATION if args.development else ORGANIZATION
     certs = issue(names, days=args.days, organization=organization)
     if args.out:
@@ -147,6 +156,7 @@ def _certs(args: argparse.Namespace) -> int:
                 *(["--development"] if args.development else []),
                 f"--days {args.days}",
                 *([f"--server-names {args.server_names}"] if given else []),
+                *(f"--san {n}" for n in args.san),
             ]
         )
         path = write_k8s_secrets(args.k8s_secrets, certs, names, development=args.development, command=command)
@@ -183,6 +193,22 @@ def register_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="DNS names and IP addresses the aggregator is reached by (comma-separated; default: loopback "
         "and the in-cluster names of deploy/k8s's Services radcom-aggregator and mtfl-aggregator)",
     )
+    p.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="one more DNS name or IP address for the aggregator's certificate, e.g. the external name edge "
+        "devices outside the cluster dial (repeatable; added to the default names or to --server-names)",
+    )
+    p.add_argument(
+        "--client",
+        default="",
+        metavar="NAME",
+        help="issue only a client certificate NAME.pem/NAME.key for one more edge device, signed by the CA "
+        "in --ca-dir (written to --out, default the same folder)",
+    )
+    p.add_argument("--ca-dir", default="", metavar="DIR", help="with --client: the folder of ca.pem and ca.key")
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.set_defaults(func=_certs)
 

@@ -1,6 +1,7 @@
 """`make test-deploy`: the RadCom federation's manifests from deploy/k8s, run with `podman kube play`.
 
-1. builds the image from the Dockerfile (scripts/build-image.sh: local debootstrap base image, cached);
+1. builds the image from the Dockerfile (scripts/build-image.sh: local debootstrap base image, cached,
+   torch and the dependencies from build/wheels: --build-arg WHEELS=local);
 2. derives podman manifests from deploy/k8s (see ``derive``; only what podman cannot express changes);
 3. plays the aggregator, then the three edge nodes, and waits for rounds to advance, asking the
    aggregator from the host with `fedgradnorm state` (mutual TLS, with the edge nodes' development
@@ -8,7 +9,8 @@
    plaintext health port the kubelet probes); checks that the gRPC port refuses plaintext and that
    the aggregator warns about the development PKI;
 4. plays one more edge-node manifest (deploy/examples/edge-node.yaml) and waits until the new node
-   has taken part in a round;
+   has taken part in a round; recreates an edge-node pod on its claim and checks that it resumes as
+   the same node (its identity and personal model are on the claim, not on an emptyDir);
 5. copies the state file out of the aggregator (as `kubectl cp` does for a backup), recreates the
    aggregator pod on its claim and checks that it resumes where it was and rounds go on;
 6. always tears everything down (`podman kube down`, pods, volumes, the secrets), even on failure.
@@ -23,6 +25,7 @@ import base64
 import copy
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -42,7 +45,12 @@ BIN = Path(sys.executable).parent
 FEDERATION = "radcom"
 EDGE_WORKLOADS = ("radcom-modulation", "radcom-signal", "radcom-anomaly")
 ROUNDS_BEFORE_JOIN = 2
+# Created by the operator (docs/operations.md, "Deploy"), not shipped: a fresh random token, as the docs do it.
 ENROLLMENT_SECRET = "fedgradnorm-enrollment"
+ENROLLMENT_KEY = "FEDGRADNORM_ENROLLMENT_TOKEN"
+# The manifests name the published image (ghcr.io/...); the pods here run the one scripts/build-image.sh built.
+VERSION = "0.1.0"
+LOCAL_IMAGE = os.environ.get("IMAGE", f"localhost/fedgradnorm:{VERSION}")
 TIMEOUT = float(os.environ.get("TEST_DEPLOY_TIMEOUT", "420"))  # seconds for everything after the build
 
 
@@ -91,10 +99,13 @@ SUBSTITUTIONS = """podman-specific changes to the manifests of deploy/k8s (every
     lets envFrom win over env); the containers' ports lists are dropped (podman 4.3 refuses port
     mappings with host networking); the edge nodes still check the name FEDGRADNORM_TLS_SERVER_NAME
     in the aggregator's certificate, as they do behind the Service;
-  - the StatefulSet becomes a Pod named radcom-aggregator-0 with its volumeClaimTemplate as a
-    PersistentVolumeClaim state-radcom-aggregator-0 (podman 4.3 plays no StatefulSet);
+  - the fedgradnorm image is the one just built (IMAGE, default localhost/fedgradnorm:<version>) with
+    imagePullPolicy Never, as a kustomize `images:` entry would set it (no registry here);
+  - each StatefulSet (the aggregator and every edge node) becomes a Pod named <statefulset>-0 with its
+    volumeClaimTemplate as a PersistentVolumeClaim state-<statefulset>-0 (podman 4.3 plays no StatefulSet);
   - each Secret becomes a podman secret of the same name and keys (podman 4.3 reads Secrets that way):
-    the enrollment token (an env secretKeyRef) as a JSON map of base64 values, each TLS Secret (a
+    the enrollment token (an env secretKeyRef; the operator creates it: here a fresh random token)
+    as a JSON map of base64 values, each TLS Secret (a
     secret volume) as a JSON Secret whose data holds the PEM text as is (podman 4.3 writes a secret
     volume's data values verbatim and ignores stringData); secret volumes get `optional: false`
     (podman 4.3 crashes when it is unset); podman ignores defaultMode and fsGroup (files 0644);
@@ -127,6 +138,9 @@ def podman_pod_spec(doc: dict[str, Any], shipped_ports: set[int], env: dict[str,
     workload = doc["metadata"]["name"]
     spec = doc["spec"]["template"]["spec"]
     spec["hostNetwork"] = True
+    for c in spec["containers"]:
+        if c["image"].rpartition(":")[0].endswith("/fedgradnorm"):
+            c["image"], c["imagePullPolicy"] = LOCAL_IMAGE, "Never"
     renamed = {}
     for vol in spec.get("volumes", []):
         if "emptyDir" in vol:
@@ -148,6 +162,38 @@ def secret_values(secret: dict[str, Any]) -> dict[str, bytes]:
     values = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
     values.update({k: v.encode() for k, v in secret.get("stringData", {}).items()})
     return values
+
+
+def statefulset_as_pod(sts: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Pod <name>-0 on PersistentVolumeClaims <template>-<name>-0: what the StatefulSet controller makes."""
+    pod_name = f"{sts['metadata']['name']}-0"
+    spec = copy.deepcopy(sts["spec"]["template"]["spec"])
+    pvcs = []
+    for template in sts["spec"].get("volumeClaimTemplates", []):
+        claim = f"{template['metadata']['name']}-{pod_name}"
+        pvcs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {**template["metadata"], "name": claim, "namespace": sts["metadata"]["namespace"]},
+                "spec": template["spec"],
+            }
+        )
+        spec.setdefault("volumes", []).append(
+            {"name": template["metadata"]["name"], "persistentVolumeClaim": {"claimName": claim}}
+        )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name,
+            "namespace": sts["metadata"]["namespace"],
+            "labels": sts["spec"]["template"]["metadata"]["labels"],
+            "annotations": sts["spec"]["template"]["metadata"].get("annotations", {}),
+        },
+        "spec": spec,
+    }
+    return pod, pvcs
 
 
 def podman_secret(work: Path, secret: dict[str, Any], for_volume: bool) -> Path:
@@ -172,7 +218,7 @@ def podman_secret(work: Path, secret: dict[str, Any], for_volume: bool) -> Path:
 def client_tls(work: Path, docs: list[dict[str, Any]], edge_cm: dict[str, Any]) -> list[str]:
     """`fedgradnorm state` flags for mutual TLS with the edge nodes' certificate, as an edge node uses it."""
     volume = next(
-        v for v in find(docs, "Deployment", EDGE_WORKLOADS[0])["spec"]["template"]["spec"]["volumes"] if "secret" in v
+        v for v in find(docs, "StatefulSet", EDGE_WORKLOADS[0])["spec"]["template"]["spec"]["volumes"] if "secret" in v
     )
     values = secret_values(find(docs, "Secret", volume["secret"]["secretName"]))
     folder = work / "client-tls"
@@ -205,74 +251,66 @@ def derive(work: Path) -> dict[str, Any]:
     podman_pod_spec(
         sts, {port_of(find(docs, "ConfigMap", f"{FEDERATION}-aggregator")["data"][k]) for k in LISTENERS}, {}
     )
-    pod_name = f"{sts['metadata']['name']}-0"
-    claims, pvcs = [], []
-    for template in sts["spec"]["volumeClaimTemplates"]:
-        claim = f"{template['metadata']['name']}-{pod_name}"
-        claims.append(claim)
-        pvc = {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {**template["metadata"], "name": claim, "namespace": sts["metadata"]["namespace"]},
-            "spec": template["spec"],
-        }
-        sts["spec"]["template"]["spec"].setdefault("volumes", []).append(
-            {"name": template["metadata"]["name"], "persistentVolumeClaim": {"claimName": claim}}
-        )
-        pvcs.append(pvc)
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": pod_name,
-            "namespace": sts["metadata"]["namespace"],
-            "labels": sts["spec"]["template"]["metadata"]["labels"],
-            "annotations": sts["spec"]["template"]["metadata"].get("annotations", {}),
-        },
-        "spec": sts["spec"]["template"]["spec"],
-    }
+    pod, pvcs = statefulset_as_pod(sts)
+    pod_name = pod["metadata"]["name"]
+    claims = [c["metadata"]["name"] for c in pvcs]
     aggregator_file = work / "aggregator.yaml"
     aggregator_file.write_text(yaml.safe_dump_all([agg_cm, *pvcs, pod], sort_keys=False))
     # The same pod again on the existing claim: what the StatefulSet does when its pod is recreated.
     (work / "aggregator-again.yaml").write_text(yaml.safe_dump_all([agg_cm, pod], sort_keys=False))
 
     edge_metrics: dict[str, int] = {}
-    edges = []
+    edges, edge_pvcs = [], []
     for name in EDGE_WORKLOADS:
-        dep = find(docs, "Deployment", name)
+        sts = find(docs, "StatefulSet", name)
         edge_metrics[name] = port = free_port()
-        podman_pod_spec(dep, {edge_port}, {"FEDGRADNORM_METRICS_LISTEN": f"127.0.0.1:{port}"})
-        edges.append(dep)
+        podman_pod_spec(sts, {edge_port}, {"FEDGRADNORM_METRICS_LISTEN": f"127.0.0.1:{port}"})
+        edge_pod, pvcs = statefulset_as_pod(sts)
+        edges.append(edge_pod)
+        edge_pvcs += pvcs
+        # One node alone again on its claim: what the StatefulSet does when the pod is deleted.
+        if name == EDGE_WORKLOADS[0]:
+            (work / "edge-again.yaml").write_text(yaml.safe_dump_all([edge_cm, edge_pod], sort_keys=False))
     edge_file = work / "edge-nodes.yaml"
-    edge_file.write_text(yaml.safe_dump_all([edge_cm, *edges], sort_keys=False))
+    edge_file.write_text(yaml.safe_dump_all([edge_cm, *edge_pvcs, *edges], sort_keys=False))
 
-    (extra,) = [d for d in load(EXAMPLE) if d["kind"] == "Deployment"]
-    edge_metrics[extra["metadata"]["name"]] = port = free_port()
-    podman_pod_spec(extra, {edge_port}, {"FEDGRADNORM_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    (extra_sts,) = [d for d in load(EXAMPLE) if d["kind"] == "StatefulSet"]
+    edge_metrics[extra_sts["metadata"]["name"]] = port = free_port()
+    podman_pod_spec(extra_sts, {edge_port}, {"FEDGRADNORM_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    extra, extra_pvcs = statefulset_as_pod(extra_sts)
     extra_file = work / "extra-edge-node.yaml"
-    extra_file.write_text(yaml.safe_dump_all([edge_cm, extra], sort_keys=False))
+    extra_file.write_text(yaml.safe_dump_all([edge_cm, *extra_pvcs, extra], sort_keys=False))
+    claims += [c["metadata"]["name"] for c in (*edge_pvcs, *extra_pvcs)]
 
-    secrets = {ENROLLMENT_SECRET: podman_secret(work, find(docs, "Secret", ENROLLMENT_SECRET), for_volume=False)}
-    specs = [pod["spec"]] + [d["spec"]["template"]["spec"] for d in (*edges, extra)]
+    token = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": ENROLLMENT_SECRET},
+        "stringData": {ENROLLMENT_KEY: secrets.token_hex(32)},
+    }
+    podman_secrets = {ENROLLMENT_SECRET: podman_secret(work, token, for_volume=False)}
+    specs = [pod["spec"]] + [d["spec"] for d in (*edges, extra)]
     tls_secrets = sorted(
         {v["secret"]["secretName"] for spec in specs for v in spec.get("volumes", []) if "secret" in v}
     )
     assert tls_secrets, "no Secret volume: the TLS material should come from one"
     for name in tls_secrets:
-        secrets[name] = podman_secret(work, find(docs, "Secret", name), for_volume=True)
+        podman_secrets[name] = podman_secret(work, find(docs, "Secret", name), for_volume=True)
     volumes = [v["name"] for spec in specs for v in spec.get("volumes", []) if "emptyDir" in v]
     return {
         "grpc_port": grpc_port,
         "health_port": health_port,
         "metrics_port": metrics_port,
         "edge_metrics": edge_metrics,
-        "files": [aggregator_file, work / "aggregator-again.yaml", edge_file, extra_file],
+        "files": [aggregator_file, work / "aggregator-again.yaml", edge_file, work / "edge-again.yaml", extra_file],
         "extra_file": extra_file,
-        "extra_pod": f"{extra['metadata']['name']}-pod-0",
+        "extra_pod": extra["metadata"]["name"],
+        "edge_again": work / "edge-again.yaml",
+        "edge_pods": [e["metadata"]["name"] for e in edges],
         "aggregator_container": f"{pod_name}-{pod['spec']['containers'][0]['name']}",
         "state_file": find(docs, "ConfigMap", f"{FEDERATION}-aggregator")["data"]["FEDGRADNORM_STATE_DIR"]
         + "/aggregator-state.pt",
-        "secrets": secrets,
+        "secrets": podman_secrets,
         "client_tls": client_tls(work, docs, edge_cm),
         # podman 4.3 makes a named volume of each secret volume, named after its Secret.
         "volumes": volumes + claims + tls_secrets,
@@ -446,7 +484,7 @@ def main() -> int:
         log(f"rounds advance: round {s['round']}, nodes {names}")
         weights = {n["node_name"]: n["weight"] for n in active_nodes(s)}
         assert abs(sum(weights.values()) - 3) < 1e-3, weights
-        assert all(n.endswith("-pod-0") for n in names), f"node names should be the pod names: {names}"
+        assert names == sorted(info["edge_pods"]), f"node names should be the pod names {info['edge_pods']}: {names}"
         rounds_metric = metric(info["metrics_port"], "fedgradnorm_round")
         assert rounds_metric is not None and rounds_metric >= ROUNDS_BEFORE_JOIN, rounds_metric
         for name, mport in info["edge_metrics"].items():
@@ -493,6 +531,36 @@ def main() -> int:
         )
         log(f"aggregator resumed at round {resumed['round']} (was {before}); now round {s['round']} with 4 nodes")
         log(f"health: fedgradnorm.v1.Aggregator={health(hport, 'fedgradnorm.v1.Aggregator')}")
+
+        # An edge-node pod deleted and made again by its StatefulSet: same name, same claim, same node.
+        edge = info["edge_pods"][0]
+        (before_node,) = [n for n in active_nodes(s) if n["node_name"] == edge]
+        recreated_at = s["round"]
+        log(f"recreating the edge-node pod {edge} on its claim (node {before_node['node_id']})")
+        run("podman", "kube", "down", str(info["edge_again"]), quiet=True, timeout=120)
+        run("podman", "kube", "play", str(info["edge_again"]), quiet=True)
+
+        def edge_resumed():
+            x = state(port, tls)
+            if not x:
+                return None
+            mine = [n for n in x.get("nodes", []) if n["node_name"] == edge]
+            return (
+                len(mine) == 1
+                and mine[0]["active"]
+                and mine[0]["last_round"] > recreated_at
+                and len(active_nodes(x)) == 4
+                and (x, mine[0])
+            )
+
+        s, after_node = wait(f"{edge} to resume and submit again", edge_resumed, deadline)
+        # Node ids are the names, so the id alone proves little; what proves the resume is that the node
+        # takes part again at all: the aggregator refuses a fresh enrolment under a name it still knows
+        # (name_taken, for departed_retention), so only the identity on the claim lets it back in.
+        assert after_node["node_id"] == before_node["node_id"], f"{edge} came back as a new node: {after_node}"
+        log(
+            f"{edge} resumed as node {after_node['node_id']} (identity on its claim), submitted to round {after_node['last_round']}"
+        )
         ok = True
     except Exception as e:
         log(f"FAILED: {type(e).__name__}: {e}")
