@@ -273,8 +273,11 @@ def issue_client(ca_dir: str | Path, name: str, days: int = 365, out: str | Path
     ca_dir = Path(ca_dir)
     ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or ca_key.public_key().public_numbers() != (
-        ca.public_key().public_numbers()
+    ca_public = ca.public_key()
+    if (
+        not isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        or not isinstance(ca_public, ec.EllipticCurvePublicKey)
+        or ca_key.public_key().public_numbers() != ca_public.public_numbers()
     ):
         raise ValueError(f"{ca_dir / 'ca.key'} is not the key of {ca_dir / 'ca.pem'}")
     now = dt.datetime.now(dt.UTC)

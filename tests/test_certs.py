@@ -13,10 +13,9 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm.certs import DEFAULT_SERVER_NAMES, server_names
 from fedgradnorm.cli import build_parser
-from fedgradnorm.tls import ClientTLS
-from services.aggregator.config import ServiceConfig
-from services.aggregator.coordinator import CoordinatorConfig
-from services.aggregator.server import start_aggregator
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+from fedgradnorm.services.aggregator.server import start_aggregator
+from fedgradnorm.services.tls import ClientTLS
 
 
 def certs(*argv: str) -> int:
