@@ -33,6 +33,7 @@ from typing import Any
 from experiments import analysis as an
 from experiments.document import render
 from experiments.runs import ALGORITHMS, RunSpec, load_records, prepare_data, run_one
+from fedgradnorm.hyperparameters import BATCH_SIZE, TAU_H, TAU_OMEGA
 from fedgradnorm.machine import machine_info, torch_threads
 
 
@@ -49,9 +50,9 @@ class Plan:
     radcom_size: int = 150  # samples per (modulation, signal, SNR) key
     mtfl_eval_test: int = 260  # per-round evaluation subset per client (of 780 test faces)
     radcom_eval_test: int = 600  # per-round evaluation subset per client (of 1,800 test vectors)
-    tau_h: int = 5
-    tau_omega: int = 5
-    batch_size: int = 64
+    tau_h: int = TAU_H
+    tau_omega: int = TAU_OMEGA
+    batch_size: int = BATCH_SIZE
     data_seed: int = 0
 
     def specs(self) -> list[RunSpec]:

@@ -23,6 +23,7 @@ import torch
 
 from fedgradnorm.client import load_omega_
 from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients, load_pools
+from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA
 from fedgradnorm.simulator import Simulation, SimulationConfig, write_jsonl
 from fedgradnorm.tasks import derive_seed, federation
 
@@ -41,12 +42,12 @@ class RunSpec:
     rounds: int
     synthetic_size: int
     data_seed: int = 0  # seed of the synthetic generator (one data set for every run seed)
-    tau_h: int = 5
-    tau_omega: int = 5
-    batch_size: int = 64
-    gamma: float = 0.9
-    alpha: float = 0.004
-    beta: float = 0.0002
+    tau_h: int = TAU_H
+    tau_omega: int = TAU_OMEGA
+    batch_size: int = BATCH_SIZE
+    gamma: float = GAMMA
+    alpha: float = ALPHA
+    beta: float = BETA
     test_fraction: float = 0.2  # RadCom's per-client test share (MTFL has its own test faces)
     eval_test: int = 0  # per-round evaluation on this many test samples per client; 0: all
 

@@ -23,16 +23,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import torch
 from torch import nn
 
 from fedgradnorm.finite import all_finite
+from fedgradnorm.hyperparameters import (
+    ALGORITHMS,
+    ALPHA,
+    BATCH_SIZE,
+    BETA,
+    GAMMA,
+    TAU_H,
+    TAU_OMEGA,
+    WEIGHT_FLOOR,
+    Algorithm,
+)
 
 TensorDict = dict[str, torch.Tensor]
-Algorithm = Literal["fedgradnorm", "fedrep"]
-ALGORITHMS: tuple[Algorithm, ...] = ("fedgradnorm", "fedrep")
 
 
 class AlgorithmError(ValueError):
@@ -140,11 +148,11 @@ class ServerConfig:
     """Hyperparameters of the server step (defaults: paper, Section IV-B)."""
 
     algorithm: Algorithm = "fedgradnorm"
-    gamma: float = 0.9
-    alpha: float = 0.004
-    beta: float = 0.0002
+    gamma: float = GAMMA
+    alpha: float = ALPHA
+    beta: float = BETA
     omega_tilde: tuple[str, ...] = ()
-    weight_floor: float = 1e-3
+    weight_floor: float = WEIGHT_FLOOR
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -381,10 +389,10 @@ def server_step(
 class ClientConfig:
     """The round hyperparameters a client trains with (announced by the server)."""
 
-    tau_h: int = 5
-    tau_omega: int = 5
-    beta: float = 0.0002
-    batch_size: int = 64
+    tau_h: int = TAU_H
+    tau_omega: int = TAU_OMEGA
+    beta: float = BETA
+    batch_size: int = BATCH_SIZE
 
     def __post_init__(self) -> None:
         if self.tau_h < 0 or self.tau_omega < 1:

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -55,14 +55,34 @@ def _parse(kind: Any, text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {text!r} is not a valid {name}") from None
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, helps: Mapping[str, str] | None = None) -> None:
-    """One flag per field, with default None so that unset flags fall through to the environment."""
+def add_flags(
+    parser: argparse.ArgumentParser,
+    cls: type[DataclassInstance],
+    helps: Mapping[str, str] | None = None,
+    *,
+    choices: Mapping[str, Sequence[str]] | None = None,
+    skip: Sequence[str] = (),
+) -> None:
+    """One flag per field (but ``skip``), with default None so that unset flags fall through to the
+    environment. A boolean is a switch (``--insecure``; ``--insecure false`` also works); a field
+    in ``choices`` lists its values in the help and refuses others."""
     helps = helps or {}
+    choices = choices or {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "(secret)" if not f.repr else repr(default)
         text = f"{helps.get(f.name, f.name.replace('_', ' '))} [env {env_name(f.name)}; default {shown}]"
-        parser.add_argument(flag_name(f.name), dest=f.name, default=None, metavar=f.name.upper(), help=text)
+        extra: dict[str, Any] = {}
+        if hints[f.name] is bool:
+            extra = {"nargs": "?", "const": "true"}
+        if f.name in choices:
+            extra["choices"] = list(choices[f.name])
+        else:
+            extra["metavar"] = f.name.upper()
+        parser.add_argument(flag_name(f.name), dest=f.name, default=None, help=text, **extra)
 
 
 def build(cls: type[T], args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> T:

@@ -18,7 +18,6 @@ import torch
 from tqdm import tqdm
 
 from fedgradnorm.algorithm import (
-    Algorithm,
     ClientConfig,
     ClientUpdate,
     ServerConfig,
@@ -28,6 +27,7 @@ from fedgradnorm.algorithm import (
 from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
+from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA, Algorithm
 from fedgradnorm.models import build_shared
 from fedgradnorm.records import round_record
 from fedgradnorm.tasks import Federation, federation
@@ -42,14 +42,14 @@ class SimulationConfig:
     algorithm: Algorithm = "fedgradnorm"
     rounds: int = 20
     seed: int = 0
-    tau_h: int = 5
-    tau_omega: int = 5
-    batch_size: int = 64
+    tau_h: int = TAU_H
+    tau_omega: int = TAU_OMEGA
+    batch_size: int = BATCH_SIZE
     allocation: str = "balanced"
     test_fraction: float = 0.2
-    gamma: float = 0.9
-    alpha: float = 0.004
-    beta: float = 0.0002
+    gamma: float = GAMMA
+    alpha: float = ALPHA
+    beta: float = BETA
     omega_tilde: tuple[str, ...] = ()
     synthetic_size: int = 100
     tasks: tuple[str, ...] = ()  # empty: every task of the data set

@@ -6,82 +6,63 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from fedgradnorm.algorithm import ALGORITHMS, Algorithm
+from fedgradnorm import config as cfgmod
 from fedgradnorm.config import ConfigError
 from fedgradnorm.data.base import DataError
 from fedgradnorm.errors import FatalError
+from fedgradnorm.hyperparameters import ALGORITHMS, Algorithm
 from fedgradnorm.logs import configure_logging
 
 if TYPE_CHECKING:
     from fedgradnorm.simulator import SimulationConfig
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=("radcom", "mtfl"), default="radcom", help="federation (default radcom)")
-    p.add_argument(
-        "--data",
-        default=None,
-        help="real data: RadComDynamic .hdf5 file or unzipped MTFL folder "
-        "(default: a synthetic set generated from --seed)",
-    )
-    p.add_argument("--rounds", type=int, default=20, help="global rounds K (default 20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, partition, models and batches (default 0)")
-    p.add_argument("--tau-h", type=int, default=5, help="head updates per round (default 5)")
-    p.add_argument("--tau-omega", type=int, default=5, help="shared-network updates per round (default 5)")
-    p.add_argument("--batch-size", type=int, default=64, help="minibatch size (default 64)")
-    p.add_argument(
-        "--allocation",
-        default="balanced",
-        help="balanced | imbalanced (Table II: gender, glasses 500, others 3000) | task=N,...,*=N",
-    )
-    p.add_argument("--test-fraction", type=float, default=0.2, help="test share of each client's data (RadCom)")
-    p.add_argument("--gamma", type=float, default=0.9, help="GradNorm restoring force (default 0.9)")
-    p.add_argument("--alpha", type=float, default=0.004, help="learning rate of the weights p (default 0.004)")
-    p.add_argument("--beta", type=float, default=0.0002, help="learning rate of the networks (default 0.0002)")
-    p.add_argument(
-        "--omega-tilde",
-        default="",
-        help="comma-separated shared parameter names for the gradient norm (default: the last layer's weight and bias)",
-    )
-    p.add_argument(
-        "--synthetic-size",
-        type=int,
-        default=100,
-        help="synthetic set size: RadCom samples per key, MTFL training faces (default 100)",
-    )
-    p.add_argument("--tasks", default="", help="comma-separated subset of the data set's tasks (default: all)")
+# The simulator's flags: one per field of SimulationConfig (each also a FEDGRADNORM_* variable).
+SIMULATION_HELP = {
+    "dataset": "federation",
+    "data": "real data: RadComDynamic .hdf5 file or unzipped MTFL folder (default: a synthetic set from --seed)",
+    "algorithm": "the server step",
+    "rounds": "global rounds K",
+    "seed": "seed of data, partition, models and batches",
+    "tau_h": "head updates per round (minibatches)",
+    "tau_omega": "shared-network updates per round (minibatches)",
+    "batch_size": "minibatch size (samples)",
+    "allocation": "balanced | imbalanced (Table II: gender, glasses 500, others 3000) | task=N,...,*=N",
+    "test_fraction": "test share of each client's data (RadCom; a fraction in (0, 1))",
+    "gamma": "GradNorm's asymmetry (restoring force)",
+    "alpha": "learning rate of the weights p",
+    "beta": "learning rate of the networks",
+    "omega_tilde": "comma-separated shared parameter names for the gradient norm (empty: the last layer's)",
+    "synthetic_size": "synthetic set size: RadCom samples per key, MTFL training faces",
+    "tasks": "comma-separated subset of the data set's tasks (empty: all)",
+}
+DATASETS = ("radcom", "mtfl")
 
 
-def _sim_config(args: argparse.Namespace, algorithm: Algorithm) -> SimulationConfig:
+def _add_training_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     from fedgradnorm.simulator import SimulationConfig
 
-    return SimulationConfig(
-        dataset=args.dataset,
-        data=args.data,
-        algorithm=algorithm,
-        rounds=args.rounds,
-        seed=args.seed,
-        tau_h=args.tau_h,
-        tau_omega=args.tau_omega,
-        batch_size=args.batch_size,
-        allocation=args.allocation,
-        test_fraction=args.test_fraction,
-        gamma=args.gamma,
-        alpha=args.alpha,
-        beta=args.beta,
-        omega_tilde=tuple(n for n in args.omega_tilde.split(",") if n),
-        synthetic_size=args.synthetic_size,
-        tasks=tuple(t for t in args.tasks.split(",") if t),
+    cfgmod.add_flags(
+        p, SimulationConfig, SIMULATION_HELP, choices={"dataset": DATASETS, "algorithm": ALGORITHMS}, skip=skip
     )
+
+
+def _sim_config(args: argparse.Namespace, algorithm: Algorithm | None = None) -> SimulationConfig:
+    """The simulator's configuration from the flags, then FEDGRADNORM_* variables, then defaults."""
+    from fedgradnorm.simulator import SimulationConfig
+
+    config = cfgmod.build(SimulationConfig, args)
+    return config if algorithm is None else replace(config, algorithm=algorithm)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedgradnorm.simulator import run_simulation
 
-    run_simulation(_sim_config(args, cast(Algorithm, args.algorithm)), args.out, progress=not args.quiet)
+    run_simulation(_sim_config(args), args.out, progress=not args.quiet)
     print(f"wrote {Path(args.out) / 'metrics.jsonl'} and {Path(args.out) / 'training.png'}")
     return 0
 
@@ -146,13 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="run the in-process simulator (all clients and the server in one process)")
     _add_training_flags(p)
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="fedgradnorm")
     p.add_argument("--out", required=True, help="output folder: metrics.jsonl, summary.json, training.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("compare", help="simulate FedGradNorm and FedRep on the same setup; table and plot")
-    _add_training_flags(p)
+    _add_training_flags(p, skip=("algorithm",))
     p.add_argument("--out", required=True, help="output folder (one subfolder per algorithm)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)

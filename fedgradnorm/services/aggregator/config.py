@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fedgradnorm.algorithm import ServerConfig, default_omega_tilde
+from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA
 from fedgradnorm.services.tls import ServerTLS
 from fedgradnorm.tasks import Federation, federation
 from fedgradnorm.wire import DEFAULT_CHUNK_BYTES, DTYPE_BY_NAME
@@ -58,13 +59,13 @@ class ServiceConfig:
 class CoordinatorConfig:
     dataset: str = "radcom"
     algorithm: str = "fedgradnorm"
-    gamma: float = 0.9
-    alpha: float = 0.004
-    beta: float = 0.0002
+    gamma: float = GAMMA
+    alpha: float = ALPHA
+    beta: float = BETA
     omega_tilde: tuple[str, ...] = ()
-    tau_h: int = 5
-    tau_omega: int = 5
-    batch_size: int = 64
+    tau_h: int = TAU_H
+    tau_omega: int = TAU_OMEGA
+    batch_size: int = BATCH_SIZE
     min_nodes: int = 3
     rounds: int = 0  # 0: train until stopped
     round_timeout: float = 60.0
