@@ -31,6 +31,8 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
+from fedgradnorm.services import serde
+from fedgradnorm.services.domain import Submission
 
 F32 = tensor_pb2.DTYPE_FLOAT32
 
@@ -83,6 +85,11 @@ class Attacker:
         return header.round, asm.finish()
 
 
+def _header(a: Attacker, round_: int, gradient: dict[str, torch.Tensor]) -> pb.SubmitHeader:
+    """A well-formed header for ``gradient`` (first round: loss = F_0, F~ = 1)."""
+    return serde.submit_header(Submission(a.node_id, round_, gradient, 1.0, 1.0, 1.0, 10), a.token, F32)
+
+
 def huge_names(a: Attacker) -> None:
     i = 0
     while not a.stop.is_set():
@@ -112,18 +119,7 @@ def stalled_submits(a: Attacker) -> None:
     if got is None:
         return
     round_, omega = got
-    specs = wire.tensor_specs(omega, F32)
-    header = pb.SubmitHeader(
-        node_id=a.node_id,
-        session_token=a.token,
-        round=round_,
-        tensors=specs,
-        total_bytes=wire.payload_nbytes(specs),
-        loss=1.0,
-        initial_loss=1.0,
-        loss_ratio=1.0,
-        num_samples=10,
-    )
+    header = _header(a, round_, omega)
 
     def stalled() -> Iterator[pb.SubmitUpdateRequest]:
         yield pb.SubmitUpdateRequest(header=header)
@@ -167,18 +163,7 @@ def huge_gradient(a: Attacker) -> None:
                 continue
             round_, omega = got
             grad = {k: torch.full_like(v, 1e30) for k, v in omega.items()}
-            specs = wire.tensor_specs(grad, F32)
-            header = pb.SubmitHeader(
-                node_id=a.node_id,
-                session_token=a.token,
-                round=round_,
-                tensors=specs,
-                total_bytes=wire.payload_nbytes(specs),
-                loss=1.0,
-                initial_loss=1.0,
-                loss_ratio=1.0,
-                num_samples=10,
-            )
+            header = _header(a, round_, grad)
 
             def messages(header: pb.SubmitHeader = header, grad: dict[str, torch.Tensor] = grad) -> Iterator[Any]:
                 yield pb.SubmitUpdateRequest(header=header)
