@@ -26,6 +26,12 @@ class ConfigError(ValueError):
     pass
 
 
+def setting(default: Any, help: str, *, hidden: bool = False, secret: bool = False) -> Any:
+    """A config field with its help sentence (and unit), declared once beside its default.
+    ``hidden``: a benchmark or test switch, left out of ``--help``; ``secret``: never shown."""
+    return dataclasses.field(default=default, repr=not secret, metadata={"help": help, "hidden": hidden})
+
+
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
@@ -74,12 +80,17 @@ def add_flags(
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "(secret)" if not f.repr else repr(default)
-        text = f"{helps.get(f.name, f.name.replace('_', ' '))} [env {env_name(f.name)}; default {shown}]"
+        sentence = f.metadata.get("help") or helps.get(f.name, f.name.replace("_", " "))
+        text = f"{sentence} [env {env_name(f.name)}; default {shown}]"
+        if f.metadata.get("hidden"):
+            text = argparse.SUPPRESS
         extra: dict[str, Any] = {}
-        if hints[f.name] is bool:
+        kind = hints[f.name]
+        if kind is bool:
             extra = {"nargs": "?", "const": "true"}
-        if f.name in choices:
-            extra["choices"] = list(choices[f.name])
+        values = choices.get(f.name) or (typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ())
+        if values:
+            extra["choices"] = list(values)
         else:
             extra["metavar"] = f.name.upper()
         parser.add_argument(flag_name(f.name), dest=f.name, default=None, help=text, **extra)

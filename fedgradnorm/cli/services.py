@@ -32,8 +32,8 @@ def register_aggregator(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="run the aggregator service (holds omega and p, runs the FedGradNorm server step)",
         description="Every flag can also be set by the FEDGRADNORM_<NAME> environment variable.",
     )
-    cfgmod.add_flags(p, ServiceConfig, {"listen": "gRPC address HOST:PORT (port 0 picks a free one)"})
-    cfgmod.add_flags(p, CoordinatorConfig, {"rounds": "stop after this many rounds (0: never)"})
+    cfgmod.add_flags(p, ServiceConfig)
+    cfgmod.add_flags(p, CoordinatorConfig, choices={"dataset": ("radcom", "mtfl")})
     p.set_defaults(func=_aggregator)
 
 

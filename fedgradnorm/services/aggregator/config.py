@@ -3,37 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fedgradnorm.algorithm import ServerConfig, default_omega_tilde
-from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA
+from fedgradnorm.config import setting
+from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA, Algorithm
 from fedgradnorm.services.tls import ServerTLS
-from fedgradnorm.tasks import Federation, federation
 from fedgradnorm.wire import DEFAULT_CHUNK_BYTES, DTYPE_BY_NAME
+
+if TYPE_CHECKING:  # torch is loaded when a config is used, not when --help lists its fields
+    import torch
+
+    from fedgradnorm.algorithm import ServerConfig
+    from fedgradnorm.tasks import Federation
 
 WIRE_DTYPES = tuple(DTYPE_BY_NAME)
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    listen: str = "127.0.0.1:50051"
-    metrics_listen: str = "127.0.0.1:9464"  # "" disables the metrics endpoint
-    torch_threads: int = 0  # 0: torch's default (one per core)
-    health_listen: str = ""  # plaintext gRPC health service only, for probes; "" disables
-    state_dir: str = "aggregator-state"
-    metrics_log: str = ""  # JSON lines per round and node; default <state_dir>/metrics.jsonl
-    ready_file: str = ""  # written once serving: {"grpc_port": ..., "metrics_port": ...}
-    max_workers: int = 64
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    wire_dtype: str = "float32"
-    max_fetch_wait: float = 30.0
-    tls_cert: str = ""  # PEM certificate the aggregator presents
-    tls_key: str = ""
-    tls_client_ca: str = ""  # set: mutual TLS, every edge node must present a certificate signed by it
-    insecure: bool = False  # plaintext gRPC; only when asked for explicitly (logged as a warning)
+    listen: str = setting("127.0.0.1:50051", "gRPC address HOST:PORT (port 0 picks a free one)")
+    metrics_listen: str = setting("127.0.0.1:9464", "Prometheus /metrics address HOST:PORT; empty: no endpoint")
+    torch_threads: int = setting(0, "torch threads for the server step (0: one per core)")
+    health_listen: str = setting("", "plaintext gRPC health-only address HOST:PORT for probes; empty: none")
+    state_dir: str = setting("aggregator-state", "folder of the state file (committed atomically every round)")
+    metrics_log: str = setting("", "metrics.jsonl path (one line per round and node); empty: in --state-dir")
+    ready_file: str = setting("", "file written once serving, with the bound ports (for scripts)", hidden=True)
+    max_workers: int = setting(64, "gRPC worker threads beyond one FetchRound and one SubmitUpdate per node")
+    chunk_bytes: int = setting(DEFAULT_CHUNK_BYTES, "largest payload chunk, bytes (1 KiB to 3 MiB)")
+    wire_dtype: str = setting("float32", f"dtype of omega on the wire: one of {', '.join(WIRE_DTYPES)}")
+    max_fetch_wait: float = setting(30.0, "longest FetchRound long-poll, seconds")
+    tls_cert: str = setting("", "PEM certificate the aggregator presents (file)")
+    tls_key: str = setting("", "PEM private key of that certificate (file)")
+    tls_client_ca: str = setting("", "PEM CA of the edge nodes' certificates (file): set, mutual TLS")
+    insecure: bool = setting(False, "plaintext gRPC (no TLS); only for loopback tests and demos")
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in WIRE_DTYPES:
@@ -57,34 +60,41 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    dataset: str = "radcom"
-    algorithm: str = "fedgradnorm"
-    gamma: float = GAMMA
-    alpha: float = ALPHA
-    beta: float = BETA
-    omega_tilde: tuple[str, ...] = ()
-    tau_h: int = TAU_H
-    tau_omega: int = TAU_OMEGA
-    batch_size: int = BATCH_SIZE
-    min_nodes: int = 3
-    rounds: int = 0  # 0: train until stopped
-    round_timeout: float = 60.0
-    heartbeat_interval: float = 5.0
-    heartbeat_timeout: float = 30.0
-    seed: int = 0
-    max_nodes: int = 1024
-    enrollment_token: str = field(default="", repr=False)
-    register_burst: int = 5  # registration attempts per (peer, node name) before the rate applies
-    register_rate: float = 0.2  # refill per second of that bucket; failed enrolments share one per peer
-    new_node_burst: int = 64  # enrolments of new names per peer before new_node_rate applies
-    new_node_rate: float = 1.0  # new names per second and peer after the burst
-    departed_retention: float = 86400.0  # seconds a departed node's p, F_0 and identity are kept
-    max_departed: int = 1024  # departed nodes kept at most (the longest gone are forgotten first)
-    update_norm_factor: float = 1e4  # drop an update whose norm exceeds this x the round's median (0: off)
+    dataset: str = setting("radcom", "the federation this aggregator trains: radcom or mtfl")
+    algorithm: Algorithm = setting("fedgradnorm", "the server step: FedGradNorm's weights, or FedRep (p = 1)")
+    gamma: float = setting(GAMMA, "GradNorm's asymmetry gamma")
+    alpha: float = setting(ALPHA, "learning rate of the Adam on the weights p")
+    beta: float = setting(BETA, "learning rate of the Adam on omega (server) and of the nodes' local Adam")
+    omega_tilde: tuple[str, ...] = setting(
+        (), "comma-separated shared parameters of the gradient norm (empty: last layer)"
+    )
+    tau_h: int = setting(TAU_H, "local head updates per round (minibatches)")
+    tau_omega: int = setting(TAU_OMEGA, "local shared-network updates per round (minibatches)")
+    batch_size: int = setting(BATCH_SIZE, "minibatch of every local update (samples)")
+    min_nodes: int = setting(3, "live nodes needed before a round opens")
+    rounds: int = setting(0, "stop after this many rounds (0: train until stopped)")
+    round_timeout: float = setting(60.0, "how long a round waits for updates, seconds")
+    heartbeat_interval: float = setting(5.0, "heartbeat period the nodes are told, seconds")
+    heartbeat_timeout: float = setting(30.0, "a node silent this long is dropped, seconds")
+    seed: int = setting(0, "seed of omega's initialisation and of the nodes' batches")
+    max_nodes: int = setting(1024, "registered nodes at most")
+    enrollment_token: str = setting("", "shared secret a node must present to enrol (empty: none)", secret=True)
+    register_burst: int = setting(5, "registration attempts per (peer, node name) before the rate applies")
+    register_rate: float = setting(0.2, "registration attempts per second per (peer, name) after the burst")
+    new_node_burst: int = setting(64, "new node names per peer host before new_node_rate applies")
+    new_node_rate: float = setting(1.0, "new node names per second per peer host after the burst")
+    departed_retention: float = setting(86400.0, "how long a departed node's id, p and F_0 are kept, seconds")
+    max_departed: int = setting(1024, "departed nodes kept at most (the longest gone are forgotten first)")
+    update_norm_factor: float = setting(
+        1e4, "leave out an update whose norm is above this x the round's median (0: off)"
+    )
 
     def __post_init__(self) -> None:
+        from fedgradnorm.algorithm import ServerConfig
+        from fedgradnorm.tasks import federation
+
         federation(self.dataset)
-        ServerConfig(algorithm=self.algorithm, gamma=self.gamma, alpha=self.alpha, beta=self.beta)  # type: ignore[arg-type]
+        ServerConfig(algorithm=self.algorithm, gamma=self.gamma, alpha=self.alpha, beta=self.beta)
         if self.min_nodes < 1 or self.max_nodes < self.min_nodes:
             raise ValueError("need 1 <= min_nodes <= max_nodes")
         if self.round_timeout <= 0 or self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
@@ -100,6 +110,8 @@ class CoordinatorConfig:
 
     @property
     def federation(self) -> Federation:
+        from fedgradnorm.tasks import federation
+
         return federation(self.dataset)
 
     @property
@@ -107,8 +119,10 @@ class CoordinatorConfig:
         return self.federation.network
 
     def server_config(self, omega: Mapping[str, torch.Tensor]) -> ServerConfig:
+        from fedgradnorm.algorithm import ServerConfig, default_omega_tilde
+
         return ServerConfig(
-            algorithm=self.algorithm,  # type: ignore[arg-type]
+            algorithm=self.algorithm,
             gamma=self.gamma,
             alpha=self.alpha,
             beta=self.beta,
