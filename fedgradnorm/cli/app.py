@@ -110,6 +110,15 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 Command = Callable[[argparse.Namespace], int]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedgradnorm")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedgradnorm", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -123,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FEDGRADNORM_LOG_LEVEL", "info"),
         help="debug, info, warning, error [env FEDGRADNORM_LOG_LEVEL; default info]",
     )
+    parser.add_argument("--version", action="version", version=f"fedgradnorm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("simulate", help="run the in-process simulator (all clients and the server in one process)")
