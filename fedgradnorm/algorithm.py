@@ -243,7 +243,7 @@ def norm_outliers(norms: Mapping[str, float], factor: float) -> set[str]:
     values = sorted(norms.values())
     mid = len(values) // 2
     median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-    return {c for c, n in norms.items() if n > factor * median} if median > 0 else set()
+    return {c for c, n in norms.items() if n > factor * median}  # a zero median: only zero updates pass
 
 
 def renormalize(weights: Mapping[str, ClientWeight], active: Sequence[str]) -> dict[str, ClientWeight]:

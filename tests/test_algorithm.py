@@ -330,3 +330,14 @@ def test_client_step_later_round_uses_stored_initial_loss() -> None:
     res = client_step(shared, head, opt, nn.functional.cross_entropy, _batches(2), cfg, initial_loss=2.0)
     assert res.initial_loss == 2.0
     assert res.loss_ratio == pytest.approx(res.loss / 2.0)
+
+
+def test_the_norm_bound_leaves_out_absurd_updates_only() -> None:
+    from fedgradnorm.algorithm import norm_outliers
+
+    assert norm_outliers({"a": 1.0, "b": 2.0, "c": 3e4}, 1e4) == {"c"}  # 3e4 > 1e4 x the median 2
+    assert norm_outliers({"a": 1.0, "b": 2.0, "c": 1.9e4}, 1e4) == set()
+    assert norm_outliers({"a": 1.0, "b": 1e30}, 1e4) == set()  # two updates: no median to trust
+    assert norm_outliers({"a": 1.0, "b": 2.0, "c": 1e30}, 0) == set()  # off
+    assert norm_outliers({"a": 0.0, "b": 0.0, "c": 1e30}, 1e4) == {"c"}  # zero gradients (no-train nodes)
+    assert norm_outliers({"a": 0.0, "b": 0.0, "c": 0.0}, 1e4) == set()
