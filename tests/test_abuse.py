@@ -7,6 +7,7 @@ state, or let one session hold threads or memory that do not come back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.algorithm import ClientReport
 from fedgradnorm.reasons import Reason
@@ -243,11 +245,15 @@ def test_one_node_cannot_hold_many_fetch_streams(tmp_path: Path, procs: Processe
     flags = ["--dataset", "radcom", "--min-nodes", "1", "--round-timeout", "4", "--state-dir", str(tmp_path / "s")]
     agg, ready = aggregator_process(procs, tmp_path, flags)
     channel, stub = connect(ready["grpc_port"])
-    with channel:
+    with channel, contextlib.ExitStack() as stack:
         node = register(stub, "m", "modulation", dataset="radcom")
         threads_before = proc_status(agg.pid, "Threads")
         req = pb.FetchRoundRequest(node_id=node.node_id, session_token=node.token, wait_seconds=20)
-        streams = [stub.FetchRound(req, timeout=120) for _ in range(70)]
+        # A client that reads nothing: no BDP probing, so its receive window stays at 64 KiB and the
+        # aggregator's send of a 15.7 MB model really blocks (a grown window could take it whole).
+        greedy = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}", options=[("grpc.http2.bdp_probe", 0)])
+        stack.callback(greedy.close)
+        streams = [pb_grpc.AggregatorStub(greedy).FetchRound(req, timeout=120) for _ in range(70)]
         time.sleep(3)
         t0 = time.monotonic()
         assert health(ready["grpc_port"], timeout=5) == SERVING
