@@ -59,7 +59,6 @@ FROM deps-${WHEELS} AS deps
 FROM deps AS build
 COPY pyproject.toml README.md /src/
 COPY proto/ /src/proto/
-COPY services/ /src/services/
 COPY fedgradnorm/ /src/fedgradnorm/
 RUN pip wheel --no-index --no-deps --no-build-isolation --wheel-dir /dist /src
 

