@@ -30,6 +30,7 @@ class Reason(enum.StrEnum):
     NOT_PARTICIPANT = "not_participant"  # joined after the round opened: the next one
     DUPLICATE = "duplicate"  # a second update to the same round
     BUSY = "busy"  # another stream of the same kind of this node is in flight
+    REPLACED = "replaced"  # a newer FetchRound of the same node took over this one
     # Content of a request or update
     BAD_VALUE = "bad_value"
     BAD_TENSOR = "bad_tensor"

@@ -263,15 +263,9 @@ def test_one_node_cannot_hold_many_fetch_streams(tmp_path: Path, procs: Processe
         print(f"threads {threads_before} -> {threads} with 70 unread streams; health+GetState in {answered:.2f} s")
         assert answered < 5 and threads - threads_before < 30
 
-        def ended(s: Any) -> bool:
-            try:
-                for _ in s:
-                    pass
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.CANCELLED
-            return True
-
-        assert sum(ended(s) for s in streams[:-1]) == 69  # all replaced; they end without reading on
+        # The aggregator keeps the stream it saw last (not necessarily the last one sent) and cancels
+        # the others at once; the survivor, never read, is cut off at its round's deadline + 5 s.
+        # Nothing is read before that: reading the survivor would drain it.
         wait_until(
             lambda: (
                 metric(scrape(ready["metrics_port"]), "fedgradnorm_streams_cancelled_total", reason="deadline") >= 1
@@ -279,7 +273,17 @@ def test_one_node_cannot_hold_many_fetch_streams(tmp_path: Path, procs: Processe
             40,
             "the unread stream to be cut off at its deadline",
         )
-        assert ended(streams[-1])
+
+        def code(s: Any) -> grpc.StatusCode:
+            try:
+                for _ in s:
+                    pass
+            except grpc.RpcError as e:
+                return e.code()
+            return grpc.StatusCode.OK
+
+        codes = [code(s) for s in streams]  # replaced or cut off; one may have ended on its own (NOT_YET)
+        assert codes.count(grpc.StatusCode.CANCELLED) >= 69, codes
         s = scrape(ready["metrics_port"])
         assert metric(s, "fedgradnorm_streams_cancelled_total", reason="replaced") >= 69
         assert proc_status(agg.pid, "Threads") - threads_before < 30  # idle pool threads stay, bounded

@@ -161,8 +161,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
                 )
             except CoordinatorError as e:
                 _abort(context, e)
-            if stream.cancelled:
-                return
+            if stream.cancelled:  # replaced by a newer FetchRound of the node (or past its deadline)
+                refuse(context, grpc.StatusCode.CANCELLED, Reason.REPLACED, f"stream {stream.cancelled}")
             if ticket is None:
                 status = pb.ROUND_STATUS_FINISHED if self.coord.phase is Phase.DONE else pb.ROUND_STATUS_NOT_YET
                 yield pb.FetchRoundResponse(header=pb.RoundHeader(status=status, round=self.coord.round))
