@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fedgradnorm.algorithm import ServerConfig, default_omega_tilde
+from fedgradnorm.services.netcheck import check_host_port
 from fedgradnorm.services.tls import ServerTLS
 from fedgradnorm.tasks import Federation, federation
 from fedgradnorm.wire import DEFAULT_CHUNK_BYTES, DTYPE_BY_NAME
@@ -47,8 +48,15 @@ class ServiceConfig:
             raise ValueError(
                 "TLS needs tls_cert and tls_key (make them with `fedgradnorm certs`); set insecure=true for plaintext"
             )
-        if ":" not in self.listen:
-            raise ValueError(f"listen must be HOST:PORT, not {self.listen!r}")
+        check_host_port(self.listen, "listen (--listen, FEDGRADNORM_LISTEN)", listen=True)
+        if self.metrics_listen:
+            check_host_port(
+                self.metrics_listen, "metrics_listen (--metrics-listen, FEDGRADNORM_METRICS_LISTEN)", listen=True
+            )
+        if self.health_listen:
+            check_host_port(
+                self.health_listen, "health_listen (--health-listen, FEDGRADNORM_HEALTH_LISTEN)", listen=True
+            )
 
     def tls(self) -> ServerTLS:
         return ServerTLS(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca, insecure=self.insecure)

