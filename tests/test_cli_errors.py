@@ -15,7 +15,7 @@ import pytest
 
 from fedgradnorm.certs import make_certificates
 from fedgradnorm.errors import FatalError
-from fedgradnorm.launch import cli
+from fedgradnorm.launch import cli, client_tls_flags, start_aggregator
 from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
 from fedgradnorm.services.aggregator.server import start_aggregator as start_in_process
 from tests.faults_helpers import Processes, aggregator_process, safe_structlog
@@ -122,3 +122,85 @@ def test_state_without_a_port_names_the_flag() -> None:
         "fedgradnorm state: error: --aggregator must be HOST:PORT (e.g. 127.0.0.1:50051; IPv6 as [::1]:50051), "
         "not 'localhost' (without a port gRPC dials port 443)"
     )
+
+
+# -- a misconfigured edge node --------------------------------------------------------------------
+
+NODE = ["--dataset", "radcom", "--task", "modulation", "--synthetic-size", "10", "--torch-threads", "1"]
+
+
+def test_an_edge_node_without_a_port_stops_at_once_naming_the_flag(tmp_path: Path) -> None:
+    rc, line, seconds = run_cli("edge-node", "--aggregator", "localhost", "--insecure", "true", *NODE)
+    assert rc == 2
+    assert line == (
+        "fedgradnorm edge-node: error: invalid EdgeConfig: aggregator (--aggregator, FEDGRADNORM_AGGREGATOR) "
+        "must be HOST:PORT (e.g. 127.0.0.1:50051; IPv6 as [::1]:50051), not 'localhost' "
+        "(without a port gRPC dials port 443)"
+    )
+    assert seconds < 30
+
+
+@pytest.fixture
+def tls_aggregator(procs: Processes, tmp_path: Path, certs: Path) -> str:
+    proc, ready = start_aggregator(tmp_path, ["--dataset", "radcom", "--state-dir", str(tmp_path / "agg")], certs=certs)
+    procs.add(proc)
+    return f"127.0.0.1:{ready['grpc_port']}"
+
+
+def test_an_edge_node_with_the_wrong_tls_server_name_stops(tls_aggregator: str, certs: Path, tmp_path: Path) -> None:
+    flags = [*client_tls_flags(certs)[:-1], "wrong.example"]  # --tls-server-name wrong.example
+    rc, line, seconds = run_cli(
+        "edge-node", "--aggregator", tls_aggregator, "--state-dir", str(tmp_path / "n"), *flags, *NODE
+    )
+    assert rc == 2
+    assert line.startswith(
+        f"fedgradnorm edge-node: error: cannot connect to the aggregator at {tls_aggregator} over TLS (5 attempts): "
+        "the aggregator's certificate does not carry the name this node checks: set --tls-server-name"
+    ), line
+    assert "Hostname Verification Check failed" in line
+    assert seconds < 30
+
+
+def test_a_plaintext_edge_node_against_a_tls_aggregator_stops(tls_aggregator: str, tmp_path: Path) -> None:
+    rc, line, seconds = run_cli(
+        "edge-node", "--aggregator", tls_aggregator, "--state-dir", str(tmp_path / "n"), "--insecure", "true", *NODE
+    )
+    assert rc == 2
+    assert line.startswith(
+        f"fedgradnorm edge-node: error: cannot connect to the aggregator at {tls_aggregator} over TLS (5 attempts): "
+        "the aggregator speaks TLS and this node plaintext: give --tls-ca (and --tls-cert/--tls-key)"
+    ), line
+    assert seconds < 30
+
+
+def test_an_edge_node_with_a_certificate_of_another_ca_stops(
+    tls_aggregator: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, certs: Path
+) -> None:
+    rogue = tmp_path_factory.mktemp("rogue")
+    make_certificates(rogue)
+    flags = ["--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(rogue / "client.pem")]
+    flags += ["--tls-key", str(rogue / "client.key"), "--tls-server-name", "localhost"]
+    rc, line, seconds = run_cli(
+        "edge-node", "--aggregator", tls_aggregator, "--state-dir", str(tmp_path / "n"), *flags, *NODE
+    )
+    assert rc == 2
+    assert line.startswith(
+        f"fedgradnorm edge-node: error: cannot connect to the aggregator at {tls_aggregator} over TLS (5 attempts): "
+        "the aggregator closed the connection after the TLS handshake: it refused this node's client certificate; "
+        "give --tls-cert/--tls-key signed by the CA the aggregator trusts (its --tls-client-ca)"
+    ), line
+    assert seconds < 30
+
+
+def test_an_edge_node_keeps_retrying_an_aggregator_that_is_away(tmp_path: Path) -> None:
+    """Connection refused is not a misconfiguration: the node keeps trying, and says where it dials."""
+    address = f"127.0.0.1:{free_port()}"
+    argv = cli("edge-node", "--aggregator", address, "--state-dir", str(tmp_path / "n"), "--insecure", "true", *NODE)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(12)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f'"target": "{address}"' in err and "Connection refused" in err, err[-3000:]
