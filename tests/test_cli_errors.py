@@ -48,7 +48,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_second_aggregator_on_the_same_grpc_port_says_so(procs: Processes, tmp_path: Path) -> None:
-    _, ready = aggregator_process(procs, tmp_path, ["--dataset", "mtfl"])
+    _, ready = aggregator_process(procs, tmp_path, ["--dataset", "mtfl", "--state-dir", str(tmp_path / "a")])
     address = f"127.0.0.1:{ready['grpc_port']}"
     rc, line, _ = run_cli(
         "aggregator", "--insecure", "true", "--state-dir", str(tmp_path / "b"), "--listen", address,
@@ -62,7 +62,7 @@ def test_a_second_aggregator_on_the_same_grpc_port_says_so(procs: Processes, tmp
 
 
 def test_a_second_aggregator_on_the_same_metrics_port_says_so(procs: Processes, tmp_path: Path) -> None:
-    _, ready = aggregator_process(procs, tmp_path, ["--dataset", "mtfl"])
+    _, ready = aggregator_process(procs, tmp_path, ["--dataset", "mtfl", "--state-dir", str(tmp_path / "a")])
     address = f"127.0.0.1:{ready['metrics_port']}"
     rc, line, _ = run_cli(
         "aggregator", "--insecure", "true", "--state-dir", str(tmp_path / "b"), "--listen", "127.0.0.1:0",
@@ -204,3 +204,21 @@ def test_an_edge_node_keeps_retrying_an_aggregator_that_is_away(tmp_path: Path) 
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert f'"target": "{address}"' in err and "Connection refused" in err, err[-3000:]
+
+
+# -- the enrolment token --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", ["change-me-before-deploying", " CHANGE-ME "])
+def test_the_aggregator_refuses_the_placeholder_enrolment_token(tmp_path: Path, token: str) -> None:
+    rc, line, _ = run_cli(
+        "aggregator", "--insecure", "true", "--state-dir", str(tmp_path), "--metrics-listen", "",
+        env={"FEDGRADNORM_ENROLLMENT_TOKEN": token},
+    )  # fmt: skip
+    assert rc == 2
+    assert line == (
+        "fedgradnorm aggregator: error: invalid CoordinatorConfig: the enrolment token (FEDGRADNORM_ENROLLMENT_TOKEN "
+        f"or --enrollment-token) is the placeholder {token!r}, public in the manifests' history: set a random one, "
+        "e.g. $(openssl rand -hex 32) (docs/operations.md, 'Rotate the enrollment token')"
+    )
+    assert not (tmp_path / "aggregator-state.pt").exists()

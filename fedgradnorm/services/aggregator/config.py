@@ -16,6 +16,11 @@ from fedgradnorm.wire import DEFAULT_CHUNK_BYTES, DTYPE_BY_NAME
 
 WIRE_DTYPES = tuple(DTYPE_BY_NAME)
 
+# Enrolment tokens known to the world: the placeholder the Kubernetes manifests shipped until they
+# stopped shipping the Secret (commit 38f06f2), and its common spellings. The aggregator refuses
+# them (no override: a deployment that forgot to set the Secret must not start open to anyone).
+PLACEHOLDER_TOKENS = frozenset({"change-me-before-deploying", "change-me", "changeme", "replace-me", "placeholder"})
+
 
 @dataclass(frozen=True)
 class ServiceConfig:
@@ -102,6 +107,12 @@ class CoordinatorConfig:
             raise ValueError("departed_retention and max_departed must be non-negative")
         if not (self.update_norm_factor == 0 or self.update_norm_factor >= 1):
             raise ValueError("update_norm_factor must be 0 (off) or at least 1")
+        if self.enrollment_token.strip().lower() in PLACEHOLDER_TOKENS:
+            raise ValueError(
+                f"the enrolment token (FEDGRADNORM_ENROLLMENT_TOKEN or --enrollment-token) is the placeholder "
+                f"{self.enrollment_token!r}, public in the manifests' history: set a random one, "
+                "e.g. $(openssl rand -hex 32) (docs/operations.md, 'Rotate the enrollment token')"
+            )
         if self.tau_h < 0 or self.tau_omega < 1 or self.batch_size < 1 or self.rounds < 0:
             raise ValueError("need tau_h >= 0, tau_omega >= 1, batch_size >= 1, rounds >= 0")
 
