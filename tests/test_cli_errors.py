@@ -154,7 +154,7 @@ def test_an_edge_node_with_the_wrong_tls_server_name_stops(tls_aggregator: str, 
     )
     assert rc == 2
     assert line.startswith(
-        f"fedgradnorm edge-node: error: cannot connect to the aggregator at {tls_aggregator} over TLS (5 attempts): "
+        f"fedgradnorm edge-node: error: cannot connect to the aggregator at {tls_aggregator}, TLS does not match (5 attempts): "
         "the aggregator's certificate does not carry the name this node checks: set --tls-server-name"
     ), line
     assert "Hostname Verification Check failed" in line
@@ -167,7 +167,7 @@ def test_a_plaintext_edge_node_against_a_tls_aggregator_stops(tls_aggregator: st
     )
     assert rc == 2
     assert line.startswith(
-        f"fedgradnorm edge-node: error: cannot connect to the aggregator at {tls_aggregator} over TLS (5 attempts): "
+        f"fedgradnorm edge-node: error: cannot connect to the aggregator at {tls_aggregator}, TLS does not match (5 attempts): "
         "the aggregator speaks TLS and this node plaintext: give --tls-ca (and --tls-cert/--tls-key)"
     ), line
     assert seconds < 30
@@ -185,7 +185,7 @@ def test_an_edge_node_with_a_certificate_of_another_ca_stops(
     )
     assert rc == 2
     assert line.startswith(
-        f"fedgradnorm edge-node: error: cannot connect to the aggregator at {tls_aggregator} over TLS (5 attempts): "
+        f"fedgradnorm edge-node: error: cannot connect to the aggregator at {tls_aggregator}, TLS does not match (5 attempts): "
         "the aggregator closed the connection after the TLS handshake: it refused this node's client certificate; "
         "give --tls-cert/--tls-key signed by the CA the aggregator trusts (its --tls-client-ca)"
     ), line

@@ -172,7 +172,7 @@ class EdgeNode:
                 )
                 if hint and tls_failures >= TLS_FAILURES_FATAL:
                     raise EdgeNodeError(
-                        f"cannot connect to the aggregator at {self.config.aggregator} over TLS "
+                        f"cannot connect to the aggregator at {self.config.aggregator}, TLS does not match "
                         f"({tls_failures} attempts): {hint}; gRPC: {details}"
                     ) from None
                 if self.stop_event.wait(delay * (0.5 + random.random() / 2)):
