@@ -20,24 +20,63 @@ from fedgradnorm.report import final_table
 from fedgradnorm.tasks import federation
 
 
-def _format_round(records: list[dict[str, Any]]) -> str:
+def _format_round(records: list[dict[str, Any]], rounds: int = 0, eta: float | None = None) -> str:
     parts = []
     for r in sorted(records, key=lambda r: r["task"]):
         metric = r.get("test_metric")
         value = f" {metric[:3]}={r[metric]:.3f}" if metric and r.get(metric) is not None else ""
         parts.append(f"{r['task']}: p={r['weight']:.3f} loss={r['train_loss']:.3f}{value}")
-    return f"round {records[0]['round']:>3} | " + " | ".join(parts)
+    k = records[0]["round"]
+    head = f"round {k + 1:>3}/{rounds}" if rounds else f"round {k:>3}"
+    tail = f" | ETA {eta:.0f} s" if eta is not None else ""
+    return f"{head} | " + " | ".join(parts) + tail
 
 
-def follow_rounds(metrics: Path, seen: int, expected_per_round: int) -> int:
-    """Print every complete round in ``metrics`` past line ``seen``; return the new line count."""
-    if not metrics.exists():
-        return seen
-    lines = metrics.read_text().splitlines()
-    complete = len(lines) - len(lines) % expected_per_round if expected_per_round else len(lines)
-    for start in range(seen, complete, expected_per_round):
-        print(_format_round([json.loads(x) for x in lines[start : start + expected_per_round]]), flush=True)
-    return max(seen, complete)
+class Progress:
+    """What the demo is waiting for, and round i/N with an ETA from the rounds so far."""
+
+    def __init__(self, rounds: int, nodes: list[ServiceProcess]) -> None:
+        self.rounds, self.nodes = rounds, nodes
+        self.t0 = time.monotonic()
+        self.first_round: float | None = None  # when round 0 was printed
+        self.done = 0
+        self.last_wait = ""
+        self.last_wait_at = 0.0
+
+    def eta(self) -> float | None:
+        if self.first_round is None or self.done < 2 or not self.rounds:
+            return None
+        per_round = (time.monotonic() - self.first_round) / (self.done - 1)
+        return per_round * max(0, self.rounds - self.done)
+
+    def waiting(self) -> None:
+        """Before round 0: how many edge nodes have registered, every 10 s or when it changes."""
+        if self.first_round is not None:
+            return
+        registered = sum('"node.registered"' in p.log_text() for p in self.nodes)
+        what = (
+            f"{registered}/{len(self.nodes)} edge nodes registered (each loads its data set first)"
+            if registered < len(self.nodes)
+            else "round 0 (every node trains, then the aggregator steps)"
+        )
+        now = time.monotonic()
+        if what != self.last_wait or now - self.last_wait_at >= 10:
+            print(f"  waiting for {what}... {now - self.t0:.0f} s", flush=True)
+            self.last_wait, self.last_wait_at = what, now
+
+    def follow(self, metrics: Path, seen: int, per_round: int) -> int:
+        """Print every complete round in ``metrics`` past line ``seen``; return the new line count."""
+        if not metrics.exists():
+            return seen
+        lines = metrics.read_text().splitlines()
+        complete = len(lines) - len(lines) % per_round if per_round else len(lines)
+        for start in range(seen, complete, per_round):
+            self.done += 1
+            if self.first_round is None:
+                self.first_round = time.monotonic()
+            records = [json.loads(x) for x in lines[start : start + per_round]]
+            print(_format_round(records, self.rounds, self.eta()), flush=True)
+        return max(seen, complete)
 
 
 def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_size: int, certs: Path) -> Path:
@@ -48,6 +87,7 @@ def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_
     tasks = federation("radcom").task_names
     common = ["--seed", str(seed)]
     procs: list[ServiceProcess] = []
+    print(f"\n== {algorithm}: starting the aggregator (loads torch, builds the model)...", flush=True)
     agg, ready = start_aggregator(
         out,
         [
@@ -70,8 +110,8 @@ def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_
     procs.append(agg)
     try:
         print(
-            f"\n== {algorithm}: aggregator on 127.0.0.1:{ready['grpc_port']} (metrics :{ready['metrics_port']}), "
-            f"edge nodes {', '.join(tasks)}; mutual TLS",
+            f"== {algorithm}: aggregator on 127.0.0.1:{ready['grpc_port']} (metrics :{ready['metrics_port']}), "
+            f"starting edge nodes {', '.join(tasks)}; mutual TLS; {rounds} rounds",
             flush=True,
         )
         for task in tasks:
@@ -86,14 +126,17 @@ def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_
                 )
             )
         seen = 0
+        progress = Progress(rounds, procs[1:])
         while any(p.alive() for p in procs[1:]):
-            seen = follow_rounds(metrics, seen, len(tasks))
+            progress.waiting()
+            seen = progress.follow(metrics, seen, len(tasks))
             dead = [p for p in procs if p.proc is not None and p.proc.poll() not in (None, 0)]
             if dead:
                 raise RuntimeError(f"{dead[0].name} failed:\n{dead[0].log_text()[-3000:]}")
             time.sleep(0.2)
-        follow_rounds(metrics, seen, len(tasks))
+        progress.follow(metrics, seen, len(tasks))
     finally:
+        print(f"== {algorithm}: stopping its aggregator and edge nodes", flush=True)
         for p in reversed(procs):
             p.stop()
     return metrics

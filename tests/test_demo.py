@@ -27,3 +27,9 @@ def test_the_demo_runs_both_algorithms_over_mutual_tls(tmp_path: Path) -> None:
             if algorithm == "fedrep":
                 assert weights == [1.0, 1.0, 1.0]
     assert "plot:" in res.stdout and "modulation" in res.stdout
+    # Progress: what it waits for before round 0, then round i/N with an ETA, for each algorithm.
+    for algorithm in ("fedgradnorm", "fedrep"):
+        assert f"== {algorithm}: starting the aggregator" in res.stdout
+    assert res.stdout.count("  waiting for ") >= 2, res.stdout
+    assert res.stdout.count("round   1/2 | ") == 2 and res.stdout.count("round   2/2 | ") == 2, res.stdout
+    assert res.stdout.count("| ETA 0 s") == 2, res.stdout

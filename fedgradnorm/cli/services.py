@@ -15,6 +15,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from fedgradnorm import config as cfgmod
+from fedgradnorm.errors import FatalError
 
 
 def _aggregator(args: argparse.Namespace) -> int:
@@ -84,23 +85,52 @@ def _scalar(f: FieldDescriptor, value: Any) -> Any:
 
 
 def _state(args: argparse.Namespace) -> int:
+    import grpc
+
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+    from fedgradnorm.services.netcheck import check_host_port
     from fedgradnorm.services.tls import ClientTLS
 
+    check_host_port(args.aggregator, "--aggregator")
     tls = cfgmod.build(ClientTLSFlags, args)
     tls_config = ClientTLS(
         ca=tls.tls_ca, cert=tls.tls_cert, key=tls.tls_key, server_name=tls.tls_server_name, insecure=tls.insecure
     )
     with tls_config.channel(args.aggregator, []) as channel:
         stub = pb_grpc.AggregatorStub(channel)
-        state = stub.GetState(pb.GetStateRequest(), timeout=args.timeout)
-        while state.next_page_token:  # every node, however many pages they take
-            page = stub.GetState(pb.GetStateRequest(page_token=state.next_page_token), timeout=args.timeout)
-            state.nodes.extend(page.nodes)
-            state.next_page_token = page.next_page_token
+        try:
+            state = stub.GetState(pb.GetStateRequest(), timeout=args.timeout)
+            while state.next_page_token:  # every node, however many pages they take
+                page = stub.GetState(pb.GetStateRequest(page_token=state.next_page_token), timeout=args.timeout)
+                state.nodes.extend(page.nodes)
+                state.next_page_token = page.next_page_token
+        except grpc.RpcError as e:
+            raise FatalError(_state_failure(args.aggregator, args.timeout, tls, e)) from None
     print(json.dumps(plain(state), indent=2))
     return 0
+
+
+def _state_failure(address: str, timeout: float, tls: ClientTLSFlags, e: Any) -> str:
+    """One line for a GetState that failed: the address, gRPC's reason, what to check."""
+    import grpc
+
+    from fedgradnorm.services.netcheck import closed_on_connect, probe_tls, tls_failure, tls_hint
+
+    code, details = e.code(), e.details() or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer from the aggregator at {address} within {timeout:g} s (--timeout): {details}"
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return f"the aggregator at {address} answered {code.name}: {details}"
+    if tls_failure(details):
+        return f"TLS with the aggregator at {address} failed: {details}; {tls_hint(details)}"
+    if closed_on_connect(details):
+        hint = probe_tls(address, insecure=tls.insecure, ca=tls.tls_ca, cert=tls.tls_cert, key=tls.tls_key)
+        if hint:
+            return f"the aggregator at {address} closed the connection: {hint}"
+    if "refused" in details.lower():
+        return f"cannot reach the aggregator at {address}: connection refused (is it running? check --aggregator)"
+    return f"cannot reach the aggregator at {address}: {details}"
 
 
 def register_state(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

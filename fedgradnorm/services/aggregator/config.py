@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedgradnorm.config import setting
 from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA, Algorithm
+from fedgradnorm.services.netcheck import check_host_port
 from fedgradnorm.services.tls import ServerTLS
 from fedgradnorm.wire import DEFAULT_CHUNK_BYTES, DTYPE_BY_NAME
 
@@ -18,6 +19,11 @@ if TYPE_CHECKING:  # torch is loaded when a config is used, not when --help list
     from fedgradnorm.tasks import Federation
 
 WIRE_DTYPES = tuple(DTYPE_BY_NAME)
+
+# Enrolment tokens known to the world: the placeholder the Kubernetes manifests shipped until they
+# stopped shipping the Secret (commit 38f06f2), and its common spellings. The aggregator refuses
+# them (no override: a deployment that forgot to set the Secret must not start open to anyone).
+PLACEHOLDER_TOKENS = frozenset({"change-me-before-deploying", "change-me", "changeme", "replace-me", "placeholder"})
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,15 @@ class ServiceConfig:
             raise ValueError(
                 "TLS needs tls_cert and tls_key (make them with `fedgradnorm certs`); set insecure=true for plaintext"
             )
-        if ":" not in self.listen:
-            raise ValueError(f"listen must be HOST:PORT, not {self.listen!r}")
+        check_host_port(self.listen, "listen (--listen, FEDGRADNORM_LISTEN)", listen=True)
+        if self.metrics_listen:
+            check_host_port(
+                self.metrics_listen, "metrics_listen (--metrics-listen, FEDGRADNORM_METRICS_LISTEN)", listen=True
+            )
+        if self.health_listen:
+            check_host_port(
+                self.health_listen, "health_listen (--health-listen, FEDGRADNORM_HEALTH_LISTEN)", listen=True
+            )
 
     def tls(self) -> ServerTLS:
         return ServerTLS(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca, insecure=self.insecure)
@@ -105,6 +118,12 @@ class CoordinatorConfig:
             raise ValueError("departed_retention and max_departed must be non-negative")
         if not (self.update_norm_factor == 0 or self.update_norm_factor >= 1):
             raise ValueError("update_norm_factor must be 0 (off) or at least 1")
+        if self.enrollment_token.strip().lower() in PLACEHOLDER_TOKENS:
+            raise ValueError(
+                f"the enrolment token (FEDGRADNORM_ENROLLMENT_TOKEN or --enrollment-token) is the placeholder "
+                f"{self.enrollment_token!r}, public in the manifests' history: set a random one, "
+                "e.g. $(openssl rand -hex 32) (docs/operations.md, 'Rotate the enrollment token')"
+            )
         if self.tau_h < 0 or self.tau_omega < 1 or self.batch_size < 1 or self.rounds < 0:
             raise ValueError("need tau_h >= 0, tau_omega >= 1, batch_size >= 1, rounds >= 0")
 

@@ -10,6 +10,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import structlog
@@ -21,6 +22,7 @@ from prometheus_client import start_http_server
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm.atomic import atomic_write_text
+from fedgradnorm.errors import FatalError
 from fedgradnorm.services.aggregator.codec import WireCodec
 from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
 from fedgradnorm.services.aggregator.coordinator import RoundCoordinator
@@ -29,6 +31,7 @@ from fedgradnorm.services.aggregator.roundlog import RoundLog
 from fedgradnorm.services.aggregator.servicer import AggregatorServicer
 from fedgradnorm.services.aggregator.store import FileStateStore
 from fedgradnorm.services.domain import Phase
+from fedgradnorm.services.netcheck import bind_error, os_reason
 
 log = structlog.get_logger("fedgradnorm.aggregator")
 
@@ -49,6 +52,29 @@ def _split_host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _cannot_listen(address: str, flag: str, cause: OSError | str) -> str:
+    if isinstance(cause, OSError):
+        cause = os_reason(cause)
+    hint = f"stop the other process or give another {flag} (port 0 picks a free one)"
+    if flag == "--metrics-listen":
+        hint += ', or --metrics-listen "" to serve no metrics'
+    return f"cannot listen on {address} ({flag}): {cause}; {hint}"
+
+
+def _bind(server: grpc.Server, address: str, flag: str, creds: grpc.ServerCredentials | None) -> int:
+    """Bind ``address`` (gRPC binds when the port is added); FatalError with the system's reason if it cannot."""
+    cause = bind_error(address)  # first, so that gRPC's own log line does not precede the error
+    if cause is None:
+        try:
+            port: int = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError:  # grpc: "Failed to bind to address ...", without the reason
+            port = 0
+        if port:
+            return port
+        cause = bind_error(address) or "gRPC could not bind it"
+    raise FatalError(_cannot_listen(address, flag, cause))
+
+
 @dataclass
 class RunningAggregator:
     server: grpc.Server
@@ -60,12 +86,16 @@ class RunningAggregator:
     health_port: int | None = None
     health_server: grpc.Server | None = None
     servicer: AggregatorServicer | None = None
+    metrics_httpd: WSGIServer | None = None
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        if self.metrics_httpd is not None:
+            self.metrics_httpd.shutdown()
+            self.metrics_httpd.server_close()
         self.coordinator.stop()
         if self.servicer is not None:
             self.servicer.streams.close()
@@ -97,44 +127,50 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     creds = service.tls().credentials()
-    port = server.add_secure_port(service.listen, creds) if creds else server.add_insecure_port(service.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {service.listen}")
-    health_server, health_port = None, None
-    if service.health_listen:
-        # Plaintext, health service only: for probes (the kubelet's gRPC probes cannot speak TLS).
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[WireCodec()])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_port = health_server.add_insecure_port(service.health_listen)
-        if health_port == 0:
-            raise OSError(f"cannot listen on {service.health_listen}")
-        health_server.start()
-    metrics_port = None
-    if service.metrics_listen:
-        host, mport = _split_host_port(service.metrics_listen)  # plaintext HTTP: scraped inside the cluster
-        httpd, _ = start_http_server(mport, addr=host, registry=metrics.registry)
-        metrics_port = httpd.server_port
-    server.start()
-    log.info(
-        "aggregator.listening",
-        grpc_port=port,
-        metrics_port=metrics_port,
-        state=store.describe(),
-        tls="off" if creds is None else ("mutual" if service.tls_client_ca else "server"),
-    )
-
+    # The side ports first and the gRPC port last: a gRPC server releases a bound port only once
+    # started, so every port bound before a failure belongs to something that can be stopped.
+    health_server, health_port, httpd, metrics_port = None, None, None, None
     try:
+        if service.metrics_listen:
+            host, mport = _split_host_port(service.metrics_listen)  # plaintext HTTP: scraped inside the cluster
+            try:
+                httpd, _ = start_http_server(mport, addr=host, registry=metrics.registry)
+            except OSError as e:
+                raise FatalError(_cannot_listen(service.metrics_listen, "--metrics-listen", e)) from e
+            metrics_port = httpd.server_port
+        if service.health_listen:
+            # Plaintext, health service only: for probes (the kubelet's gRPC probes cannot speak TLS).
+            health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[WireCodec()])
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+            health_port = _bind(health_server, service.health_listen, "--health-listen", None)
+            health_server.start()
+        port = _bind(server, service.listen, "--listen", creds)
+        server.start()
+        log.info(
+            "aggregator.listening",
+            grpc_port=port,
+            metrics_port=metrics_port,
+            state=store.describe(),
+            tls="off" if creds is None else ("mutual" if service.tls_client_ca else "server"),
+        )
         coordinator.load()  # or initialise the state; raises StateError on a corrupt one
         round_log.reconcile(coordinator.last_round_records)
         coordinator.start()
     except BaseException:
-        server.stop(0)
+        # Nothing stays bound or running: the ports are free again for the next attempt.
+        server.stop(0).wait()
+        if health_server is not None:
+            health_server.stop(0).wait()
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        coordinator.stop()
         raise
     metrics.round.set(coordinator.round)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningAggregator(
-        server, coordinator, health_servicer, metrics, port, metrics_port, health_port, health_server, servicer
+        server, coordinator, health_servicer, metrics, port, metrics_port, health_port, health_server, servicer, httpd
     )
     threading.Thread(target=_watch_halt, args=(running,), name="health-watch", daemon=True).start()
     if service.ready_file:

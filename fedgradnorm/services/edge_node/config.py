@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from fedgradnorm.services.netcheck import check_host_port
 from fedgradnorm.services.tls import ClientTLS
 from fedgradnorm.tasks import federation
 
@@ -35,6 +36,11 @@ class EdgeConfig:
     insecure: bool = False  # plaintext gRPC; only when asked for explicitly (logged as a warning)
 
     def __post_init__(self) -> None:
+        check_host_port(self.aggregator, "aggregator (--aggregator, FEDGRADNORM_AGGREGATOR)")
+        if self.metrics_listen:
+            check_host_port(
+                self.metrics_listen, "metrics_listen (--metrics-listen, FEDGRADNORM_METRICS_LISTEN)", listen=True
+            )
         fed = federation(self.dataset)
         if self.task not in fed.task_names:
             raise ValueError(f"task {self.task!r} is not a {self.dataset} task; tasks: {list(fed.task_names)}")

@@ -7,6 +7,7 @@ import signal
 import structlog
 from prometheus_client import start_http_server
 
+from fedgradnorm.errors import FatalError
 from fedgradnorm.services.edge_node.config import EdgeConfig
 from fedgradnorm.services.edge_node.node import EdgeNode
 
@@ -24,7 +25,14 @@ def serve_edge_node(config: EdgeConfig, max_rounds: int = 0) -> int:
     signal.signal(signal.SIGINT, _stop)
     if config.metrics_listen:
         host, _, port = config.metrics_listen.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=node.metrics.registry)
+        try:
+            start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=node.metrics.registry)
+        except OSError as e:
+            node.channel.close()
+            raise FatalError(
+                f"cannot listen on {config.metrics_listen} (--metrics-listen): {(e.strerror or str(e)).lower()}; "
+                'give another --metrics-listen, or "" to serve no metrics'
+            ) from e
     rounds = node.run(max_rounds=max_rounds)
     log.info("node.done", rounds=rounds)
     return 0

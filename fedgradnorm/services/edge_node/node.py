@@ -30,7 +30,7 @@ from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load
 from fedgradnorm.errors import FatalError
 from fedgradnorm.models import build_shared
 from fedgradnorm.reasons import Reason
-from fedgradnorm.services import serde
+from fedgradnorm.services import netcheck, serde
 from fedgradnorm.services.domain import Submission
 from fedgradnorm.services.edge_node.config import EdgeConfig
 from fedgradnorm.services.edge_node.store import Identity, NodeStateError, NodeStore
@@ -41,6 +41,7 @@ log = structlog.get_logger("fedgradnorm.edge_node")
 T = TypeVar("T")
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+TLS_FAILURES_FATAL = 5  # consecutive TLS failures before the node gives up (see _retry)
 REJOIN = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
 CHANNEL_OPTIONS: list[tuple[str, object]] = [
     ("grpc.max_receive_message_length", 4 << 20),
@@ -140,8 +141,13 @@ class EdgeNode:
     # -- connection ---------------------------------------------------------------------------
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
-        """Call until it succeeds or the node is stopped; back off while the aggregator is away."""
+        """Call until it succeeds or the node is stopped; back off while the aggregator is away.
+
+        A TLS misconfiguration (wrong server name or CA, plaintext against TLS, a refused client
+        certificate) looks like an aggregator that is away, but no retry fixes it: after
+        TLS_FAILURES_FATAL such failures in a row the node stops with what to check."""
         delay = 0.2
+        tls_failures = 0
         while True:
             try:
                 result = call()
@@ -150,12 +156,39 @@ class EdgeNode:
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE or self.stop_event.is_set():
                     raise
+                details = e.details() or ""
+                hint = self._tls_problem(details) if e.code() == grpc.StatusCode.UNAVAILABLE else None
+                tls_failures = tls_failures + 1 if hint else 0
                 self.metrics.connected.set(0)
                 self.metrics.reconnects.inc()
-                log.warning("aggregator.unreachable", call=what, code=e.code().name, retry_in=round(delay, 2))
+                log.warning(
+                    "aggregator.unreachable",
+                    call=what,
+                    target=self.config.aggregator,
+                    code=e.code().name,
+                    details=details,
+                    retry_in=round(delay, 2),
+                    **({"tls_problem": hint} if hint else {}),
+                )
+                if hint and tls_failures >= TLS_FAILURES_FATAL:
+                    raise EdgeNodeError(
+                        f"cannot connect to the aggregator at {self.config.aggregator}, TLS does not match "
+                        f"({tls_failures} attempts): {hint}; gRPC: {details}"
+                    ) from None
                 if self.stop_event.wait(delay * (0.5 + random.random() / 2)):
                     raise
                 delay = min(delay * 2, self.config.max_backoff)
+
+    def _tls_problem(self, details: str) -> str | None:
+        """What to check if ``details`` shows a TLS misconfiguration, else None."""
+        if netcheck.tls_failure(details):
+            return netcheck.tls_hint(details)
+        if netcheck.closed_on_connect(details):
+            cfg = self.config
+            return netcheck.probe_tls(
+                cfg.aggregator, insecure=cfg.insecure, ca=cfg.tls_ca, cert=cfg.tls_cert, key=cfg.tls_key
+            )
+        return None
 
     def register(self) -> Session:
         cfg = self.config
