@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # The simulator's flags: one per field of SimulationConfig (each also a FEDGRADNORM_* variable).
 SIMULATION_HELP = {
-    "dataset": "federation",
+    "dataset": "the federation to simulate: RadCom (Network 2) or MTFL (Network 1)",
     "data": "real data: RadComDynamic .hdf5 file or unzipped MTFL folder (default: a synthetic set from --seed)",
     "algorithm": "the server step",
     "rounds": "global rounds K",
@@ -165,13 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--samples-per-key", type=int, default=700, help="samples per (modulation, signal, SNR); 700 as published"
     )
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="seed of the generator (default 0)")
     r.set_defaults(func=cmd_datasets)
     m = ds.add_parser("mtfl", help="MTFL-format folder (images and training.txt / testing.txt)")
     m.add_argument("--out", required=True, help="folder to write")
-    m.add_argument("--n-train", type=int, default=10000)
-    m.add_argument("--n-test", type=int, default=3000)
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--n-train", type=int, default=10000, help="training faces (default 10000)")
+    m.add_argument("--n-test", type=int, default=3000, help="test faces (default 3000)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the generator (default 0)")
     m.set_defaults(func=cmd_datasets)
 
     for register in _service_commands():

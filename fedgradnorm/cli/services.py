@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -16,6 +15,7 @@ from google.protobuf.message import Message
 
 from fedgradnorm import config as cfgmod
 from fedgradnorm.errors import FatalError
+from fedgradnorm.services.tls import ClientTLSSettings
 
 
 def _aggregator(args: argparse.Namespace) -> int:
@@ -53,7 +53,7 @@ def register_edge_node(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="run an edge node: one task's client loop against an aggregator",
         description="Every flag can also be set by the FEDGRADNORM_<NAME> environment variable.",
     )
-    cfgmod.add_flags(p, EdgeConfig)
+    cfgmod.add_flags(p, EdgeConfig, choices={"dataset": ("radcom", "mtfl")})
     p.add_argument("--max-rounds", type=int, default=0, help="leave after this many rounds (0: until the end)")
     p.set_defaults(func=_edge_node)
 
@@ -90,14 +90,10 @@ def _state(args: argparse.Namespace) -> int:
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
     from fedgradnorm.services.netcheck import check_host_port
-    from fedgradnorm.services.tls import ClientTLS
 
     check_host_port(args.aggregator, "--aggregator")
-    tls = cfgmod.build(ClientTLSFlags, args)
-    tls_config = ClientTLS(
-        ca=tls.tls_ca, cert=tls.tls_cert, key=tls.tls_key, server_name=tls.tls_server_name, insecure=tls.insecure
-    )
-    with tls_config.channel(args.aggregator, []) as channel:
+    tls = cfgmod.build(ClientTLSSettings, args)
+    with tls.tls().channel(args.aggregator, []) as channel:
         stub = pb_grpc.AggregatorStub(channel)
         try:
             state = stub.GetState(pb.GetStateRequest(), timeout=args.timeout)
@@ -111,7 +107,7 @@ def _state(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state_failure(address: str, timeout: float, tls: ClientTLSFlags, e: Any) -> str:
+def _state_failure(address: str, timeout: float, tls: ClientTLSSettings, e: Any) -> str:
     """One line for a GetState that failed: the address, gRPC's reason, what to check."""
     import grpc
 
@@ -136,18 +132,9 @@ def _state_failure(address: str, timeout: float, tls: ClientTLSFlags, e: Any) ->
 def register_state(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("state", help="print the aggregator's state (round, nodes, weights) as JSON")
     p.add_argument("--aggregator", default="127.0.0.1:50051", help="aggregator address HOST:PORT")
-    p.add_argument("--timeout", type=float, default=10.0)
-    cfgmod.add_flags(p, ClientTLSFlags)
+    p.add_argument("--timeout", type=float, default=10.0, help="how long to wait for the answer, seconds (default 10)")
+    cfgmod.add_flags(p, ClientTLSSettings)
     p.set_defaults(func=_state)
-
-
-@dataclass(frozen=True)
-class ClientTLSFlags:
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_server_name: str = ""
-    insecure: bool = False
 
 
 def _certs(args: argparse.Namespace) -> int:
@@ -255,8 +242,8 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="the main job: an aggregator and three RadCom edge nodes on loopback, FedGradNorm then FedRep",
     )
     p.add_argument("--out", default="runs/main", help="output folder (default runs/main)")
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=30, help="rounds of each algorithm (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, models and batches (default 0)")
     p.add_argument("--synthetic-size", type=int, default=60, help="RadCom samples per key (default 60)")
     p.add_argument("--algorithms", default="fedgradnorm,fedrep", help="comma-separated, run one after the other")
     p.set_defaults(func=_demo)

@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 import structlog
 
+from fedgradnorm.config import setting
+
 log = structlog.get_logger("fedgradnorm.services.tls")
 
 
@@ -111,3 +113,24 @@ class ClientTLS:
         if self.server_name:
             opts.append(("grpc.ssl_target_name_override", self.server_name))
         return grpc.secure_channel(address, creds, options=opts)
+
+
+@dataclass(frozen=True)
+class ClientTLSSettings:
+    """How a client dials the aggregator: the TLS settings every client command shares (the edge
+    node's config extends it; `fedgradnorm state` uses it as is), declared once."""
+
+    tls_ca: str = setting("", "PEM CA that signed the aggregator's certificate (file)")
+    tls_cert: str = setting("", "PEM client certificate, for mutual TLS (file)")
+    tls_key: str = setting("", "PEM private key of that certificate (file)")
+    tls_server_name: str = setting("", "name to check in the aggregator's certificate (when dialling an IP)")
+    insecure: bool = setting(False, "plaintext gRPC (no TLS); only for loopback tests and demos")
+
+    def tls(self) -> ClientTLS:
+        return ClientTLS(
+            ca=self.tls_ca,
+            cert=self.tls_cert,
+            key=self.tls_key,
+            server_name=self.tls_server_name,
+            insecure=self.insecure,
+        )

@@ -3,37 +3,39 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from fedgradnorm.config import setting
 from fedgradnorm.services.netcheck import check_host_port
-from fedgradnorm.services.tls import ClientTLS
-from fedgradnorm.tasks import federation
+from fedgradnorm.services.tls import ClientTLSSettings
 
 
 @dataclass(frozen=True)
-class EdgeConfig:
-    aggregator: str = "127.0.0.1:50051"
-    dataset: str = "radcom"
-    task: str = "modulation"
-    name: str = ""  # default: the task name (simulator-compatible); in Kubernetes, the pod's name
-    data: str = ""  # real data file/folder; "" generates the synthetic set from seed
-    seed: int = 0  # seed of the synthetic data and of the partition (must match the federation's)
-    synthetic_size: int = 100
-    allocation: str = "balanced"
-    test_fraction: float = 0.2
-    state_dir: str = "edge-state"
-    enrollment_token: str = field(default="", repr=False)
-    fetch_wait: float = 10.0
-    max_backoff: float = 10.0
-    metrics_listen: str = ""  # e.g. 0.0.0.0:9465; "" disables
-    wire_dtype: str = ""  # "" takes the aggregator's announcement
-    no_train: bool = False  # benchmark switch: submit a zero gradient without training
-    torch_threads: int = 0  # 0: torch's default
-    tls_ca: str = ""  # CA that signed the aggregator's certificate
-    tls_cert: str = ""  # this node's client certificate (mutual TLS)
-    tls_key: str = ""
-    tls_server_name: str = ""  # name to check in the aggregator's certificate when dialling an IP
-    insecure: bool = False  # plaintext gRPC; only when asked for explicitly (logged as a warning)
+class EdgeConfig(ClientTLSSettings):
+    aggregator: str = setting("127.0.0.1:50051", "the aggregator's gRPC address HOST:PORT")
+    dataset: str = setting("radcom", "the federation this node joins: radcom or mtfl")
+    task: str = setting(
+        "modulation",
+        "this node's task in its federation (radcom: modulation, signal, anomaly; mtfl: landmarks, gender, smile, glasses, pose)",
+    )
+    name: str = setting("", "node name in logs and dashboards (empty: the task's name)")
+    data: str = setting(
+        "", "real data: a RadComDynamic .hdf5 file or an MTFL folder (empty: a synthetic set from --seed)"
+    )
+    seed: int = setting(0, "seed of the synthetic data and of the partition (the federation's)")
+    synthetic_size: int = setting(100, "synthetic set size: RadCom samples per key, MTFL training faces")
+    allocation: str = setting("balanced", "how the data set is shared out: balanced | imbalanced | task=N,...,*=N")
+    test_fraction: float = setting(0.2, "test share of this node's data (RadCom; a fraction in (0, 1))")
+    state_dir: str = setting("edge-state", "folder of this node's identity and personal head")
+    enrollment_token: str = setting("", "the federation's enrolment secret", secret=True)
+    fetch_wait: float = setting(10.0, "how long one FetchRound waits for a round, seconds")
+    max_backoff: float = setting(10.0, "longest wait between retries while the aggregator is away, seconds")
+    metrics_listen: str = setting("", "Prometheus /metrics address HOST:PORT (e.g. 0.0.0.0:9465); empty: none")
+    wire_dtype: str = setting(
+        "", "dtype of this node's gradients on the wire: float32, float16, bfloat16 (empty: the aggregator's)"
+    )
+    no_train: bool = setting(False, "submit zero gradients without training (benchmarks)", hidden=True)
+    torch_threads: int = setting(0, "torch threads for the local step (0: one per core)")
 
     def __post_init__(self) -> None:
         check_host_port(self.aggregator, "aggregator (--aggregator, FEDGRADNORM_AGGREGATOR)")
@@ -41,6 +43,8 @@ class EdgeConfig:
             check_host_port(
                 self.metrics_listen, "metrics_listen (--metrics-listen, FEDGRADNORM_METRICS_LISTEN)", listen=True
             )
+        from fedgradnorm.tasks import federation  # torch: only when a config is built, not for --help
+
         fed = federation(self.dataset)
         if self.task not in fed.task_names:
             raise ValueError(f"task {self.task!r} is not a {self.dataset} task; tasks: {list(fed.task_names)}")
@@ -56,12 +60,3 @@ class EdgeConfig:
     @property
     def node_name(self) -> str:
         return self.name or self.task or socket.gethostname()
-
-    def tls(self) -> ClientTLS:
-        return ClientTLS(
-            ca=self.tls_ca,
-            cert=self.tls_cert,
-            key=self.tls_key,
-            server_name=self.tls_server_name,
-            insecure=self.insecure,
-        )

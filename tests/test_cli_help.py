@@ -1,0 +1,55 @@
+"""The command line explains itself: every flag has a sentence, choices are listed, booleans are
+switches, benchmark switches stay out of the everyday help, and --version answers."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from fedgradnorm.cli import build_parser
+from fedgradnorm.config import build
+from fedgradnorm.services.aggregator.config import ServiceConfig
+from fedgradnorm.services.edge_node.config import EdgeConfig
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("command", ["simulate", "compare", "aggregator", "edge-node", "state", "demo", "certs"])
+def test_every_flag_has_a_sentence(command: str) -> None:
+    for action in subcommands()[command]._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings or action.dest == "help":
+            continue
+        words = (action.help or "").split("[env")[0].split()
+        assert len(words) >= 3, f"{command} {action.option_strings}: help {action.help!r}"
+
+
+def test_choices_are_listed_and_benchmark_switches_hidden() -> None:
+    commands = subcommands()
+    for command in ("simulate", "aggregator", "edge-node"):
+        dataset = next(a for a in commands[command]._actions if a.dest == "dataset")
+        assert list(dataset.choices or []) == ["radcom", "mtfl"], command
+    algorithm = next(a for a in commands["aggregator"]._actions if a.dest == "algorithm")
+    assert list(algorithm.choices or []) == ["fedgradnorm", "fedrep"]
+    help_text = commands["edge-node"].format_help()
+    assert "--no-train" not in help_text and "--ready-file" not in commands["aggregator"].format_help()
+
+
+def test_booleans_are_switches() -> None:
+    args = build_parser().parse_args(["aggregator", "--insecure"])
+    assert build(ServiceConfig, args).insecure is True
+    args = build_parser().parse_args(["edge-node", "--insecure", "--task", "signal"])
+    assert build(EdgeConfig, args, env={}).insecure is True
+    args = build_parser().parse_args(["aggregator", "--insecure", "false", "--tls-cert", "c", "--tls-key", "k"])
+    assert build(ServiceConfig, args).insecure is False
+
+
+def test_version() -> None:
+    res = subprocess.run([sys.executable, "-m", "fedgradnorm.cli", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("fedgradnorm "), res
