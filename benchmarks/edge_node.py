@@ -18,7 +18,7 @@ from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.federation import Allocation, DataSource, load_clients
 from fedgradnorm.machine import torch_threads
 from fedgradnorm.models import build_shared
-from fedgradnorm.simulator import SimulationConfig
+from fedgradnorm.simulation_config import SimulationConfig
 
 
 def outside(config: SimulationConfig, task: str, rounds: int, skip: int) -> float:

@@ -30,7 +30,8 @@ from fedgradnorm.algorithm import ClientUpdate, ServerState, server_step
 from fedgradnorm.client import load_omega_
 from fedgradnorm.machine import torch_threads
 from fedgradnorm.models import build_shared
-from fedgradnorm.simulator import Simulation, SimulationConfig
+from fedgradnorm.simulation_config import SimulationConfig
+from fedgradnorm.simulator import Simulation
 
 
 def server_step_seconds(nodes: int, repeats: int, config: SimulationConfig) -> float:

@@ -260,7 +260,8 @@ def float16_learning(synthetic_size: int, rounds: int) -> Table:
     """float32 against float16-on-the-wire, in-process: omega and gradients rounded each round."""
     from fedgradnorm.algorithm import ClientUpdate, server_step
     from fedgradnorm.client import load_omega_
-    from fedgradnorm.simulator import Simulation, SimulationConfig
+    from fedgradnorm.simulation_config import SimulationConfig
+    from fedgradnorm.simulator import Simulation
 
     def round16(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(torch.float16).float() for k, v in tensors.items()}

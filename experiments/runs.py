@@ -24,7 +24,8 @@ import torch
 from fedgradnorm.client import load_omega_
 from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients, load_pools
 from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA
-from fedgradnorm.simulator import Simulation, SimulationConfig, write_jsonl
+from fedgradnorm.simulation_config import SimulationConfig
+from fedgradnorm.simulator import Simulation, write_jsonl
 from fedgradnorm.tasks import derive_seed, federation
 
 ALGORITHMS = ("fedrep", "fedgradnorm")  # every experiment compares these two, on the same seeds

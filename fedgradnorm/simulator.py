@@ -18,65 +18,18 @@ import torch
 from tqdm import tqdm
 
 from fedgradnorm.algorithm import (
-    ClientConfig,
     ClientUpdate,
-    ServerConfig,
     ServerState,
     server_step,
 )
 from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.client import LocalClient, load_omega_
-from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
-from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA, Algorithm
+from fedgradnorm.data.federation import Allocation, ClientData, load_clients
 from fedgradnorm.models import build_shared
 from fedgradnorm.records import round_record
-from fedgradnorm.tasks import Federation, federation
+from fedgradnorm.simulation_config import SimulationConfig
 
 log = structlog.get_logger("fedgradnorm.simulator")
-
-
-@dataclass(frozen=True)
-class SimulationConfig:
-    dataset: str = "radcom"
-    data: str | None = None
-    algorithm: Algorithm = "fedgradnorm"
-    rounds: int = 20
-    seed: int = 0
-    tau_h: int = TAU_H
-    tau_omega: int = TAU_OMEGA
-    batch_size: int = BATCH_SIZE
-    allocation: str = "balanced"
-    test_fraction: float = 0.2
-    gamma: float = GAMMA
-    alpha: float = ALPHA
-    beta: float = BETA
-    omega_tilde: tuple[str, ...] = ()
-    synthetic_size: int = 100
-    tasks: tuple[str, ...] = ()  # empty: every task of the data set
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ValueError("rounds must be at least 1")
-        federation(self.dataset)  # fails fast on an unknown data set
-
-    @property
-    def federation(self) -> Federation:
-        return federation(self.dataset)
-
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return self.tasks or self.federation.task_names
-
-    def server_config(self) -> ServerConfig:
-        return ServerConfig(
-            algorithm=self.algorithm, gamma=self.gamma, alpha=self.alpha, beta=self.beta, omega_tilde=self.omega_tilde
-        )
-
-    def client_config(self) -> ClientConfig:
-        return ClientConfig(tau_h=self.tau_h, tau_omega=self.tau_omega, beta=self.beta, batch_size=self.batch_size)
-
-    def source(self) -> DataSource:
-        return DataSource(self.dataset, self.data, synthetic_seed=self.seed, synthetic_size=self.synthetic_size)
 
 
 @dataclass

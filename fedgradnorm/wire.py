@@ -37,6 +37,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType, TensorSpec
 from fedgradnorm.finite import all_finite
 from fedgradnorm.reasons import Reason
+from fedgradnorm.wire_format import DEFAULT_CHUNK_BYTES, DTYPE_BFLOAT16, DTYPE_BY_NAME, DTYPE_FLOAT16, DTYPE_FLOAT32
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -56,22 +57,12 @@ __all__ = [
     "torch_dtype",
 ]
 
-DTYPE_FLOAT32: DType = tensor_pb2.DTYPE_FLOAT32
-DTYPE_FLOAT16: DType = tensor_pb2.DTYPE_FLOAT16
-DTYPE_BFLOAT16: DType = tensor_pb2.DTYPE_BFLOAT16
-
 #: Wire DType enum value -> torch dtype.
 DTYPES: Mapping[DType, torch.dtype] = {
     DTYPE_FLOAT32: torch.float32,
     DTYPE_FLOAT16: torch.float16,
     DTYPE_BFLOAT16: torch.bfloat16,
 }
-
-#: Names used in configuration (``--wire-dtype float16``) -> wire DType values.
-DTYPE_BY_NAME: Mapping[str, DType] = {"float32": DTYPE_FLOAT32, "float16": DTYPE_FLOAT16, "bfloat16": DTYPE_BFLOAT16}
-
-#: A sensible chunk size: well under gRPC's default 4 MiB message limit.
-DEFAULT_CHUNK_BYTES = 1 << 20
 
 # Elements converted per block when the wire dtype differs from the tensor's (bounds the memory).
 _CONVERT_ELEMENTS = 1 << 20

@@ -10,7 +10,7 @@ from benchmarks.deploy import fresh
 from benchmarks.round_overhead import commit_seconds, server_step_seconds, simulator_round
 from benchmarks.run import SCALES, headline, render
 from fedgradnorm.machine import machine_info, torch_threads
-from fedgradnorm.simulator import SimulationConfig
+from fedgradnorm.simulation_config import SimulationConfig
 
 
 def test_helpers_and_rendering() -> None:

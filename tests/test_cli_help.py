@@ -53,3 +53,20 @@ def test_booleans_are_switches() -> None:
 def test_version() -> None:
     res = subprocess.run([sys.executable, "-m", "fedgradnorm.cli", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.startswith("fedgradnorm "), res
+
+
+def test_help_loads_no_torch() -> None:
+    """--help of every command lists the flags without importing torch (it took 5 s)."""
+    code = (
+        "import sys\n"
+        "from fedgradnorm.cli import build_parser\n"
+        "parser = build_parser()\n"
+        "for command in ('simulate', 'aggregator', 'edge-node', 'state', 'demo'):\n"
+        "    try:\n"
+        "        parser.parse_args([command, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]

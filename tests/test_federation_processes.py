@@ -13,7 +13,8 @@ import torch
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
 from fedgradnorm.machine import torch_threads
 from fedgradnorm.services.aggregator.store import STATE_FILE, FileStateStore, Snapshot, decode_snapshot
-from fedgradnorm.simulator import Simulation, SimulationConfig
+from fedgradnorm.simulation_config import SimulationConfig
+from fedgradnorm.simulator import Simulation
 from fedgradnorm.tasks import federation
 from tests.faults_helpers import wait_until
 from tests.grpc_client import connect, register, state

@@ -18,7 +18,7 @@ from fedgradnorm.hyperparameters import ALGORITHMS, Algorithm
 from fedgradnorm.logs import configure_logging
 
 if TYPE_CHECKING:
-    from fedgradnorm.simulator import SimulationConfig
+    from fedgradnorm.simulation_config import SimulationConfig
 
 
 # The simulator's flags: one per field of SimulationConfig (each also a FEDGRADNORM_* variable).
@@ -44,7 +44,7 @@ DATASETS = ("radcom", "mtfl")
 
 
 def _add_training_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-    from fedgradnorm.simulator import SimulationConfig
+    from fedgradnorm.simulation_config import SimulationConfig
 
     cfgmod.add_flags(
         p, SimulationConfig, SIMULATION_HELP, choices={"dataset": DATASETS, "algorithm": ALGORITHMS}, skip=skip
@@ -53,7 +53,7 @@ def _add_training_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = (
 
 def _sim_config(args: argparse.Namespace, algorithm: Algorithm | None = None) -> SimulationConfig:
     """The simulator's configuration from the flags, then FEDGRADNORM_* variables, then defaults."""
-    from fedgradnorm.simulator import SimulationConfig
+    from fedgradnorm.simulation_config import SimulationConfig
 
     config = cfgmod.build(SimulationConfig, args)
     return config if algorithm is None else replace(config, algorithm=algorithm)

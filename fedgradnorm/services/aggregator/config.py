@@ -10,7 +10,7 @@ from fedgradnorm.config import setting
 from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA, Algorithm
 from fedgradnorm.services.netcheck import check_host_port
 from fedgradnorm.services.tls import ServerTLS
-from fedgradnorm.wire import DEFAULT_CHUNK_BYTES, DTYPE_BY_NAME
+from fedgradnorm.wire_format import DEFAULT_CHUNK_BYTES, DTYPE_BY_NAME
 
 if TYPE_CHECKING:  # torch is loaded when a config is used, not when --help lists its fields
     import torch

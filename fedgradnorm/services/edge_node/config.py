@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fedgradnorm.config import setting
 from fedgradnorm.services.netcheck import check_host_port
 from fedgradnorm.services.tls import ClientTLSSettings
+from fedgradnorm.wire_format import DTYPE_BY_NAME
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class EdgeConfig(ClientTLSSettings):
             raise ValueError("insecure is set together with TLS files; choose one")
         if not self.insecure and not self.tls_ca:
             raise ValueError("TLS needs tls_ca (and tls_cert/tls_key for mutual TLS); set insecure=true for plaintext")
-        if self.wire_dtype not in ("", "float32", "float16", "bfloat16"):
-            raise ValueError(f"wire_dtype must be float32, float16 or bfloat16, not {self.wire_dtype!r}")
+        if self.wire_dtype and self.wire_dtype not in DTYPE_BY_NAME:
+            raise ValueError(f"wire_dtype must be one of {', '.join(DTYPE_BY_NAME)} or empty, not {self.wire_dtype!r}")
 
     @property
     def node_name(self) -> str:

@@ -1,0 +1,69 @@
+"""The simulator's configuration: one frozen dataclass, its defaults from fedgradnorm.hyperparameters.
+
+Kept apart from the simulator and free of torch at import, so that `fedgradnorm --help` can list its
+flags without loading torch; torch comes in when a configuration is built or used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA, Algorithm
+
+if TYPE_CHECKING:
+    from fedgradnorm.algorithm import ClientConfig, ServerConfig
+    from fedgradnorm.data.federation import DataSource
+    from fedgradnorm.tasks import Federation
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    dataset: str = "radcom"
+    data: str | None = None
+    algorithm: Algorithm = "fedgradnorm"
+    rounds: int = 20
+    seed: int = 0
+    tau_h: int = TAU_H
+    tau_omega: int = TAU_OMEGA
+    batch_size: int = BATCH_SIZE
+    allocation: str = "balanced"
+    test_fraction: float = 0.2
+    gamma: float = GAMMA
+    alpha: float = ALPHA
+    beta: float = BETA
+    omega_tilde: tuple[str, ...] = ()
+    synthetic_size: int = 100
+    tasks: tuple[str, ...] = ()  # empty: every task of the data set
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("rounds must be at least 1")
+        _ = self.federation  # fails fast on an unknown data set
+
+    @property
+    def federation(self) -> Federation:
+        from fedgradnorm.tasks import federation
+
+        return federation(self.dataset)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.tasks or self.federation.task_names
+
+    def server_config(self) -> ServerConfig:
+        from fedgradnorm.algorithm import ServerConfig
+
+        return ServerConfig(
+            algorithm=self.algorithm, gamma=self.gamma, alpha=self.alpha, beta=self.beta, omega_tilde=self.omega_tilde
+        )
+
+    def client_config(self) -> ClientConfig:
+        from fedgradnorm.algorithm import ClientConfig
+
+        return ClientConfig(tau_h=self.tau_h, tau_omega=self.tau_omega, beta=self.beta, batch_size=self.batch_size)
+
+    def source(self) -> DataSource:
+        from fedgradnorm.data.federation import DataSource
+
+        return DataSource(self.dataset, self.data, synthetic_seed=self.seed, synthetic_size=self.synthetic_size)
