@@ -7,17 +7,33 @@ they arrive, then everything stopped. Finally a side-by-side table and plot of b
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedgradnorm.certs import make_certificates
+from fedgradnorm.config import setting
+from fedgradnorm.hyperparameters import ALGORITHMS
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
-from fedgradnorm.plotting import plot_comparison
-from fedgradnorm.report import final_table
-from fedgradnorm.tasks import federation
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`fedgradnorm demo` (`make run`), from flags or FEDGRADNORM_* variables like every command."""
+
+    out: str = setting("runs/main", "output folder: certificates, each algorithm's logs, state and metrics, the plot")
+    rounds: int = setting(30, "rounds of each algorithm")
+    seed: int = setting(0, "seed of data, models and batches")
+    synthetic_size: int = setting(60, "RadCom samples per key of the synthetic set")
+    algorithms: tuple[str, ...] = setting(ALGORITHMS, "comma-separated algorithms, run one after the other")
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.synthetic_size < 1:
+            raise ValueError("rounds and synthetic_size must be at least 1")
+        unknown = [a for a in self.algorithms if a not in ALGORITHMS]
+        if unknown or not self.algorithms:
+            raise ValueError(f"algorithms must be among {', '.join(ALGORITHMS)}, got {', '.join(self.algorithms)}")
 
 
 def _format_round(records: list[dict[str, Any]], rounds: int = 0, eta: float | None = None) -> str:
@@ -84,6 +100,8 @@ def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
+    from fedgradnorm.tasks import federation
+
     tasks = federation("radcom").task_names
     common = ["--seed", str(seed)]
     procs: list[ServiceProcess] = []
@@ -142,14 +160,20 @@ def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_
     return metrics
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+def run_demo(config: DemoConfig) -> int:
+    from fedgradnorm.certs import make_certificates
+    from fedgradnorm.plotting import plot_comparison
+    from fedgradnorm.report import final_table
+
+    out = Path(config.out)
     runs = {}
     t0 = time.perf_counter()
     certs = out / "certs"
     make_certificates(certs)  # the deployed default: mutual TLS, also on loopback
-    for algorithm in [a for a in args.algorithms.split(",") if a]:
-        runs[algorithm] = run_federation(out / algorithm, algorithm, args.rounds, args.seed, args.synthetic_size, certs)
+    for algorithm in config.algorithms:
+        runs[algorithm] = run_federation(
+            out / algorithm, algorithm, config.rounds, config.seed, config.synthetic_size, certs
+        )
     png = plot_comparison(runs, out / "comparison.png")
     print()
     print(final_table(runs))

@@ -231,9 +231,9 @@ def register_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedgradnorm.demo import run_demo
+    from fedgradnorm.demo import DemoConfig, run_demo
 
-    return run_demo(args)
+    return run_demo(cfgmod.build(DemoConfig, args))
 
 
 def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -241,11 +241,9 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "demo",
         help="the main job: an aggregator and three RadCom edge nodes on loopback, FedGradNorm then FedRep",
     )
-    p.add_argument("--out", default="runs/main", help="output folder (default runs/main)")
-    p.add_argument("--rounds", type=int, default=30, help="rounds of each algorithm (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, models and batches (default 0)")
-    p.add_argument("--synthetic-size", type=int, default=60, help="RadCom samples per key (default 60)")
-    p.add_argument("--algorithms", default="fedgradnorm,fedrep", help="comma-separated, run one after the other")
+    from fedgradnorm.demo import DemoConfig
+
+    cfgmod.add_flags(p, DemoConfig)
     p.set_defaults(func=_demo)
 
 
