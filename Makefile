@@ -14,7 +14,7 @@ help:
 	@echo "make test-busy - the test suite beside two CPU burners (a busy machine)"
 	@echo "make lint   - ruff (incl. the layering rule) and mypy --strict"
 	@echo "make proto  - regenerate gRPC stubs from proto/"
-	@echo "make test-faults - the long fault-injection loops"
+	@echo "make test-faults - the long tests: fault loops, heavy abuse and retry checks (CI runs them)"
 	@echo "make bench  - benchmarks -> docs/benchmarks.md"
 	@echo "make reproduce - the paper's experiments -> docs/results.md"
 
@@ -56,7 +56,7 @@ fmt: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m fedgradnorm.protogen
 
-# The long fault loops (repeated SIGKILLs, partitions); `make test` runs the short ones.
+# The long tests (repeated SIGKILLs, partitions, heavy abuse and retry checks); `make test` runs the rest.
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -q -m long
 

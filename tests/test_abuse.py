@@ -217,6 +217,7 @@ def test_the_first_update_must_have_loss_ratio_one_and_f0_is_kept(tmp_path: Path
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.long  # heavy (Network 2 or hundreds of calls): make test-faults, run by CI
 def test_huge_names_with_a_wrong_token_cost_no_memory(tmp_path: Path, procs: Processes) -> None:
     """300 registrations with 1 MiB names and a wrong enrolment token used to keep every name as a
     rate-limiter key (343 MiB that never came back)."""
@@ -237,6 +238,7 @@ def test_huge_names_with_a_wrong_token_cost_no_memory(tmp_path: Path, procs: Pro
         assert state(stub).total_nodes == 1
 
 
+@pytest.mark.long  # heavy (Network 2 or hundreds of calls): make test-faults, run by CI
 def test_one_node_cannot_hold_many_fetch_streams(tmp_path: Path, procs: Processes) -> None:
     """70 unread FetchRound streams of one node used to hold 70 worker threads (health and GetState
     timed out); now a node's newer FetchRound replaces its older one, and a stream the client does
@@ -297,6 +299,7 @@ def _stalled_submit(
     release.wait(60)  # the upload stalls after its header
 
 
+@pytest.mark.long  # heavy (Network 2 or hundreds of calls): make test-faults, run by CI
 def test_one_node_cannot_hold_many_submit_streams_or_trickle_forever(tmp_path: Path, procs: Processes) -> None:
     """40 stalled SubmitUpdate streams of one node used to preallocate 40 model-sized buffers (456
     MiB at Network 2) and live as long as the client liked. Now one is in flight per node, cut off at
@@ -375,6 +378,7 @@ def test_membership_is_bounded_paged_and_new_names_are_rate_limited(tmp_path: Pa
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.long  # heavy (Network 2 or hundreds of calls): make test-faults, run by CI
 def test_names_that_only_register_never_hold_a_round_open(tmp_path: Path, procs: Processes) -> None:
     """1,000 sybil registrations used to make every honest round wait for its deadline."""
     flags = mtfl(tmp_path / "state", "--round-timeout", "60", "--new-node-burst", "2000")
@@ -411,6 +415,7 @@ def test_getstate_tells_which_rounds_are_durable(tmp_path: Path, procs: Processe
         assert read_committed(state_dir)[1].server.round == 3
 
 
+@pytest.mark.long  # heavy (Network 2 or hundreds of calls): make test-faults, run by CI
 def test_metrics_log_has_each_committed_round_once_after_a_crash(tmp_path: Path, procs: Processes) -> None:
     """A SIGKILL between a round's commit and its metrics.jsonl append lost the round's rows; one in
     the middle of the append tore a line. The committed state carries the rows and a restart puts

@@ -161,6 +161,7 @@ def test_an_edge_node_with_the_wrong_tls_server_name_stops(tls_aggregator: str, 
     assert seconds < 30
 
 
+@pytest.mark.long  # waits for real retries: make test-faults, run by CI
 def test_a_plaintext_edge_node_against_a_tls_aggregator_stops(tls_aggregator: str, tmp_path: Path) -> None:
     rc, line, seconds = run_cli(
         "edge-node", "--aggregator", tls_aggregator, "--state-dir", str(tmp_path / "n"), "--insecure", "true", *NODE
@@ -173,6 +174,7 @@ def test_a_plaintext_edge_node_against_a_tls_aggregator_stops(tls_aggregator: st
     assert seconds < 30
 
 
+@pytest.mark.long  # waits for real retries: make test-faults, run by CI
 def test_an_edge_node_with_a_certificate_of_another_ca_stops(
     tls_aggregator: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, certs: Path
 ) -> None:
@@ -192,6 +194,7 @@ def test_an_edge_node_with_a_certificate_of_another_ca_stops(
     assert seconds < 30
 
 
+@pytest.mark.long  # waits for real retries: make test-faults, run by CI
 def test_an_edge_node_keeps_retrying_an_aggregator_that_is_away(tmp_path: Path) -> None:
     """Connection refused is not a misconfiguration: the node keeps trying, and says where it dials."""
     address = f"127.0.0.1:{free_port()}"
