@@ -201,6 +201,7 @@ def test_shipped_rules_load_evaluate_and_stay_quiet_on_a_healthy_run(scraped) ->
 
 
 @needs_prometheus
+@pytest.mark.long  # a second Prometheus and a dead target (about 40 s): make test-faults, run by CI
 def test_a_target_that_is_down_fires_an_alert_locally_and_nothing_else_does(scraped) -> None:
     """The local Prometheus scrapes one more aggregator address, where nothing listens: after the
     rule's `for`, FedGradNormTargetDown fires for it, and the rest of the run raises nothing."""
