@@ -335,7 +335,7 @@ class RoundCoordinator:
     def submit(self, token: str, sub: Submission) -> None:
         """Admit and deposit an update; the round closes when the last participant's arrives."""
         assert self._state is not None
-        sub = admit(sub, self._expected_omega())  # without the lock: the expensive part
+        sub = admit(sub, self._state.omega)  # without the lock (the expensive part): names and shapes only
         with self._cond:
             o = self._open_round_for_locked(sub.node_id, token, sub.round)
             member = self.members.records[sub.node_id]
@@ -344,10 +344,6 @@ class RoundCoordinator:
                 member.initial_loss = sub.initial_loss  # F_0 as the aggregator first accepted it
             o.submitted[sub.node_id] = sub
             self._cond.notify_all()
-
-    def _expected_omega(self) -> TensorDict:
-        assert self._state is not None
-        return self._state.omega  # names and shapes only: every state's omega has the same
 
     # -- the driver -------------------------------------------------------------------------
 

@@ -82,10 +82,6 @@ class StreamGuard:
         finally:
             self._release(stream)
 
-    def in_flight(self) -> int:
-        with self._lock:
-            return len(self._open)
-
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
