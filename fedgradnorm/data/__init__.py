@@ -1,5 +1,5 @@
 """Data sets of the two federations: readers of the published formats and generators that write them."""
 
-from fedgradnorm.data.base import DataError, MultiTaskArrays
+from fedgradnorm.data.base import DataError, MultiTaskArrays, Pools
 
-__all__ = ["DataError", "MultiTaskArrays"]
+__all__ = ["DataError", "MultiTaskArrays", "Pools"]

@@ -46,3 +46,12 @@ class MultiTaskArrays:
             targets={k: v[index] for k, v in self.targets.items()},
             extras={k: v[index] for k, v in self.extras.items()},
         )
+
+
+@dataclass(frozen=True)
+class Pools:
+    """What a data source reads: a training pool, and a separate test pool when the source has one
+    (MTFL's testing.txt, an arrays file's ``x_test``/``y_test``); without one, a test share is split off."""
+
+    train: MultiTaskArrays
+    test: MultiTaskArrays | None = None
