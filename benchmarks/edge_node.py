@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.common import Table, fmt_s, median
 from benchmarks.deploy import Deployment
 from fedgradnorm.client import LocalClient, load_omega_
-from fedgradnorm.data.federation import Allocation, DataSource, load_clients
+from fedgradnorm.data.partition import Allocation, DataSource, load_clients
 from fedgradnorm.machine import torch_threads
 from fedgradnorm.models import build_shared
 from fedgradnorm.simulation_config import SimulationConfig

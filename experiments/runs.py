@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fedgradnorm.client import load_omega_
-from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients, load_pools
+from fedgradnorm.data.partition import Allocation, ClientData, DataSource, load_clients, load_pools
 from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA
 from fedgradnorm.simulation_config import SimulationConfig
 from fedgradnorm.simulator import Simulation, write_jsonl

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from fedgradnorm.algorithm import ClientConfig, ClientStepResult, client_step
-from fedgradnorm.data.federation import ClientData
-from fedgradnorm.models import build_head
+from fedgradnorm.data.partition import ClientData
+from fedgradnorm.federation import Federation
 from fedgradnorm.tasks import TaskSpec, derive_seed
 
 
@@ -26,43 +26,53 @@ class Evaluation:
     value: float
 
 
-def _tensors(data: ClientData, task: TaskSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    def target(arr: object) -> torch.Tensor:
-        t = torch.as_tensor(arr)
-        return t.long() if task.kind == "classification" else t.float()
-
+def _tensors(
+    data: ClientData, task: TaskSpec, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
-        torch.as_tensor(data.train.x, dtype=torch.float32),
-        target(data.train.targets[task.name]),
-        torch.as_tensor(data.test.x, dtype=torch.float32),
-        target(data.test.targets[task.name]),
+        torch.as_tensor(data.train.x, dtype=torch.float32).to(device),
+        task.targets(data.train.targets[task.name]).to(device),
+        torch.as_tensor(data.test.x, dtype=torch.float32).to(device),
+        task.targets(data.test.targets[task.name]).to(device),
     )
 
 
 def minibatches(
     x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless minibatches: shuffled passes over the data, each batch without replacement."""
+    """Endless minibatches: shuffled passes over the data, each batch without replacement.
+
+    The order is drawn on the CPU (``generator``'s device), so batches are the same on every device."""
     n = len(x)
     size = min(batch_size, n)
     while True:
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(x.device)
         for start in range(0, n - size + 1, size):
             idx = order[start : start + size]
             yield x[idx], y[idx]
 
 
 class LocalClient:
-    """A client of one task: call :meth:`run_round` with the shared network holding omega_k."""
+    """A client of one task (``data.task`` of ``federation``): call :meth:`run_round` with the shared
+    network holding omega_k, on ``device`` (its data and head live there; gradients come back on the CPU)."""
 
-    def __init__(self, name: str, task: TaskSpec, data: ClientData, config: ClientConfig, seed: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        federation: Federation,
+        data: ClientData,
+        config: ClientConfig,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.name = name
-        self.task = task
+        self.task = federation.task(data.task)
         self.config = config
         self.seed = seed
-        self.x, self.y, self.x_test, self.y_test = _tensors(data, task)
+        self.device = torch.device(device)
+        self.x, self.y, self.x_test, self.y_test = _tensors(data, self.task, self.device)
         self.num_samples = len(self.x)
-        self.head = build_head(task.outputs, derive_seed(seed, "head", name))
+        self.head = federation.build_head(self.task, derive_seed(seed, "head", name)).to(self.device)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=config.beta, foreach=False)
         self.initial_loss: float | None = None
 
@@ -73,7 +83,7 @@ class LocalClient:
     def evaluate(self, shared: nn.Module) -> Evaluation:
         with torch.no_grad():
             pred = self.head(shared(self.x_test))
-            loss = float(self.task.loss(pred, self.y_test))
+            loss = float(self.task.loss_value(pred, self.y_test))
             value = self.task.metric_value(pred, self.y_test)
         return Evaluation(test_loss=loss, metric=self.task.metric, value=value)
 
@@ -84,13 +94,15 @@ class LocalClient:
             shared,
             self.head,
             self.optimizer,
-            self.task.loss,
+            self.task.loss_value,
             self.batches(round_),
             self.config,
             self.initial_loss,
             after_head=lambda: evaluations.append(self.evaluate(shared)),
         )
         self.initial_loss = result.initial_loss
+        if self.device.type != "cpu":
+            result = replace(result, gradient={k: g.cpu() for k, g in result.gradient.items()})
         return result, evaluations[0]
 
     # Persistence of the personal state (head, its Adam moments, F_0) for restarts.
@@ -108,7 +120,7 @@ class LocalClient:
         return buf.getvalue()
 
     def load_state_bytes(self, blob: bytes) -> None:
-        state = torch.load(io.BytesIO(blob), weights_only=True)
+        state = torch.load(io.BytesIO(blob), weights_only=True, map_location=self.device)
         if state.get("task") != self.task.name:
             raise ValueError(f"stored state is for task {state.get('task')!r}, not {self.task.name!r}")
         self.head.load_state_dict(state["head"])
@@ -128,4 +140,4 @@ def load_omega_(shared: nn.Module, omega: Mapping[str, torch.Tensor]) -> None:
                 raise ValueError(
                     f"global model tensor {name!r} has shape {tuple(src.shape)}, expected {tuple(p.shape)}"
                 )
-            p.copy_(src)
+            p.copy_(src)  # to the module's device

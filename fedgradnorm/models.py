@@ -1,14 +1,17 @@
-"""Table I of the paper: the two shared representation networks, and the per-client linear head."""
+"""Shared networks and heads: Table I's two networks, building any network a federation names, and
+the architecture fingerprint that nodes and the aggregator compare at registration."""
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-REPRESENTATION_DIM = 256
-NetworkName = Literal["network1", "network2"]
+from fedgradnorm.factory import Factory, FactoryError
 
 
 class Network1(nn.Module):
@@ -56,20 +59,84 @@ class Network2(nn.Module):
         return out
 
 
-NETWORKS: dict[str, type[nn.Module]] = {"network1": Network1, "network2": Network2}
-
-
-def build_shared(network: str, seed: int) -> nn.Module:
-    """The shared network, initialised deterministically from ``seed``."""
-    if network not in NETWORKS:
-        raise ValueError(f"unknown network {network!r}; known: {sorted(NETWORKS)}")
+def build_shared(factory: Factory, seed: int) -> nn.Module:
+    """The shared network the factory builds, initialised deterministically from ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return NETWORKS[network]()
+        module = factory()
+    if not isinstance(module, nn.Module):
+        raise FactoryError(f"{factory.ref} built a {type(module).__name__}, not a torch.nn.Module")
+    if not any(True for _ in module.parameters()):
+        raise FactoryError(f"{factory.ref}: the shared network has no parameters")
+    return module
 
 
-def build_head(outputs: int, seed: int) -> nn.Linear:
-    """A client's personal head: one linear layer from the 256-d representation."""
+def build_head(factory: Factory | None, in_features: int, outputs: int, seed: int) -> nn.Module:
+    """A client's personal head: one linear layer by default, else ``factory(in_features=, out_features=)``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return nn.Linear(REPRESENTATION_DIM, outputs)
+        if factory is None:
+            return nn.Linear(in_features, outputs)
+        head = factory(in_features=in_features, out_features=outputs)
+    if not isinstance(head, nn.Module):
+        raise FactoryError(f"{factory.ref} built a {type(head).__name__}, not a torch.nn.Module")
+    return head
+
+
+def representation_dim(shared: nn.Module, input_shape: Sequence[int]) -> int:
+    """The width of the representation ``shared`` makes of inputs of ``input_shape`` (one sample's shape)."""
+    was_training = shared.training
+    shared.eval()
+    try:
+        with torch.no_grad():
+            out = shared(torch.zeros(2, *input_shape))
+    except Exception as err:  # a user's network: say what it was fed
+        raise FactoryError(
+            f"the shared network fails on inputs of shape {tuple(input_shape)}: {type(err).__name__}: {err}"
+        ) from err
+    finally:
+        shared.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise FactoryError(f"the shared network must return (batch, features), not {shape}")
+    return int(out.shape[1])
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A shared network's fingerprint and parameters (name, shape, dtype, in order).
+
+    The fingerprint hashes the module tree (names and classes) and the parameters: equal fingerprints
+    mean the same module classes in the same tree with the same parameter shapes, so omega fits. It is
+    what a node and the aggregator compare at registration; the parameters let a refusal say what differs.
+    """
+
+    fingerprint: str
+    parameters: tuple[tuple[str, tuple[int, ...], str], ...]
+
+    @classmethod
+    def of(cls, module: nn.Module) -> Architecture:
+        params = tuple(
+            (name, tuple(int(d) for d in p.shape), str(p.dtype).removeprefix("torch."))
+            for name, p in module.named_parameters()
+        )
+        modules = [(name, type(m).__qualname__) for name, m in module.named_modules()]
+        text = json.dumps({"parameters": params, "modules": modules}, separators=(",", ":"))
+        return cls("sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32], params)
+
+    def difference(self, other: Architecture, limit: int = 3) -> str:
+        """What differs between this network ("here") and ``other`` ("there"), in a sentence."""
+        mine = {n: (s, d) for n, s, d in self.parameters}
+        theirs = {n: (s, d) for n, s, d in other.parameters}
+        diffs = [f"{n} only here" for n in mine if n not in theirs][:limit]
+        diffs += [f"{n} only there" for n in theirs if n not in mine][:limit]
+        for name in [n for n in mine if n in theirs and mine[n] != theirs[n]][:limit]:
+            (s1, d1), (s2, d2) = mine[name], theirs[name]
+            diffs.append(f"{name} is {list(s1)} {d1} here, {list(s2)} {d2} there")
+        if diffs:
+            return f"{len(mine)} parameter tensors here, {len(theirs)} there; " + "; ".join(diffs)
+        if [n for n, _, _ in self.parameters] != [n for n, _, _ in other.parameters]:
+            return "the same parameters in another order"
+        if self.fingerprint != other.fingerprint:
+            return f"the same parameter shapes in different modules (fingerprint {self.fingerprint} here, {other.fingerprint} there)"
+        return "no difference"

@@ -18,7 +18,8 @@ class Reason(enum.StrEnum):
     BAD_ENROLLMENT = "bad_enrollment"  # enrolment token missing or wrong
     RATE_LIMITED = "rate_limited"  # too many attempts or new names from one peer
     NAME_TAKEN = "name_taken"
-    BAD_TASK = "bad_task"  # another data set, or a task the federation does not have
+    BAD_TASK = "bad_task"  # another federation, or a task the federation does not have
+    NETWORK_MISMATCH = "network_mismatch"  # the node's shared network is not the aggregator's
     BAD_NAME = "bad_name"
     FULL = "full"  # max_nodes registered
     # Sessions

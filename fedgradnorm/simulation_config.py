@@ -13,13 +13,13 @@ from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, T
 
 if TYPE_CHECKING:
     from fedgradnorm.algorithm import ClientConfig, ServerConfig
-    from fedgradnorm.data.federation import DataSource
-    from fedgradnorm.tasks import Federation
+    from fedgradnorm.data.partition import DataSource
+    from fedgradnorm.federation import Federation
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    dataset: str = "radcom"
+    federation: str = "radcom"
     data: str | None = None
     algorithm: Algorithm = "fedgradnorm"
     rounds: int = 20
@@ -39,23 +39,30 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError("rounds must be at least 1")
-        _ = self.federation  # fails fast on an unknown data set
+        fed = self.spec  # fails fast on an unknown federation or a bad spec
+        for t in self.tasks:
+            fed.task(t)
 
     @property
-    def federation(self) -> Federation:
-        from fedgradnorm.tasks import federation
+    def spec(self) -> Federation:
+        """The federation ``federation`` names (a shipped one or a spec file)."""
+        from fedgradnorm.federation import load_federation
 
-        return federation(self.dataset)
+        return load_federation(self.federation)
 
     @property
     def task_names(self) -> tuple[str, ...]:
-        return self.tasks or self.federation.task_names
+        return self.tasks or self.spec.task_names
 
     def server_config(self) -> ServerConfig:
         from fedgradnorm.algorithm import ServerConfig
 
         return ServerConfig(
-            algorithm=self.algorithm, gamma=self.gamma, alpha=self.alpha, beta=self.beta, omega_tilde=self.omega_tilde
+            algorithm=self.algorithm,
+            gamma=self.gamma,
+            alpha=self.alpha,
+            beta=self.beta,
+            omega_tilde=self.omega_tilde or self.spec.omega_tilde,
         )
 
     def client_config(self) -> ClientConfig:
@@ -64,6 +71,6 @@ class SimulationConfig:
         return ClientConfig(tau_h=self.tau_h, tau_omega=self.tau_omega, beta=self.beta, batch_size=self.batch_size)
 
     def source(self) -> DataSource:
-        from fedgradnorm.data.federation import DataSource
+        from fedgradnorm.data.partition import DataSource
 
-        return DataSource(self.dataset, self.data, synthetic_seed=self.seed, synthetic_size=self.synthetic_size)
+        return DataSource(self.spec, self.data, synthetic_seed=self.seed, synthetic_size=self.synthetic_size)

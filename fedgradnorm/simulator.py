@@ -24,8 +24,7 @@ from fedgradnorm.algorithm import (
 )
 from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.client import LocalClient, load_omega_
-from fedgradnorm.data.federation import Allocation, ClientData, load_clients
-from fedgradnorm.models import build_shared
+from fedgradnorm.data.partition import Allocation, ClientData, load_clients
 from fedgradnorm.records import round_record
 from fedgradnorm.simulation_config import SimulationConfig
 
@@ -44,7 +43,7 @@ class Simulation:
 
     @classmethod
     def build(cls, config: SimulationConfig, data: dict[str, ClientData] | None = None) -> Simulation:
-        fed = config.federation
+        fed = config.spec
         if data is None:
             data = load_clients(
                 config.source(),
@@ -53,10 +52,10 @@ class Simulation:
                 config.seed,
             )
         clients = {
-            name: LocalClient(name, fed.task(name), data[name], config.client_config(), config.seed)
+            name: LocalClient(name, fed, data[name], config.client_config(), config.seed)
             for name in config.task_names
         }
-        shared = build_shared(fed.network, config.seed)
+        shared = fed.build_shared(config.seed)
         state = ServerState.initial(dict(shared.named_parameters()))
         return cls(config=config, clients=clients, state=state, shared=shared)
 
@@ -110,13 +109,13 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path, progress: bool
     t_data = time.perf_counter() - t0
     log.info(
         "simulation.start",
-        dataset=config.dataset,
+        federation=config.federation,
         algorithm=config.algorithm,
         rounds=config.rounds,
         clients={n: c.num_samples for n, c in sim.clients.items()},
         data=config.source().describe(),
     )
-    bar = tqdm(total=config.rounds, desc=f"{config.algorithm} {config.dataset}", unit="round", disable=not progress)
+    bar = tqdm(total=config.rounds, desc=f"{config.algorithm} {config.spec.name}", unit="round", disable=not progress)
     for records in sim.rounds():
         bar.update(1)
         bar.set_postfix({r["task"][:6]: f"p={r['weight']:.2f}" for r in records})

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm.data.base import MultiTaskArrays
-from fedgradnorm.data.federation import ClientData
+from fedgradnorm.data.partition import ClientData
 from fedgradnorm.launch import ServiceProcess, start_aggregator
 from fedgradnorm.services.aggregator.store import STATE_FILE, Snapshot, decode_snapshot
 from tests.grpc_client import RawNode, connect, register, state

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 
 # The simulator's flags: one per field of SimulationConfig (each also a FEDGRADNORM_* variable).
 SIMULATION_HELP = {
-    "dataset": "the federation to simulate: RadCom (Network 2) or MTFL (Network 1)",
-    "data": "real data: RadComDynamic .hdf5 file or unzipped MTFL folder (default: a synthetic set from --seed)",
+    "federation": "the federation: radcom (Network 2), mtfl (Network 1), or a spec file of your own (.toml)",
+    "data": "its data: one pool shared out (the federation reader's format), or task=path,... one file per task "
+    "(default: the federation's synthetic set from --seed)",
     "algorithm": "the server step",
     "rounds": "global rounds K",
     "seed": "seed of data, partition, models and batches",
@@ -38,16 +39,15 @@ SIMULATION_HELP = {
     "beta": "learning rate of the networks",
     "omega_tilde": "comma-separated shared parameter names for the gradient norm (empty: the last layer's)",
     "synthetic_size": "synthetic set size: RadCom samples per key, MTFL training faces",
-    "tasks": "comma-separated subset of the data set's tasks (empty: all)",
+    "tasks": "comma-separated subset of the federation's tasks (empty: all)",
 }
-DATASETS = ("radcom", "mtfl")
 
 
 def _add_training_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     from fedgradnorm.simulation_config import SimulationConfig
 
     cfgmod.add_flags(
-        p, SimulationConfig, SIMULATION_HELP, choices={"dataset": DATASETS, "algorithm": ALGORITHMS}, skip=skip
+        p, SimulationConfig, SIMULATION_HELP, choices={"algorithm": ALGORITHMS}, skip=skip
     )
 
 

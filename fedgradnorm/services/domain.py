@@ -33,11 +33,13 @@ class Registration:
 
 @dataclass(frozen=True)
 class RoundTicket:
-    """An open round as a participant sees it: the number, the deadline and omega_k."""
+    """An open round as a participant sees it: the number, the deadline and omega_k; or, when
+    ``final``, the trained model: omega after the last round (``round`` = rounds trained, no deadline)."""
 
     round: int
     deadline_unix: float
     omega: TensorDict  # read-only: shared by every fetch of the round and by the commit
+    final: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
 from fedgradnorm.algorithm import ClientConfig
+from fedgradnorm.models import Architecture
 from fedgradnorm.services.aggregator.config import CoordinatorConfig
 from fedgradnorm.services.domain import Phase, Registration, StateView, Submission
 
@@ -94,10 +95,26 @@ def register_response(
         heartbeat_interval_seconds=cfg.heartbeat_interval,
         weight=reg.weight,
         resumed=reg.resumed,
+        network_fingerprint=cfg.spec.architecture.fingerprint,
     )
     if reg.initial_loss is not None:
         resp.initial_loss = reg.initial_loss
     return resp
+
+
+def network_architecture(arch: Architecture) -> pb.NetworkArchitecture:
+    return pb.NetworkArchitecture(
+        fingerprint=arch.fingerprint,
+        parameters=[pb.ParameterShape(name=n, shape=list(shape), dtype=d) for n, shape, d in arch.parameters],
+    )
+
+
+def architecture(msg: pb.NetworkArchitecture) -> Architecture:
+    """The node's network as it declared it (the caller bounds the sizes first: see Membership)."""
+    return Architecture(
+        fingerprint=msg.fingerprint,
+        parameters=tuple((p.name, tuple(int(d) for d in p.shape), p.dtype) for p in msg.parameters),
+    )
 
 
 def round_config(rc: pb.RoundConfig) -> ClientConfig:
@@ -135,8 +152,9 @@ def state_response(view: StateView, cfg: CoordinatorConfig) -> pb.GetStateRespon
         round=view.round,
         phase=PHASES[view.phase],
         algorithm=cfg.algorithm,
-        dataset=cfg.dataset,
+        federation=cfg.spec.name,
         network=cfg.network,
+        network_fingerprint=cfg.spec.architecture.fingerprint,
         hyperparameters=pb.Hyperparameters(
             gamma=cfg.gamma,
             alpha=cfg.alpha,

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # torch is loaded when a config is used, not when --help list
     import torch
 
     from fedgradnorm.algorithm import ServerConfig
-    from fedgradnorm.tasks import Federation
+    from fedgradnorm.federation import Federation
 
 WIRE_DTYPES = tuple(DTYPE_BY_NAME)
 
@@ -73,13 +73,15 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    dataset: str = setting("radcom", "the federation this aggregator trains: radcom or mtfl")
+    federation: str = setting(
+        "radcom", "the federation this aggregator trains: radcom, mtfl, or a federation spec file (.toml) of yours"
+    )
     algorithm: Algorithm = setting("fedgradnorm", "the server step: FedGradNorm's weights, or FedRep (p = 1)")
     gamma: float = setting(GAMMA, "GradNorm's asymmetry gamma")
     alpha: float = setting(ALPHA, "learning rate of the Adam on the weights p")
     beta: float = setting(BETA, "learning rate of the Adam on omega (server) and of the nodes' local Adam")
     omega_tilde: tuple[str, ...] = setting(
-        (), "comma-separated shared parameters of the gradient norm (empty: last layer)"
+        (), "comma-separated shared parameters of the gradient norm (empty: the spec's, else the last layer)"
     )
     tau_h: int = setting(TAU_H, "local head updates per round (minibatches)")
     tau_omega: int = setting(TAU_OMEGA, "local shared-network updates per round (minibatches)")
@@ -104,9 +106,8 @@ class CoordinatorConfig:
 
     def __post_init__(self) -> None:
         from fedgradnorm.algorithm import ServerConfig
-        from fedgradnorm.tasks import federation
 
-        federation(self.dataset)
+        _ = self.spec  # fails fast on an unknown federation or a bad spec
         ServerConfig(algorithm=self.algorithm, gamma=self.gamma, alpha=self.alpha, beta=self.beta)
         if self.min_nodes < 1 or self.max_nodes < self.min_nodes:
             raise ValueError("need 1 <= min_nodes <= max_nodes")
@@ -128,14 +129,16 @@ class CoordinatorConfig:
             raise ValueError("need tau_h >= 0, tau_omega >= 1, batch_size >= 1, rounds >= 0")
 
     @property
-    def federation(self) -> Federation:
-        from fedgradnorm.tasks import federation
+    def spec(self) -> Federation:
+        """The federation ``federation`` names (a shipped one or a spec file)."""
+        from fedgradnorm.federation import load_federation
 
-        return federation(self.dataset)
+        return load_federation(self.federation)
 
     @property
     def network(self) -> str:
-        return self.federation.network
+        """The shared network's factory, e.g. fedgradnorm.models:Network2."""
+        return self.spec.network.ref
 
     def server_config(self, omega: Mapping[str, torch.Tensor]) -> ServerConfig:
         from fedgradnorm.algorithm import ServerConfig, default_omega_tilde
@@ -145,8 +148,14 @@ class CoordinatorConfig:
             gamma=self.gamma,
             alpha=self.alpha,
             beta=self.beta,
-            omega_tilde=self.omega_tilde or default_omega_tilde(omega),
+            omega_tilde=self.omega_tilde or self.spec.omega_tilde or default_omega_tilde(omega),
         )
 
     def identity(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "network": self.network, "algorithm": self.algorithm, "seed": self.seed}
+        spec = self.spec
+        return {
+            "federation": spec.name,
+            "network": spec.architecture.fingerprint,
+            "algorithm": self.algorithm,
+            "seed": self.seed,
+        }

@@ -40,7 +40,7 @@ from fedgradnorm.algorithm import (
     norm_outliers,
     server_step,
 )
-from fedgradnorm.models import build_shared
+from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services.aggregator.admission import admit, check_initial_loss
 from fedgradnorm.services.aggregator.commit import CommitPipeline
@@ -110,7 +110,7 @@ class RoundCoordinator:
         """Resume from the store, or initialise omega from the seed. Raises StateError."""
         snap = self.store.load()
         if snap is None:
-            shared = build_shared(self.config.network, self.config.seed)
+            shared = self.config.spec.build_shared(self.config.seed)
             self._state = ServerState.initial(dict(shared.named_parameters()))
             log.info(
                 "state.initialised", network=self.config.network, seed=self.config.seed, store=self.store.describe()
@@ -243,7 +243,8 @@ class RoundCoordinator:
         self,
         *,
         name: str,
-        dataset: str,
+        federation: str,
+        network: Architecture,
         task: str,
         num_samples: int,
         enrollment_token: str = "",
@@ -251,10 +252,12 @@ class RoundCoordinator:
         session_token: str = "",
         peer: str = "",
     ) -> Registration:
-        """Enrol a node or resume one. ``peer`` (the caller's host) keys the attempt rate limits."""
+        """Enrol a node or resume one. ``peer`` (the caller's host) keys the attempt rate limits;
+        ``network`` is the shared network the node built (refused unless it is this federation's)."""
         peer = self.members.check_request(
             name=name,
-            dataset=dataset,
+            federation=federation,
+            network=network,
             task=task,
             num_samples=num_samples,
             enrollment_token=enrollment_token,
@@ -264,11 +267,11 @@ class RoundCoordinator:
         with self._cond:
             assert self._state is not None
             if node_id:
-                member = self.members.resume(node_id, session_token, task, dataset, num_samples)
+                member = self.members.resume(node_id, session_token, task, federation, num_samples)
                 self._cond.notify_all()
                 log.info("node.resumed", node=node_id, task=task)
                 return Registration(node_id, session_token, True, member.initial_loss, self._state.weight(node_id))
-            member, token = self.members.enrol(name, dataset, task, num_samples, peer)
+            member, token = self.members.enrol(name, federation, task, num_samples, peer)
             self._cond.notify_all()
         log.info("node.registered", node=name, task=task, samples=num_samples)
         return Registration(member.node_id, token, False, None, 1.0)
@@ -296,7 +299,7 @@ class RoundCoordinator:
     ) -> RoundTicket | None:
         """Wait up to ``wait_seconds`` for an open round that includes the node and that it has not
         yet submitted to; None when there is none by then (the node asks again) or when ``alive``
-        turns false (the caller went away)."""
+        turns false (the caller went away). Once training is over: the final model (``final``)."""
         end = time.monotonic() + max(0.0, min(wait_seconds, 300.0))
         with self._cond:
             while True:
@@ -305,7 +308,8 @@ class RoundCoordinator:
                 if self._phase is Phase.OPEN and o is not None and node_id in o.participants - o.submitted.keys():
                     return RoundTicket(o.number, o.deadline_unix, o.omega)
                 if self._phase is Phase.DONE:
-                    return None
+                    assert self._state is not None
+                    return RoundTicket(self._state.round, 0.0, self._state.omega, final=True)
                 remaining = end - time.monotonic()
                 if remaining <= 0 or self._stop.is_set() or not alive():
                     return None

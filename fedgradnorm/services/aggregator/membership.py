@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services.aggregator.config import CoordinatorConfig
 from fedgradnorm.services.aggregator.errors import (
@@ -30,7 +31,8 @@ from fedgradnorm.services.aggregator.store import MemberRecord
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_SAMPLES = 1_000_000_000
-MAX_FIELD = 256  # longest dataset, task, node id or peer string kept or echoed before it is checked
+MAX_FIELD = 256  # longest federation, task, node id or peer string kept or echoed before it is checked
+MAX_PARAMETERS = 4096  # most parameter tensors a node may declare for its shared network
 
 
 class RateLimiter:
@@ -85,7 +87,16 @@ class Membership:
     # -- registering --------------------------------------------------------------------------
 
     def check_request(
-        self, *, name: str, dataset: str, task: str, num_samples: int, enrollment_token: str, node_id: str, peer: str
+        self,
+        *,
+        name: str,
+        federation: str,
+        network: Architecture,
+        task: str,
+        num_samples: int,
+        enrollment_token: str,
+        node_id: str,
+        peer: str,
     ) -> str:
         """Everything about a Register call that needs no member record; returns the peer key.
         Sizes come first: nothing a caller sends is kept (a rate-limiter key) or echoed before it
@@ -93,8 +104,8 @@ class Membership:
         cfg = self.config
         if not NAME_RE.match(name or ""):
             raise InvalidArgument(f"node name {name[:64]!r} must match {NAME_RE.pattern}", reason=Reason.BAD_NAME)
-        if len(dataset) > MAX_FIELD or len(task) > MAX_FIELD or len(node_id) > MAX_FIELD:
-            raise InvalidArgument(f"dataset, task and node_id are at most {MAX_FIELD} characters", Reason.BAD_VALUE)
+        if len(federation) > MAX_FIELD or len(task) > MAX_FIELD or len(node_id) > MAX_FIELD:
+            raise InvalidArgument(f"federation, task and node_id are at most {MAX_FIELD} characters", Reason.BAD_VALUE)
         peer = peer[:MAX_FIELD]
         if not self.attempts.allow(f"{peer}|{name}"):
             raise ResourceExhausted(
@@ -107,17 +118,26 @@ class Membership:
             if not self._failures.allow(peer):
                 raise ResourceExhausted(f"too many failed enrolments from {peer or 'this peer'}", Reason.RATE_LIMITED)
             raise Unauthenticated("enrollment token is missing or wrong", Reason.BAD_ENROLLMENT)
-        if dataset != cfg.dataset:
-            raise InvalidArgument(f"this aggregator federates {cfg.dataset!r}, not {dataset!r}", Reason.BAD_TASK)
-        if task not in cfg.federation.task_names:
+        spec = cfg.spec
+        if federation != spec.name:
+            raise InvalidArgument(f"this aggregator federates {spec.name!r}, not {federation!r}", Reason.BAD_TASK)
+        if task not in spec.task_names:
+            raise InvalidArgument(f"unknown task {task!r} for {federation}; tasks: {list(spec.task_names)}", Reason.BAD_TASK)
+        if len(network.parameters) > MAX_PARAMETERS or any(len(n) > MAX_FIELD for n, _, _ in network.parameters):
             raise InvalidArgument(
-                f"unknown task {task!r} for {dataset}; tasks: {list(cfg.federation.task_names)}", Reason.BAD_TASK
+                f"a network of at most {MAX_PARAMETERS} tensors named in at most {MAX_FIELD} characters", Reason.BAD_VALUE
+            )
+        if network.fingerprint != spec.architecture.fingerprint:
+            raise FailedPrecondition(
+                f"the node's shared network is not this federation's ({federation}: {spec.network.ref}): "
+                f"{spec.architecture.difference(network)} (here: the aggregator; there: the node)",
+                Reason.NETWORK_MISMATCH,
             )
         if not 1 <= num_samples <= MAX_SAMPLES:
             raise InvalidArgument(f"num_samples must be in [1, {MAX_SAMPLES}], got {num_samples}", Reason.BAD_VALUE)
         return peer
 
-    def resume(self, node_id: str, session_token: str, task: str, dataset: str, num_samples: int) -> MemberRecord:
+    def resume(self, node_id: str, session_token: str, task: str, federation: str, num_samples: int) -> MemberRecord:
         """A known node registers again with its stored id and token."""
         expected = self.records.get(node_id)
         if expected is None:
@@ -125,7 +145,7 @@ class Membership:
         if not hmac.compare_digest(hash_token(session_token or ""), expected.token_sha256):
             raise Unauthenticated(f"session token does not belong to node {node_id!r}", Reason.BAD_TOKEN)
         member = expected
-        if member.task != task or member.dataset != dataset:
+        if member.task != task or member.federation != federation:
             raise InvalidArgument(
                 f"node {node_id!r} was registered for task {member.task!r}, not {task!r}", Reason.BAD_TASK
             )
@@ -138,7 +158,7 @@ class Membership:
         self._last_seen[node_id] = time.monotonic()
         return member
 
-    def enrol(self, name: str, dataset: str, task: str, num_samples: int, peer: str) -> tuple[MemberRecord, str]:
+    def enrol(self, name: str, federation: str, task: str, num_samples: int, peer: str) -> tuple[MemberRecord, str]:
         """A new node: its record and its session token (returned once, stored only as a hash)."""
         if name in self.records:
             raise AlreadyExists(
@@ -154,7 +174,7 @@ class Membership:
         member = MemberRecord(
             node_id=name,
             name=name,
-            dataset=dataset,
+            federation=federation,
             task=task,
             token_sha256=hash_token(token),
             num_samples=num_samples,

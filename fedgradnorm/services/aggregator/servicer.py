@@ -6,6 +6,7 @@ No FedGradNorm logic lives here; every decision is the coordinator's, every numb
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import NoReturn
 
@@ -33,7 +34,6 @@ from fedgradnorm.services.aggregator.errors import (
 from fedgradnorm.services.aggregator.membership import NAME_RE
 from fedgradnorm.services.aggregator.metrics import AggregatorMetrics
 from fedgradnorm.services.aggregator.streams import StreamBusy, StreamGuard
-from fedgradnorm.services.domain import Phase
 from fedgradnorm.services.refusals import refuse, wire_status
 
 log = structlog.get_logger("fedgradnorm.aggregator")
@@ -49,6 +49,7 @@ STATUS: dict[type[CoordinatorError], grpc.StatusCode] = {
 
 
 STREAM_GRACE = 5.0  # seconds a stream may run past its round's deadline before it is cancelled
+FINAL_MODEL_SECONDS = 120.0  # how long a FINISHED stream (the final model) may take to be read
 
 
 def _abort(context: grpc.ServicerContext, error: CoordinatorError | wire.WireError) -> NoReturn:
@@ -111,7 +112,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
         try:
             reg = self.coord.register(
                 name=request.node_name,
-                dataset=request.dataset,
+                federation=request.federation,
+                network=serde.architecture(request.network),
                 task=request.task,
                 num_samples=request.num_samples,
                 enrollment_token=request.enrollment_token,
@@ -164,15 +166,18 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
             if stream.cancelled:  # replaced by a newer FetchRound of the node (or past its deadline)
                 refuse(context, grpc.StatusCode.CANCELLED, Reason.REPLACED, f"stream {stream.cancelled}")
             if ticket is None:
-                status = pb.ROUND_STATUS_FINISHED if self.coord.phase is Phase.DONE else pb.ROUND_STATUS_NOT_YET
-                yield pb.FetchRoundResponse(header=pb.RoundHeader(status=status, round=self.coord.round))
+                yield pb.FetchRoundResponse(header=pb.RoundHeader(status=pb.ROUND_STATUS_NOT_YET, round=self.coord.round))
                 return
-            stream.expire_at_unix(ticket.deadline_unix, STREAM_GRACE)  # a reader that stalls is cut off
+            if ticket.final:  # the trained model, exact (float32), to a reader that keeps up
+                dtype = DType.DTYPE_FLOAT32
+                stream.expire_at_unix(time.time() + FINAL_MODEL_SECONDS, STREAM_GRACE)
+            else:  # a reader that stalls is cut off at the round's deadline
+                stream.expire_at_unix(ticket.deadline_unix, STREAM_GRACE)
             specs = wire.tensor_specs(ticket.omega, dtype)
             total = wire.payload_nbytes(specs)
             yield pb.FetchRoundResponse(
                 header=pb.RoundHeader(
-                    status=pb.ROUND_STATUS_OPEN,
+                    status=pb.ROUND_STATUS_FINISHED if ticket.final else pb.ROUND_STATUS_OPEN,
                     round=ticket.round,
                     deadline_unix_seconds=ticket.deadline_unix,
                     tensors=specs,

@@ -36,7 +36,7 @@ class MemberRecord:
 
     node_id: str
     name: str
-    dataset: str
+    federation: str
     task: str
     token_sha256: str
     num_samples: int
@@ -55,7 +55,7 @@ class MemberRecord:
 
 @dataclass
 class Snapshot:
-    identity: dict[str, Any]  # network, algorithm, dataset, seed: a restart with others is refused
+    identity: dict[str, Any]  # network, algorithm, federation, seed: a restart with others is refused
     server: ServerState
     members: dict[str, MemberRecord]
     # The metrics.jsonl rows of the round this state closed, so that a crash between the commit

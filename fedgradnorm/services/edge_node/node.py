@@ -26,7 +26,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
 from fedgradnorm.algorithm import ClientConfig
 from fedgradnorm.client import LocalClient, load_omega_
-from fedgradnorm.data.federation import Allocation, ClientData, DataSource, load_clients
+from fedgradnorm.data.partition import Allocation, ClientData, DataSource, load_clients
 from fedgradnorm.errors import FatalError
 from fedgradnorm.models import build_shared
 from fedgradnorm.reasons import Reason

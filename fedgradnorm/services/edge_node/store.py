@@ -23,7 +23,7 @@ class Identity:
     node_id: str
     session_token: str
     aggregator: str
-    dataset: str
+    federation: str
     task: str
 
 

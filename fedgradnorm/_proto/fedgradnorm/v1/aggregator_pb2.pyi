@@ -35,22 +35,42 @@ PHASE_DONE: Phase
 PHASE_HALTED: Phase
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("enrollment_token", "node_name", "dataset", "task", "num_samples", "node_id", "session_token")
+    __slots__ = ("enrollment_token", "node_name", "federation", "task", "num_samples", "node_id", "session_token", "network")
     ENROLLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
-    DATASET_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
     enrollment_token: str
     node_name: str
-    dataset: str
+    federation: str
     task: str
     num_samples: int
     node_id: str
     session_token: str
-    def __init__(self, enrollment_token: _Optional[str] = ..., node_name: _Optional[str] = ..., dataset: _Optional[str] = ..., task: _Optional[str] = ..., num_samples: _Optional[int] = ..., node_id: _Optional[str] = ..., session_token: _Optional[str] = ...) -> None: ...
+    network: NetworkArchitecture
+    def __init__(self, enrollment_token: _Optional[str] = ..., node_name: _Optional[str] = ..., federation: _Optional[str] = ..., task: _Optional[str] = ..., num_samples: _Optional[int] = ..., node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., network: _Optional[_Union[NetworkArchitecture, _Mapping]] = ...) -> None: ...
+
+class NetworkArchitecture(_message.Message):
+    __slots__ = ("fingerprint", "parameters")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    parameters: _containers.RepeatedCompositeFieldContainer[ParameterShape]
+    def __init__(self, fingerprint: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[ParameterShape, _Mapping]]] = ...) -> None: ...
+
+class ParameterShape(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
     __slots__ = ("tau_h", "tau_omega", "beta", "batch_size")
@@ -65,7 +85,7 @@ class RoundConfig(_message.Message):
     def __init__(self, tau_h: _Optional[int] = ..., tau_omega: _Optional[int] = ..., beta: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("node_id", "session_token", "network", "algorithm", "omega_tilde", "round_config", "seed", "wire_dtype", "accepted_dtypes", "max_chunk_bytes", "max_update_bytes", "heartbeat_interval_seconds", "initial_loss", "weight", "resumed")
+    __slots__ = ("node_id", "session_token", "network", "algorithm", "omega_tilde", "round_config", "seed", "wire_dtype", "accepted_dtypes", "max_chunk_bytes", "max_update_bytes", "heartbeat_interval_seconds", "initial_loss", "weight", "resumed", "network_fingerprint")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +101,7 @@ class RegisterResponse(_message.Message):
     INITIAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session_token: str
     network: str
@@ -96,7 +117,8 @@ class RegisterResponse(_message.Message):
     initial_loss: float
     weight: float
     resumed: bool
-    def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., network: _Optional[str] = ..., algorithm: _Optional[str] = ..., omega_tilde: _Optional[_Iterable[str]] = ..., round_config: _Optional[_Union[RoundConfig, _Mapping]] = ..., seed: _Optional[int] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., max_chunk_bytes: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., initial_loss: _Optional[float] = ..., weight: _Optional[float] = ..., resumed: _Optional[bool] = ...) -> None: ...
+    network_fingerprint: str
+    def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., network: _Optional[str] = ..., algorithm: _Optional[str] = ..., omega_tilde: _Optional[_Iterable[str]] = ..., round_config: _Optional[_Union[RoundConfig, _Mapping]] = ..., seed: _Optional[int] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., max_chunk_bytes: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., initial_loss: _Optional[float] = ..., weight: _Optional[float] = ..., resumed: _Optional[bool] = ..., network_fingerprint: _Optional[str] = ...) -> None: ...
 
 class FetchRoundRequest(_message.Message):
     __slots__ = ("node_id", "session_token", "wait_seconds", "dtype")
@@ -279,11 +301,11 @@ class NodeState(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., task: _Optional[str] = ..., weight: _Optional[float] = ..., loss_ratio: _Optional[float] = ..., grad_norm: _Optional[float] = ..., train_loss: _Optional[float] = ..., initial_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., active: _Optional[bool] = ..., last_round: _Optional[int] = ..., registered_unix_seconds: _Optional[float] = ...) -> None: ...
 
 class GetStateResponse(_message.Message):
-    __slots__ = ("round", "phase", "algorithm", "dataset", "network", "hyperparameters", "nodes", "halted_reason", "last_committed_round", "next_page_token", "total_nodes")
+    __slots__ = ("round", "phase", "algorithm", "federation", "network", "hyperparameters", "nodes", "halted_reason", "last_committed_round", "next_page_token", "total_nodes", "network_fingerprint")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
-    DATASET_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
@@ -291,10 +313,11 @@ class GetStateResponse(_message.Message):
     LAST_COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NODES_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     round: int
     phase: Phase
     algorithm: str
-    dataset: str
+    federation: str
     network: str
     hyperparameters: Hyperparameters
     nodes: _containers.RepeatedCompositeFieldContainer[NodeState]
@@ -302,4 +325,5 @@ class GetStateResponse(_message.Message):
     last_committed_round: int
     next_page_token: str
     total_nodes: int
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., algorithm: _Optional[str] = ..., dataset: _Optional[str] = ..., network: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., halted_reason: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., next_page_token: _Optional[str] = ..., total_nodes: _Optional[int] = ...) -> None: ...
+    network_fingerprint: str
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., algorithm: _Optional[str] = ..., federation: _Optional[str] = ..., network: _Optional[str] = ..., hyperparameters: _Optional[_Union[Hyperparameters, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeState, _Mapping]]] = ..., halted_reason: _Optional[str] = ..., last_committed_round: _Optional[int] = ..., next_page_token: _Optional[str] = ..., total_nodes: _Optional[int] = ..., network_fingerprint: _Optional[str] = ...) -> None: ...
