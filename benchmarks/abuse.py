@@ -62,7 +62,8 @@ class Attacker:
         resp = self.stub.Register(
             pb.RegisterRequest(
                 node_name=name,
-                dataset="radcom",
+                federation="radcom",
+                network=serde.federation_network("radcom"),
                 task="anomaly",
                 num_samples=10,
                 enrollment_token=self.enrollment_token,
@@ -93,7 +94,13 @@ def _header(a: Attacker, round_: int, gradient: dict[str, torch.Tensor]) -> pb.S
 def huge_names(a: Attacker) -> None:
     i = 0
     while not a.stop.is_set():
-        req = pb.RegisterRequest(node_name=f"{i}" + "x" * (1 << 20), dataset="radcom", task="anomaly", num_samples=1)
+        req = pb.RegisterRequest(
+            node_name=f"{i}" + "x" * (1 << 20),
+            federation="radcom",
+            network=serde.federation_network("radcom"),
+            task="anomaly",
+            num_samples=1,
+        )
         i += 1
         with contextlib.suppress(grpc.RpcError):
             a.stub.Register(req, timeout=30)
@@ -148,7 +155,14 @@ def sybils(a: Attacker) -> None:
             return
         try:
             a.stub.Register(
-                pb.RegisterRequest(node_name=f"sybil-{i}", dataset="radcom", task="anomaly", num_samples=1), timeout=30
+                pb.RegisterRequest(
+                    node_name=f"sybil-{i}",
+                    federation="radcom",
+                    network=serde.federation_network("radcom"),
+                    task="anomaly",
+                    num_samples=1,
+                ),
+                timeout=30,
             )
         except grpc.RpcError:
             a.stop.wait(0.05)
@@ -188,7 +202,7 @@ ATTACKS: dict[str, tuple[str, Callable[[Attacker], None]]] = {
 def measure(workdir: Path, attack: str, warm: float, window: float, settle: float) -> dict[str, float]:
     fresh(workdir)
     flags = [
-        "--dataset",
+        "--federation",
         "radcom",
         "--min-nodes",
         "2",
@@ -205,7 +219,16 @@ def measure(workdir: Path, attack: str, warm: float, window: float, settle: floa
         procs.append(agg)
         env = {"FEDGRADNORM_ENROLLMENT_TOKEN": "bench-token"}
         for task in ("modulation", "signal"):
-            node_flags = ["--dataset", "radcom", "--synthetic-size", "2", "--no-train", "true", "--torch-threads", "1"]
+            node_flags = [
+                "--federation",
+                "radcom",
+                "--synthetic-size",
+                "2",
+                "--no-train",
+                "true",
+                "--torch-threads",
+                "1",
+            ]
             procs.append(start_edge_node(workdir, ready["grpc_port"], task, node_flags, env=env))
         log = workdir / "aggregator-state" / "metrics.jsonl"
         deadline = time.monotonic() + 120

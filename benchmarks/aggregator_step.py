@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.common import MB, Table, fmt_s, median
 from fedgradnorm.algorithm import ClientUpdate, ServerConfig, ServerState, server_step
+from fedgradnorm.federation import load_federation
 from fedgradnorm.machine import torch_threads
-from fedgradnorm.models import build_shared
 
 
 def _status_kib(field: str) -> int:
@@ -53,7 +53,7 @@ def read_bandwidth(nbytes: int = 512 * MB, repeats: int = 5) -> float:
 
 
 def measure(nodes: int, repeats: int) -> dict[str, float]:
-    shared = build_shared("network2", 0)
+    shared = load_federation("radcom").build_shared(0)
     state = ServerState.initial(dict(shared.named_parameters()))
     config = ServerConfig()
     # Distinct gradients per node (the step must read each from memory, not from a cache).

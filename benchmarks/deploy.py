@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedgradnorm.federation import load_federation
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
-from fedgradnorm.tasks import federation
 
 
 def fresh(workdir: Path) -> None:
@@ -149,7 +149,7 @@ class Deployment:
     """Aggregator + one edge node per entry of ``nodes`` (task names), plaintext on 127.0.0.1."""
 
     workdir: Path
-    dataset: str = "radcom"
+    federation: str = "radcom"
     nodes: Sequence[str] = ()
     aggregator_flags: Sequence[str] = ()
     node_flags: Sequence[str] = ()
@@ -168,14 +168,14 @@ class Deployment:
 
         fresh(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        nodes = list(self.nodes) or list(federation(self.dataset).task_names)
+        nodes = list(self.nodes) or list(load_federation(self.federation).task_names)
         metrics = self.workdir / "metrics.jsonl"
         try:
             agg, ready = start_aggregator(
                 self.workdir,
                 [
-                    "--dataset",
-                    self.dataset,
+                    "--federation",
+                    self.federation,
                     "--min-nodes",
                     str(len(nodes)),
                     "--state-dir",
@@ -198,7 +198,7 @@ class Deployment:
                 node_port = self.proxy.port
             for i, task in enumerate(nodes):
                 name = f"{task}-{i}" if nodes.count(task) > 1 else task
-                flags = ["--dataset", self.dataset, *self.node_flags]
+                flags = ["--federation", self.federation, *self.node_flags]
                 if self.node_metrics:
                     port = free_port()
                     self.metrics_ports[name] = port

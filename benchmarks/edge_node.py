@@ -17,21 +17,20 @@ from benchmarks.deploy import Deployment
 from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.partition import Allocation, DataSource, load_clients
 from fedgradnorm.machine import torch_threads
-from fedgradnorm.models import build_shared
 from fedgradnorm.simulation_config import SimulationConfig
 
 
 def outside(config: SimulationConfig, task: str, rounds: int, skip: int) -> float:
     with torch_threads(1):
-        fed = config.federation
+        fed = config.spec
         data = load_clients(
-            DataSource("radcom", None, config.seed, config.synthetic_size),
+            DataSource(fed, None, config.seed, config.synthetic_size),
             fed.task_names,
             Allocation.parse("balanced", config.test_fraction),
             config.seed,
         )
-        client = LocalClient(task, fed.task(task), data[task], config.client_config(), config.seed)
-        shared = build_shared(fed.network, config.seed)
+        client = LocalClient(task, fed, data[task], config.client_config(), config.seed)
+        shared = fed.build_shared(config.seed)
         omega = {k: v.detach().clone() for k, v in shared.named_parameters()}
         times = []
         for k in range(rounds + skip):
@@ -60,7 +59,7 @@ def inside(workdir: Path, config: SimulationConfig, task: str, rounds: int, skip
 
 
 def run(workdir: Path, synthetic_size: int = 20, rounds: int = 8, skip: int = 2) -> Table:
-    config = SimulationConfig(dataset="radcom", synthetic_size=synthetic_size)
+    config = SimulationConfig(federation="radcom", synthetic_size=synthetic_size)
     task = "modulation"
     t_out = outside(config, task, rounds, skip)
     t_in = inside(workdir / "edge", config, task, rounds, skip)

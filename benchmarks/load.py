@@ -70,9 +70,10 @@ async def _drive(port: int, nodes: int, rounds: int, time_limit: float) -> dict[
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
     from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
     from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
-    from fedgradnorm.models import build_shared
+    from fedgradnorm.federation import load_federation
+    from fedgradnorm.services import serde
 
-    zeros = {k: torch.zeros_like(v) for k, v in build_shared("network1", 0).named_parameters()}
+    zeros = {k: torch.zeros_like(v) for k, v in load_federation("mtfl").build_shared(0).named_parameters()}
     specs = wire.tensor_specs(zeros, tensor_pb2.DTYPE_FLOAT32)
     chunks = list(wire.iter_chunks(zeros, tensor_pb2.DTYPE_FLOAT32, wire.DEFAULT_CHUNK_BYTES))
     shapes = {k: tuple(v.shape) for k, v in zeros.items()}
@@ -86,7 +87,14 @@ async def _drive(port: int, nodes: int, rounds: int, time_limit: float) -> dict[
         task = TASKS[i % len(TASKS)]
         t0 = time.perf_counter()
         reg = await stub.Register(
-            pb.RegisterRequest(node_name=f"load-{i:04d}", dataset="mtfl", task=task, num_samples=100), timeout=60
+            pb.RegisterRequest(
+                node_name=f"load-{i:04d}",
+                federation="mtfl",
+                network=serde.federation_network("mtfl"),
+                task=task,
+                num_samples=100,
+            ),
+            timeout=60,
         )
         stats["Register"].append(time.perf_counter() - t0)
         ident = {"node_id": reg.node_id, "session_token": reg.session_token}
@@ -167,7 +175,7 @@ def measure(
     metrics = workdir / "metrics.jsonl"
     ctx = multiprocessing.get_context("spawn")
     flags = [
-        "--dataset",
+        "--federation",
         "mtfl",
         "--min-nodes",
         str(nodes),

@@ -28,8 +28,8 @@ from benchmarks.common import MB, Table, fmt_s, loopback_copy, median
 from benchmarks.deploy import Deployment, intervals
 from fedgradnorm.algorithm import ClientUpdate, ServerState, server_step
 from fedgradnorm.client import load_omega_
+from fedgradnorm.federation import load_federation
 from fedgradnorm.machine import torch_threads
-from fedgradnorm.models import build_shared
 from fedgradnorm.simulation_config import SimulationConfig
 from fedgradnorm.simulator import Simulation
 
@@ -38,7 +38,7 @@ def server_step_seconds(nodes: int, repeats: int, config: SimulationConfig) -> f
     """Best time of the server step on ``nodes`` zero gradients (Network 2): the in-process cost
     with the least interference from other work on the machine (a conservative reference: it
     makes the overhead larger, never smaller)."""
-    shared = build_shared(config.federation.network, 0)
+    shared = config.spec.build_shared(0)
     state = ServerState.initial(dict(shared.named_parameters()))
     zeros = {k: torch.zeros_like(v) for k, v in state.omega.items()}
     updates = [ClientUpdate(f"n{i}", zeros, 1.0) for i in range(nodes)]
@@ -54,10 +54,10 @@ def commit_seconds(workdir: Path, repeats: int) -> float:
     """Median time of the aggregator's atomic state commit (omega + Adam moments) on this disk."""
     from fedgradnorm.services.aggregator.store import FileStateStore, Snapshot
 
-    shared = build_shared("network2", 0)
+    shared = load_federation("radcom").build_shared(0)
     state = ServerState.initial(dict(shared.named_parameters()))
     store = FileStateStore(str(workdir / "commit-probe"))
-    snap = Snapshot(identity={"dataset": "radcom"}, server=state, members={})
+    snap = Snapshot(identity={"federation": "radcom"}, server=state, members={})
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -164,8 +164,8 @@ def _phases(result: dict[str, Any]) -> str:
 
 
 def run(workdir: Path, synthetic_size: int = 20, rounds_idle: int = 20, rounds_train: int = 10) -> Table:
-    config = SimulationConfig(dataset="radcom", synthetic_size=synthetic_size, tau_h=5, tau_omega=5, batch_size=64)
-    model_bytes = sum(p.numel() * 4 for p in build_shared("network2", 0).parameters())
+    config = SimulationConfig(federation="radcom", synthetic_size=synthetic_size, tau_h=5, tau_omega=5, batch_size=64)
+    model_bytes = sum(p.numel() * 4 for p in load_federation("radcom").build_shared(0).parameters())
     per_round_bytes = 2 * 3 * model_bytes
     floor = loopback_copy(per_round_bytes)
     step3 = server_step_seconds(3, 7, config)

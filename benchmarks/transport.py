@@ -43,9 +43,9 @@ OPTIONS = [
 def model(name: str) -> dict[str, torch.Tensor]:
     """``network2``: Network 2's shared tensors (15.7 MB); ``big``: 64 tensors of 1 Mi floats (256 MiB)."""
     if name == "network2":
-        from fedgradnorm.models import build_shared
+        from fedgradnorm.federation import load_federation
 
-        return {k: v.detach().clone() for k, v in build_shared("network2", 0).named_parameters()}
+        return {k: v.detach().clone() for k, v in load_federation("radcom").build_shared(0).named_parameters()}
     if name == "big":
         g = torch.Generator().manual_seed(0)
         return {f"layer{i}.weight": torch.randn(1024, 1024, generator=g) for i in range(64)}
@@ -223,9 +223,9 @@ def wire_bytes(
     dtypes: tuple[str, ...] = ("float32", "float16"),
     nodes: tuple[str, ...] = ("modulation", "signal", "anomaly"),
 ) -> Table:
-    from fedgradnorm.models import build_shared
+    from fedgradnorm.federation import load_federation
 
-    raw = sum(p.numel() * 4 for p in build_shared("network2", 0).parameters())
+    raw = sum(p.numel() * 4 for p in load_federation("radcom").build_shared(0).parameters())
     t = Table(
         f"Bytes on the wire per round (aggregator + {len(nodes)} no-train RadCom nodes, counting proxy on loopback)",
         ["wire dtype", "raw float32 tensor bytes per round", "bytes on the wire per round", "wire / raw"],
@@ -266,7 +266,7 @@ def float16_learning(synthetic_size: int, rounds: int) -> Table:
     def round16(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(torch.float16).float() for k, v in tensors.items()}
 
-    config = SimulationConfig(dataset="radcom", synthetic_size=synthetic_size, rounds=rounds)
+    config = SimulationConfig(federation="radcom", synthetic_size=synthetic_size, rounds=rounds)
     finals: dict[str, dict[str, dict[str, float]]] = {}
     for dtype in ("float32", "float16"):
         sim = Simulation.build(config)

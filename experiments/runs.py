@@ -23,10 +23,11 @@ import torch
 
 from fedgradnorm.client import load_omega_
 from fedgradnorm.data.partition import Allocation, ClientData, DataSource, load_clients, load_pools
+from fedgradnorm.federation import load_federation
 from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA
 from fedgradnorm.simulation_config import SimulationConfig
 from fedgradnorm.simulator import Simulation, write_jsonl
-from fedgradnorm.tasks import derive_seed, federation
+from fedgradnorm.tasks import derive_seed
 
 ALGORITHMS = ("fedrep", "fedgradnorm")  # every experiment compares these two, on the same seeds
 
@@ -36,7 +37,7 @@ class RunSpec:
     """Everything that determines one run; its JSON is stored beside the results."""
 
     experiment: str  # "mtfl-imbalanced" | "mtfl-balanced" | "radcom"
-    dataset: str
+    dataset: str  # the federation: "mtfl" | "radcom"
     allocation: str
     algorithm: str
     seed: int  # partition, model initialisation, heads and minibatch order
@@ -57,11 +58,13 @@ class RunSpec:
         return f"{self.experiment}/{self.algorithm}/seed{self.seed}"
 
     def source(self) -> DataSource:
-        return DataSource(self.dataset, None, synthetic_seed=self.data_seed, synthetic_size=self.synthetic_size)
+        return DataSource(
+            load_federation(self.dataset), None, synthetic_seed=self.data_seed, synthetic_size=self.synthetic_size
+        )
 
     def config(self) -> SimulationConfig:
         return SimulationConfig(
-            dataset=self.dataset,
+            federation=self.dataset,
             algorithm=self.algorithm,  # type: ignore[arg-type]
             rounds=self.rounds,
             seed=self.seed,
@@ -85,7 +88,7 @@ def prepare_data(spec: RunSpec) -> float:
 
 
 def client_data(spec: RunSpec) -> dict[str, ClientData]:
-    fed = federation(spec.dataset)
+    fed = load_federation(spec.dataset)
     return load_clients(spec.source(), fed.task_names, Allocation.parse(spec.allocation, spec.test_fraction), spec.seed)
 
 
@@ -112,11 +115,10 @@ def final_evaluation(sim: Simulation, data: dict[str, ClientData]) -> dict[str, 
     for name, client in sim.clients.items():
         test = data[name].test
         x = torch.as_tensor(test.x, dtype=torch.float32)
-        y = torch.as_tensor(test.targets[name])
-        y = y.long() if client.task.kind == "classification" else y.float()
+        y = client.task.targets(test.targets[name])
         with torch.no_grad():
             pred = client.head(sim.shared(x))
-            loss = float(client.task.loss(pred, y))
+            loss = float(client.task.loss_value(pred, y))
             value = client.task.metric_value(pred, y)
         result: dict[str, Any] = {"test_loss": loss, "metric": client.task.metric, "value": value, "n": len(y)}
         if "snr" in test.extras and client.task.kind == "classification":

@@ -1,7 +1,7 @@
 """The main job (``make run``): the deployed form on loopback.
 
-For each algorithm: one aggregator and three RadCom edge nodes (modulation, signal, anomaly) as
-separate processes, a short training whose per-round per-task weights and losses are printed as
+For each algorithm: one aggregator and one edge node per task of the federation (by default RadCom:
+modulation, signal, anomaly) as separate processes, a short training whose per-round per-task weights and losses are printed as
 they arrive, then everything stopped. Finally a side-by-side table and plot of both algorithms.
 """
 
@@ -25,7 +25,8 @@ class DemoConfig:
     out: str = setting("runs/main", "output folder: certificates, each algorithm's logs, state and metrics, the plot")
     rounds: int = setting(30, "rounds of each algorithm")
     seed: int = setting(0, "seed of data, models and batches")
-    synthetic_size: int = setting(60, "RadCom samples per key of the synthetic set")
+    federation: str = setting("radcom", "the federation: radcom, mtfl, or a spec file (.toml) with a synthetic set")
+    synthetic_size: int = setting(60, "size of the federation's synthetic set (RadCom: samples per key)")
     algorithms: tuple[str, ...] = setting(ALGORITHMS, "comma-separated algorithms, run one after the other")
 
     def __post_init__(self) -> None:
@@ -95,23 +96,23 @@ class Progress:
         return max(seen, complete)
 
 
-def run_federation(out: Path, algorithm: str, rounds: int, seed: int, synthetic_size: int, certs: Path) -> Path:
+def run_federation(
+    out: Path, algorithm: str, rounds: int, seed: int, synthetic_size: int, certs: Path, federation: str = "radcom"
+) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
-    from fedgradnorm.tasks import federation
+    from fedgradnorm.federation import load_federation
 
-    tasks = federation("radcom").task_names
-    common = ["--seed", str(seed)]
+    tasks = load_federation(federation).task_names
+    common = ["--seed", str(seed), "--federation", federation]
     procs: list[ServiceProcess] = []
     print(f"\n== {algorithm}: starting the aggregator (loads torch, builds the model)...", flush=True)
     agg, ready = start_aggregator(
         out,
         [
             *common,
-            "--dataset",
-            "radcom",
             "--algorithm",
             algorithm,
             "--rounds",
@@ -172,7 +173,7 @@ def run_demo(config: DemoConfig) -> int:
     make_certificates(certs)  # the deployed default: mutual TLS, also on loopback
     for algorithm in config.algorithms:
         runs[algorithm] = run_federation(
-            out / algorithm, algorithm, config.rounds, config.seed, config.synthetic_size, certs
+            out / algorithm, algorithm, config.rounds, config.seed, config.synthetic_size, certs, config.federation
         )
     png = plot_comparison(runs, out / "comparison.png")
     print()

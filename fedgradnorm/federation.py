@@ -189,7 +189,11 @@ def _parse(doc: Mapping[str, Any], path: Path, digest: str) -> Federation:
     synthetic = None
     if "synthetic" in data:
         spec = data["synthetic"]
-        synthetic = Factory(spec) if isinstance(spec, str) else _factory(_table(spec, "[data.synthetic]", {"factory", "kwargs"}, path), "[data.synthetic]", path)
+        synthetic = (
+            Factory(spec)
+            if isinstance(spec, str)
+            else _factory(_table(spec, "[data.synthetic]", {"factory", "kwargs"}, path), "[data.synthetic]", path)
+        )
 
     tasks_raw = top.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
@@ -198,7 +202,11 @@ def _parse(doc: Mapping[str, Any], path: Path, digest: str) -> Federation:
     tasks = []
     for i, raw in enumerate(tasks_raw):
         t = _table(raw, f"[[tasks]] #{i + 1}", keys, path)
-        head = _factory(_table(t["head"], f"task {t.get('name')!r} head", {"factory", "kwargs"}, path), "head", path) if "head" in t else None
+        head = (
+            _factory(_table(t["head"], f"task {t.get('name')!r} head", {"factory", "kwargs"}, path), "head", path)
+            if "head" in t
+            else None
+        )
         if not isinstance(t.get("outputs"), int):
             raise FederationError(path, f"[[tasks]] #{i + 1}: outputs must be an integer")
         tasks.append(

@@ -6,8 +6,36 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_text(text: str) -> None:
+    """Fail fast (ValueError) on a device name other than auto, cpu, cuda or cuda:N (no torch needed)."""
+    if not DEVICE_RE.match(text):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {text!r}")
+
+
+def resolve_device(text: str) -> torch.device:
+    """``auto`` (a GPU when one is present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; a GPU
+    that is not there is an error naming what is."""
+    import torch
+
+    check_device_text(text)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(text)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"device {text!r}: this machine has {count} CUDA device(s)")
+    return device
 
 
 @contextlib.contextmanager

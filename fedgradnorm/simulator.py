@@ -52,8 +52,7 @@ class Simulation:
                 config.seed,
             )
         clients = {
-            name: LocalClient(name, fed, data[name], config.client_config(), config.seed)
-            for name in config.task_names
+            name: LocalClient(name, fed, data[name], config.client_config(), config.seed) for name in config.task_names
         }
         shared = fed.build_shared(config.seed)
         state = ServerState.initial(dict(shared.named_parameters()))

@@ -99,7 +99,9 @@ class TaskSpec:
         if self.loss in LOSSES:
             fn, implied = LOSSES[self.loss]
             if self.target not in (None, implied):
-                raise ValueError(f"task {self.name!r}: loss {self.loss!r} reads {implied!r} targets, not {self.target!r}")
+                raise ValueError(
+                    f"task {self.name!r}: loss {self.loss!r} reads {implied!r} targets, not {self.target!r}"
+                )
             object.__setattr__(self, "target", implied)
         else:
             fn = _callable(resolve(self.loss), f"task {self.name!r}: loss")

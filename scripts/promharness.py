@@ -229,7 +229,7 @@ class Federation:
         agg, self.ready = start_aggregator(
             self.workdir,
             [
-                "--dataset",
+                "--federation",
                 "radcom",
                 "--min-nodes",
                 str(len(self.tasks)),
@@ -251,7 +251,7 @@ class Federation:
             self.workdir,
             self.ready["grpc_port"],
             task,
-            ["--dataset", "radcom", "--metrics-listen", f"127.0.0.1:{port}", *self.node_flags],
+            ["--federation", "radcom", "--metrics-listen", f"127.0.0.1:{port}", *self.node_flags],
             name=name,
             env={"FEDGRADNORM_CACHE_DIR": str(self.workdir / f"cache-{name}")},
         )

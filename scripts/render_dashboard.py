@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             work,
             fed.ready["grpc_port"],
             "signal",
-            ["--dataset", "radcom", "--metrics-listen", f"127.0.0.1:{port}", *fed.node_flags],
+            ["--federation", "radcom", "--metrics-listen", f"127.0.0.1:{port}", *fed.node_flags],
             name=joiner,
             env={"FEDGRADNORM_CACHE_DIR": str(work / f"cache-{joiner}")},
         )

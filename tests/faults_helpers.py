@@ -207,14 +207,14 @@ class Participant:
     port: int
     name: str
     task: str
-    dataset: str = "mtfl"
+    federation: str = "mtfl"
     wait: float = 0.5
     accepted: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.channel, stub = connect(self.port)
-        self.node: RawNode = register(stub, self.name, self.task, dataset=self.dataset)
+        self.node: RawNode = register(stub, self.name, self.task, federation=self.federation)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"participant-{self.name}", daemon=True)
 

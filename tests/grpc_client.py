@@ -12,6 +12,7 @@ from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
+from fedgradnorm.services import serde
 
 OPTIONS = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
 
@@ -83,9 +84,16 @@ def connect(port: int) -> tuple[grpc.Channel, pb_grpc.AggregatorStub]:
     return channel, pb_grpc.AggregatorStub(channel)
 
 
-def register(stub: pb_grpc.AggregatorStub, name: str, task: str, dataset: str = "mtfl", **kw: object) -> RawNode:
+def register(stub: pb_grpc.AggregatorStub, name: str, task: str, federation: str = "mtfl", **kw: object) -> RawNode:
     resp = stub.Register(
-        pb.RegisterRequest(node_name=name, dataset=dataset, task=task, num_samples=10, **kw),  # type: ignore[arg-type]
+        pb.RegisterRequest(
+            node_name=name,
+            federation=federation,
+            network=serde.federation_network(federation),
+            task=task,
+            num_samples=10,
+            **kw,  # type: ignore[arg-type]
+        ),
         timeout=10,
     )
     node = RawNode(stub, resp.node_id, resp.session_token, task)

@@ -24,6 +24,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.algorithm import ClientReport
 from fedgradnorm.reasons import Reason
+from fedgradnorm.services import serde
 from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
 from fedgradnorm.services.aggregator.roundlog import RoundLog, round_records
 from fedgradnorm.services.aggregator.server import start_aggregator
@@ -50,7 +51,7 @@ F32 = tensor_pb2.DTYPE_FLOAT32
 
 
 def mtfl(state_dir: Path, *extra: str, min_nodes: int = 2) -> list[str]:
-    return ["--dataset", "mtfl", "--min-nodes", str(min_nodes), "--state-dir", str(state_dir), *extra]
+    return ["--federation", "mtfl", "--min-nodes", str(min_nodes), "--state-dir", str(state_dir), *extra]
 
 
 def proc_status(pid: int, field: str) -> int:
@@ -121,7 +122,7 @@ def test_a_failing_round_driver_halts_visibly(tmp_path: Path, monkeypatch: pytes
         listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", state_dir=str(tmp_path / "state"), insecure=True
     )
     with safe_structlog():
-        agg = start_aggregator(service, CoordinatorConfig(dataset="mtfl", min_nodes=2))
+        agg = start_aggregator(service, CoordinatorConfig(federation="mtfl", min_nodes=2))
         try:
             channel, stub = connect(agg.grpc_port)
             with channel:
@@ -228,7 +229,12 @@ def test_huge_names_with_a_wrong_token_cost_no_memory(tmp_path: Path, procs: Pro
         before = rss_mib(agg.pid)
         for i in range(300):
             req = pb.RegisterRequest(
-                node_name=f"{i}" + "x" * (1 << 20), dataset="mtfl", task="gender", num_samples=5, enrollment_token="no"
+                node_name=f"{i}" + "x" * (1 << 20),
+                federation="mtfl",
+                network=serde.federation_network("mtfl"),
+                task="gender",
+                num_samples=5,
+                enrollment_token="no",
             )
             e = refused(lambda req=req: stub.Register(req, timeout=30))
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and len(e.details() or "") <= 512
@@ -244,11 +250,11 @@ def test_one_node_cannot_hold_many_fetch_streams(tmp_path: Path, procs: Processe
     timed out); now a node's newer FetchRound replaces its older one, and a stream the client does
     not read is cut off at the round's deadline. The model is Network 2 (15.7 MB: more than any
     flow-control window, so an unread stream really blocks its sender)."""
-    flags = ["--dataset", "radcom", "--min-nodes", "1", "--round-timeout", "4", "--state-dir", str(tmp_path / "s")]
+    flags = ["--federation", "radcom", "--min-nodes", "1", "--round-timeout", "4", "--state-dir", str(tmp_path / "s")]
     agg, ready = aggregator_process(procs, tmp_path, flags)
     channel, stub = connect(ready["grpc_port"])
     with channel, contextlib.ExitStack() as stack:
-        node = register(stub, "m", "modulation", dataset="radcom")
+        node = register(stub, "m", "modulation", federation="radcom")
         threads_before = proc_status(agg.pid, "Threads")
         req = pb.FetchRoundRequest(node_id=node.node_id, session_token=node.token, wait_seconds=20)
         # A client that reads nothing: no BDP probing, so its receive window stays at 64 KiB and the
@@ -304,12 +310,12 @@ def test_one_node_cannot_hold_many_submit_streams_or_trickle_forever(tmp_path: P
     """40 stalled SubmitUpdate streams of one node used to preallocate 40 model-sized buffers (456
     MiB at Network 2) and live as long as the client liked. Now one is in flight per node, cut off at
     the round's deadline; a chunk above max_chunk_bytes is refused."""
-    flags = ["--dataset", "radcom", "--min-nodes", "1", "--round-timeout", "4", "--chunk-bytes", "65536"]
+    flags = ["--federation", "radcom", "--min-nodes", "1", "--round-timeout", "4", "--chunk-bytes", "65536"]
     agg, ready = aggregator_process(procs, tmp_path, [*flags, "--state-dir", str(tmp_path / "s")])
     channel, stub = connect(ready["grpc_port"])
     release = threading.Event()
     with channel:
-        node = register(stub, "m", "modulation", dataset="radcom")
+        node = register(stub, "m", "modulation", federation="radcom")
         h, omega = node.fetch()
         assert omega is not None
         header = node.header(h.round, gradient_like(omega))
@@ -343,7 +349,13 @@ def test_a_resumed_node_counts_against_max_nodes(tmp_path: Path, procs: Processe
         a.deregister()
         register(stub, "c", "glasses")
         resume = pb.RegisterRequest(
-            node_name="a", dataset="mtfl", task="gender", num_samples=5, node_id=a.node_id, session_token=a.token
+            node_name="a",
+            federation="mtfl",
+            network=serde.federation_network("mtfl"),
+            task="gender",
+            num_samples=5,
+            node_id=a.node_id,
+            session_token=a.token,
         )
         e = refused(lambda: stub.Register(resume, timeout=10))
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in (e.details() or "")
@@ -386,7 +398,15 @@ def test_names_that_only_register_never_hold_a_round_open(tmp_path: Path, procs:
     channel, stub = connect(ready["grpc_port"])
     with channel:
         for i in range(1000):
-            stub.Register(pb.RegisterRequest(node_name=f"sybil-{i}", dataset="mtfl", task="pose", num_samples=1))
+            stub.Register(
+                pb.RegisterRequest(
+                    node_name=f"sybil-{i}",
+                    federation="mtfl",
+                    network=serde.federation_network("mtfl"),
+                    task="pose",
+                    num_samples=1,
+                )
+            )
         nodes = [register(stub, "a", "gender"), register(stub, "b", "smile")]
         t0 = time.monotonic()
         for _ in range(3):

@@ -83,7 +83,7 @@ def test_in_process_parts(tmp_path: Path) -> None:
 
 
 def _in_process_parts(tmp_path: Path) -> None:
-    config = SimulationConfig(dataset="radcom", synthetic_size=2, tau_h=1, tau_omega=1, batch_size=8)
+    config = SimulationConfig(federation="radcom", synthetic_size=2, tau_h=1, tau_omega=1, batch_size=8)
     assert server_step_seconds(2, 1, config) > 0
     assert commit_seconds(tmp_path, 1) > 0
     sim = simulator_round(config, rounds=1, skip=0)

@@ -82,7 +82,7 @@ def test_a_device_certificate_of_the_same_ca_is_accepted_under_the_external_name
         tls_key=str(pki / "server.key"),
         tls_client_ca=str(pki / "ca.pem"),
     )
-    running = start_aggregator(service, CoordinatorConfig(dataset="radcom", min_nodes=3))
+    running = start_aggregator(service, CoordinatorConfig(federation="radcom", min_nodes=3))
     address = f"127.0.0.1:{running.grpc_port}"
     try:
         device_tls = ClientTLS(

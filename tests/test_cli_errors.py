@@ -48,7 +48,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_second_aggregator_on_the_same_grpc_port_says_so(procs: Processes, tmp_path: Path) -> None:
-    _, ready = aggregator_process(procs, tmp_path, ["--dataset", "mtfl", "--state-dir", str(tmp_path / "a")])
+    _, ready = aggregator_process(procs, tmp_path, ["--federation", "mtfl", "--state-dir", str(tmp_path / "a")])
     address = f"127.0.0.1:{ready['grpc_port']}"
     rc, line, _ = run_cli(
         "aggregator", "--insecure", "true", "--state-dir", str(tmp_path / "b"), "--listen", address,
@@ -62,7 +62,7 @@ def test_a_second_aggregator_on_the_same_grpc_port_says_so(procs: Processes, tmp
 
 
 def test_a_second_aggregator_on_the_same_metrics_port_says_so(procs: Processes, tmp_path: Path) -> None:
-    _, ready = aggregator_process(procs, tmp_path, ["--dataset", "mtfl", "--state-dir", str(tmp_path / "a")])
+    _, ready = aggregator_process(procs, tmp_path, ["--federation", "mtfl", "--state-dir", str(tmp_path / "a")])
     address = f"127.0.0.1:{ready['metrics_port']}"
     rc, line, _ = run_cli(
         "aggregator", "--insecure", "true", "--state-dir", str(tmp_path / "b"), "--listen", "127.0.0.1:0",
@@ -86,7 +86,7 @@ def test_a_failed_start_leaves_no_port_bound(tmp_path: Path, busy: str) -> None:
         addresses = {name: taken if name == busy else f"127.0.0.1:{port}" for name, port in ports.items()}
         service = ServiceConfig(**addresses, state_dir=str(tmp_path / "s"), insecure=True)
         with safe_structlog(), pytest.raises(FatalError, match=f"cannot listen on {taken}"):
-            start_in_process(service, CoordinatorConfig(dataset="mtfl"))
+            start_in_process(service, CoordinatorConfig(federation="mtfl"))
     for name, port in ports.items():
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # free again: nothing of the failed start holds it
@@ -126,7 +126,7 @@ def test_state_without_a_port_names_the_flag() -> None:
 
 # -- a misconfigured edge node --------------------------------------------------------------------
 
-NODE = ["--dataset", "radcom", "--task", "modulation", "--synthetic-size", "10", "--torch-threads", "1"]
+NODE = ["--federation", "radcom", "--task", "modulation", "--synthetic-size", "10", "--torch-threads", "1"]
 
 
 def test_an_edge_node_without_a_port_stops_at_once_naming_the_flag(tmp_path: Path) -> None:
@@ -142,7 +142,9 @@ def test_an_edge_node_without_a_port_stops_at_once_naming_the_flag(tmp_path: Pat
 
 @pytest.fixture
 def tls_aggregator(procs: Processes, tmp_path: Path, certs: Path) -> str:
-    proc, ready = start_aggregator(tmp_path, ["--dataset", "radcom", "--state-dir", str(tmp_path / "agg")], certs=certs)
+    proc, ready = start_aggregator(
+        tmp_path, ["--federation", "radcom", "--state-dir", str(tmp_path / "agg")], certs=certs
+    )
     procs.add(proc)
     return f"127.0.0.1:{ready['grpc_port']}"
 

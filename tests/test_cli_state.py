@@ -34,7 +34,7 @@ def test_state_command_prints_the_live_state(tmp_path: Path) -> None:
     with safe_structlog():
         agg = start_aggregator(
             ServiceConfig(listen="127.0.0.1:0", metrics_listen="", state_dir=str(tmp_path / "s"), insecure=True),
-            CoordinatorConfig(dataset="mtfl", min_nodes=2),
+            CoordinatorConfig(federation="mtfl", min_nodes=2),
         )
         channel, stub = connect(agg.grpc_port)
         try:
@@ -46,7 +46,7 @@ def test_state_command_prints_the_live_state(tmp_path: Path) -> None:
             agg.stop()
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout)
-    assert s["round"] == 0 and s["phase"] == "PHASE_WAITING_FOR_NODES" and s["dataset"] == "mtfl"
+    assert s["round"] == 0 and s["phase"] == "PHASE_WAITING_FOR_NODES" and s["federation"] == "mtfl"
     assert s["hyperparameters"]["gamma"] == 0.9 and s["hyperparameters"]["min_nodes"] == 2
     (node,) = s["nodes"]
     assert node["node_name"] == "a" and node["task"] == "gender" and node["weight"] == 1.0 and node["active"] is True

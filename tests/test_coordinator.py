@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from fedgradnorm.federation import load_federation
 from fedgradnorm.services.aggregator.config import CoordinatorConfig
 from fedgradnorm.services.aggregator.coordinator import RoundCoordinator
 from fedgradnorm.services.aggregator.errors import (
@@ -22,9 +23,11 @@ from fedgradnorm.services.aggregator.errors import (
 from fedgradnorm.services.aggregator.store import MemoryStateStore, Snapshot, StateError, StateStore
 from fedgradnorm.services.domain import Phase, RoundSummary, Submission
 
+MTFL_NETWORK = load_federation("mtfl").architecture
+
 
 def config(**kw: object) -> CoordinatorConfig:
-    base = dict(dataset="mtfl", min_nodes=2, round_timeout=30.0, heartbeat_interval=0.05, heartbeat_timeout=30.0)
+    base = dict(federation="mtfl", min_nodes=2, round_timeout=30.0, heartbeat_interval=0.05, heartbeat_timeout=30.0)
     base.update(kw)
     return CoordinatorConfig(**base)  # type: ignore[arg-type]
 
@@ -69,7 +72,7 @@ def submission(
 def register(c: RoundCoordinator, name: str, task: str = "gender") -> str:
     """Enrol and show up once (a heartbeat), as a real node does by fetching right away: only nodes
     seen since they registered take part in rounds."""
-    token = c.register(name=name, dataset="mtfl", task=task, num_samples=10).session_token
+    token = c.register(name=name, federation="mtfl", network=MTFL_NETWORK, task=task, num_samples=10).session_token
     c.heartbeat(name, token)
     return token
 
@@ -206,26 +209,44 @@ def test_restart_resumes_identity_weight_and_round(store: MemoryStateStore) -> N
     try:
         assert c2.round == 1
         reg = c2.register(
-            name="a", dataset="mtfl", task="gender", num_samples=10, node_id="a", session_token=tokens["a"]
+            name="a",
+            federation="mtfl",
+            network=MTFL_NETWORK,
+            task="gender",
+            num_samples=10,
+            node_id="a",
+            session_token=tokens["a"],
         )
         assert reg.resumed and reg.initial_loss == 1.0 and reg.weight == pytest.approx(weights["a"])
         with pytest.raises(AlreadyExists):
             register(c2, "b", "smile")  # the name is taken: b resumes with its id and token
         with pytest.raises(Unauthenticated):
-            c2.register(name="b", dataset="mtfl", task="smile", num_samples=10, node_id="b", session_token="forged")
+            c2.register(
+                name="b",
+                federation="mtfl",
+                network=MTFL_NETWORK,
+                task="smile",
+                num_samples=10,
+                node_id="b",
+                session_token="forged",
+            )
     finally:
         c2.stop()
     with pytest.raises(StateError, match="belongs to"):
-        RoundCoordinator(config(dataset="radcom"), store).load()
+        RoundCoordinator(config(federation="radcom"), store).load()
 
 
 def test_register_validation() -> None:
     c = RoundCoordinator(config(enrollment_token="s3cret"), MemoryStateStore())
     c.load()
     with pytest.raises(Unauthenticated):
-        c.register(name="a", dataset="mtfl", task="gender", num_samples=1, enrollment_token="wrong")
-    ok = dict(name="a", dataset="mtfl", task="gender", num_samples=1, enrollment_token="s3cret")
-    for bad in ({"dataset": "radcom"}, {"task": "modulation"}, {"name": "bad name!"}, {"num_samples": 0}):
+        c.register(
+            name="a", federation="mtfl", network=MTFL_NETWORK, task="gender", num_samples=1, enrollment_token="wrong"
+        )
+    ok = dict(
+        name="a", federation="mtfl", network=MTFL_NETWORK, task="gender", num_samples=1, enrollment_token="s3cret"
+    )
+    for bad in ({"federation": "radcom"}, {"task": "modulation"}, {"name": "bad name!"}, {"num_samples": 0}):
         with pytest.raises(InvalidArgument):
             c.register(**{**ok, **bad})
     assert c.register(**ok).node_id == "a"
@@ -382,7 +403,9 @@ def test_done_after_configured_rounds(store: MemoryStateStore) -> None:
         run_round(c, tokens)
         run_round(c, tokens)
         wait_for(lambda: c.phase is Phase.DONE)
-        assert c.fetch_round("a", tokens["a"], 1.0) is None
+        final = c.fetch_round("a", tokens["a"], 1.0)  # training is over: the final model
+        assert final is not None and final.final and final.round == 2
+        assert c._state is not None and final.omega is c._state.omega
     finally:
         c.stop()
 
@@ -410,7 +433,9 @@ def test_concurrent_duplicate_submits_count_once(coord: RoundCoordinator) -> Non
 def test_registration_attempts_are_rate_limited_per_peer_and_name() -> None:
     c = RoundCoordinator(config(enrollment_token="t", register_burst=3, register_rate=0.001), MemoryStateStore())
     c.load()
-    ok = dict(dataset="mtfl", task="gender", num_samples=1, enrollment_token="t", peer="10.0.0.1")
+    ok = dict(
+        federation="mtfl", network=MTFL_NETWORK, task="gender", num_samples=1, enrollment_token="t", peer="10.0.0.1"
+    )
     assert c.register(name="a", **ok).node_id == "a"  # attempt 1
     for _ in range(2):  # attempts 2 and 3: answered (the name is taken)
         with pytest.raises(AlreadyExists):
@@ -435,9 +460,16 @@ def test_the_rate_limiter_keeps_only_bounded_keys() -> None:
     c.load()
     for i in range(50):
         with pytest.raises(InvalidArgument, match="node name"):
-            c.register(name=f"{i}" + "x" * (1 << 20), dataset="mtfl", task="gender", num_samples=1, peer="p" * 10**6)
+            c.register(
+                name=f"{i}" + "x" * (1 << 20),
+                federation="mtfl",
+                network=MTFL_NETWORK,
+                task="gender",
+                num_samples=1,
+                peer="p" * 10**6,
+            )
     with pytest.raises(InvalidArgument, match="at most"):
-        c.register(name="ok", dataset="d" * (1 << 20), task="gender", num_samples=1)
+        c.register(name="ok", federation="d" * (1 << 20), network=MTFL_NETWORK, task="gender", num_samples=1)
     buckets = c.members.attempts.keys()  # the limiter's memory: nothing of the huge requests is in it
     assert all(len(k) < 400 for k in buckets), [len(k) for k in buckets]
 

@@ -56,9 +56,9 @@ from tests.faults_helpers import (
 )
 from tests.grpc_client import RawNode, connect, register, state
 
-EDGE_DATA = ["--dataset", "mtfl", "--seed", "0", "--synthetic-size", "20", "--torch-threads", "1"]
+EDGE_DATA = ["--federation", "mtfl", "--seed", "0", "--synthetic-size", "20", "--torch-threads", "1"]
 EDGE_FLAGS = [*EDGE_DATA, "--fetch-wait", "2", "--max-backoff", "1"]
-HYPER = ["--dataset", "mtfl", "--tau-h", "2", "--tau-omega", "2", "--batch-size", "8", "--seed", "0"]
+HYPER = ["--federation", "mtfl", "--tau-h", "2", "--tau-omega", "2", "--batch-size", "8", "--seed", "0"]
 
 
 def node_state(stub: Any, node_id: str) -> pb.NodeState:
@@ -141,7 +141,7 @@ BIG = 2048  # omega of 2048 x 2048 + 2048 float32: 16 MiB; with its Adam moments
 def seed_big_state(state_dir: Path) -> None:
     g = torch.Generator().manual_seed(0)
     big = {"features.9.weight": torch.randn(BIG, BIG, generator=g), "features.9.bias": torch.randn(BIG, generator=g)}
-    identity = CoordinatorConfig(dataset="mtfl", min_nodes=2).identity()
+    identity = CoordinatorConfig(federation="mtfl", min_nodes=2).identity()
     FileStateStore(state_dir).save(Snapshot(identity=identity, server=ServerState.initial(big), members={}))
 
 
@@ -155,7 +155,7 @@ class KillLoop:
         self.procs = procs
         self.state_dir = workdir / "state"
         self.rng = random.Random(seed)
-        self.flags = ["--dataset", "mtfl", "--min-nodes", "2", "--round-timeout", "600", "--heartbeat-interval"]
+        self.flags = ["--federation", "mtfl", "--min-nodes", "2", "--round-timeout", "600", "--heartbeat-interval"]
         self.flags += ["0.2", "--heartbeat-timeout", "600", "--rounds", str(rounds), "--state-dir", str(self.state_dir)]
         self.starts = 0
         self.outcomes: list[tuple[str, str]] = []
@@ -307,7 +307,7 @@ def test_temporary_files_of_a_killed_commit_are_removed_on_restart(tmp_path: Pat
     with safe_structlog():
         agg = start_aggregator(
             ServiceConfig(listen="127.0.0.1:0", metrics_listen="", state_dir=str(state_dir), insecure=True),
-            CoordinatorConfig(dataset="mtfl", min_nodes=2),
+            CoordinatorConfig(federation="mtfl", min_nodes=2),
         )
         try:
             assert stale_temp_files(state_dir) == []
@@ -323,7 +323,7 @@ def test_a_node_enrolled_after_the_last_commit_survives_an_aggregator_crash(tmp_
     agg, _ = aggregator_process(procs, tmp_path, flags)
     config = EdgeConfig(
         aggregator=f"127.0.0.1:{port}",
-        dataset="mtfl",
+        federation="mtfl",
         task="gender",
         state_dir=str(tmp_path / "node"),
         insecure=True,
@@ -489,7 +489,7 @@ def test_full_or_read_only_disk_halts_the_round_without_losing_state(
     tmp_path: Path, procs: Processes, disk: Path
 ) -> None:
     state_dir = disk / "state"
-    flags = ["--dataset", "mtfl", "--min-nodes", "2", "--round-timeout", "600", "--heartbeat-interval", "0.2"]
+    flags = ["--federation", "mtfl", "--min-nodes", "2", "--round-timeout", "600", "--heartbeat-interval", "0.2"]
     flags += ["--heartbeat-timeout", "600", "--state-dir", str(state_dir)]
     flags += ["--metrics-log", str(tmp_path / "metrics.jsonl")]
     agg, ready = aggregator_process(procs, tmp_path, flags)

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedgradnorm.federation import load_federation
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
 from fedgradnorm.machine import torch_threads
 from fedgradnorm.services.aggregator.store import STATE_FILE, FileStateStore, Snapshot, decode_snapshot
 from fedgradnorm.simulation_config import SimulationConfig
 from fedgradnorm.simulator import Simulation
-from fedgradnorm.tasks import federation
 from tests.faults_helpers import wait_until
 from tests.grpc_client import connect, register, state
 
-TASKS = federation("radcom").task_names
+TASKS = load_federation("radcom").task_names
 HYPER = ["--tau-h", "2", "--tau-omega", "2", "--batch-size", "16", "--seed", "0"]
 
 
@@ -48,7 +48,7 @@ def test_services_match_the_simulator(tmp_path: Path) -> None:
     with torch_threads(1):
         sim = Simulation.build(
             SimulationConfig(
-                dataset="radcom", rounds=rounds, seed=0, tau_h=2, tau_omega=2, batch_size=16, synthetic_size=4
+                federation="radcom", rounds=rounds, seed=0, tau_h=2, tau_omega=2, batch_size=16, synthetic_size=4
             )
         )
         for _ in sim.rounds():
@@ -59,7 +59,7 @@ def test_services_match_the_simulator(tmp_path: Path) -> None:
         agg, ready = start_aggregator(
             tmp_path,
             [
-                "--dataset",
+                "--federation",
                 "radcom",
                 "--rounds",
                 str(rounds),
@@ -103,7 +103,7 @@ def test_services_match_the_simulator(tmp_path: Path) -> None:
 
 def test_aggregator_sigkill_resumes_from_last_committed_round(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
-    flags = ["--dataset", "mtfl", "--min-nodes", "2", *HYPER, "--state-dir", str(state_dir)]
+    flags = ["--federation", "mtfl", "--min-nodes", "2", *HYPER, "--state-dir", str(state_dir)]
     agg, ready = start_aggregator(tmp_path, flags)
     try:
         channel, stub = connect(ready["grpc_port"])
@@ -157,7 +157,7 @@ def test_fourth_node_started_by_hand_joins_the_next_round(tmp_path: Path) -> Non
     try:
         agg, ready = start_aggregator(
             tmp_path,
-            ["--dataset", "radcom", "--min-nodes", "3", *HYPER, "--state-dir", str(tmp_path / "state")],
+            ["--federation", "radcom", "--min-nodes", "3", *HYPER, "--state-dir", str(tmp_path / "state")],
         )
         procs.append(agg)
         port = ready["grpc_port"]
@@ -202,7 +202,7 @@ def test_edge_node_sigterm_stops_cleanly_and_deregisters(tmp_path: Path) -> None
     procs: list[ServiceProcess] = []
     try:
         agg, ready = start_aggregator(
-            tmp_path, ["--dataset", "radcom", "--min-nodes", "1", *HYPER, "--state-dir", str(tmp_path / "state")]
+            tmp_path, ["--federation", "radcom", "--min-nodes", "1", *HYPER, "--state-dir", str(tmp_path / "state")]
         )
         procs.append(agg)
         node = start_edge_node(tmp_path, ready["grpc_port"], "anomaly", ["--seed", "0", "--synthetic-size", "4"])

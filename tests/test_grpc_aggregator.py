@@ -14,9 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.algorithm import ServerState
+from fedgradnorm.federation import load_federation
+from fedgradnorm.reasons import Reason
+from fedgradnorm.services import serde
 from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
 from fedgradnorm.services.aggregator.server import RunningAggregator, start_aggregator
 from fedgradnorm.services.aggregator.store import STATE_FILE, FileStateStore, Snapshot
+from fedgradnorm.services.refusals import reason_of
 from tests.faults_helpers import wait_until
 from tests.grpc_client import RawNode, connect, register, state, weights
 
@@ -28,7 +32,9 @@ def start(tmp_path: Path) -> Iterator[Start]:
     running: list[RunningAggregator] = []
 
     def _start(state_dir: Path | None = None, **kw: object) -> RunningAggregator:
-        rounds = dict(dataset="mtfl", min_nodes=2, round_timeout=30.0, heartbeat_interval=0.2, heartbeat_timeout=30.0)
+        rounds = dict(
+            federation="mtfl", min_nodes=2, round_timeout=30.0, heartbeat_interval=0.2, heartbeat_timeout=30.0
+        )
         rounds.update(kw)
         service = ServiceConfig(
             listen="127.0.0.1:0",
@@ -89,13 +95,47 @@ def test_register_returns_architecture_and_round_config(start: Start) -> None:
     agg = start(tau_h=3, tau_omega=4, batch_size=32, beta=0.001)
     channel, stub = connect(agg.grpc_port)
     with channel:
-        resp = stub.Register(pb.RegisterRequest(node_name="g", dataset="mtfl", task="gender", num_samples=5))
-        assert resp.network == "network1" and resp.algorithm == "fedgradnorm"
+        resp = stub.Register(
+            pb.RegisterRequest(
+                node_name="g", federation="mtfl", network=serde.federation_network("mtfl"), task="gender", num_samples=5
+            )
+        )
+        assert resp.network == "fedgradnorm.models:Network1" and resp.algorithm == "fedgradnorm"
+        assert resp.network_fingerprint == load_federation("mtfl").architecture.fingerprint
         assert list(resp.omega_tilde) == ["features.9.weight", "features.9.bias"]
         rc = resp.round_config
         assert (rc.tau_h, rc.tau_omega, rc.batch_size, rc.beta) == (3, 4, 32, 0.001)
         assert resp.max_update_bytes == 4 * 51536 and not resp.HasField("initial_loss") and resp.weight == 1.0
         assert tensor_pb2.DTYPE_FLOAT16 in resp.accepted_dtypes
+
+
+def test_register_refuses_another_shared_network_and_says_what_differs(start: Start) -> None:
+    agg = start()
+    channel, stub = connect(agg.grpc_port)
+    with channel:
+        theirs = serde.federation_network("mtfl")
+        wider = pb.NetworkArchitecture()
+        wider.CopyFrom(theirs)
+        wider.fingerprint = "sha256:" + "0" * 32
+        del wider.parameters[0].shape[:]
+        wider.parameters[0].shape.extend([32, 1, 5, 5])  # features.0 with 32 filters instead of 16
+        cases = {
+            "radcom's network": (serde.federation_network("radcom"), "features.0.weight only here"),
+            "a wider first layer": (
+                wider,
+                "features.0.weight is [16, 1, 5, 5] float32 here, [32, 1, 5, 5] float32 there",
+            ),
+            "no network at all": (pb.NetworkArchitecture(), "0 there"),
+        }
+        for what, (network, expected) in cases.items():
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Register(
+                    pb.RegisterRequest(node_name="n", federation="mtfl", network=network, task="gender", num_samples=5)
+                )
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, what
+            assert expected in e.value.details() and "Network1" in e.value.details(), (what, e.value.details())
+            assert reason_of(e.value) is Reason.NETWORK_MISMATCH, what
+        assert state(stub).total_nodes == 0  # nothing was enrolled
 
 
 def test_runtime_registration_joins_next_round_with_weight_one(start: Start) -> None:
@@ -250,7 +290,7 @@ def test_every_bad_submit_is_refused_with_its_status_and_changes_nothing(start: 
 
 def test_large_model_round_trip_through_the_chunked_stream(start: Start, tmp_path: Path) -> None:
     """A 256 MB shared network (pre-seeded state) fetched and submitted through the real servicer."""
-    cfg = CoordinatorConfig(dataset="mtfl", min_nodes=1)
+    cfg = CoordinatorConfig(federation="mtfl", min_nodes=1)
     big = {"features.9.weight": torch.randn(8192, 8192), "features.9.bias": torch.randn(8192)}  # 256 MiB + 32 KiB
     FileStateStore(tmp_path / "big").save(
         Snapshot(identity=cfg.identity(), server=ServerState.initial(big), members={})

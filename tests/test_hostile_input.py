@@ -36,8 +36,9 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.data.base import DataError
+from fedgradnorm.federation import load_federation
 from fedgradnorm.launch import start_aggregator as start_aggregator_process
-from fedgradnorm.models import build_shared
+from fedgradnorm.services import serde
 from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
 from fedgradnorm.services.aggregator.server import RunningAggregator, start_aggregator
 from fedgradnorm.services.aggregator.store import STATE_FILE, FileStateStore, StateError
@@ -45,12 +46,11 @@ from fedgradnorm.services.domain import Phase
 from fedgradnorm.services.edge_node.config import EdgeConfig
 from fedgradnorm.services.edge_node.node import EdgeNode, EdgeNodeError
 from fedgradnorm.services.edge_node.store import NodeStateError
-from fedgradnorm.tasks import federation
 from tests.faults_helpers import gradient_like, health, safe_structlog, same_tensors, small_client_data, wait_until
 from tests.grpc_client import OPTIONS, RawNode, connect, register, state
 
 ENROLL = "enrol-7c1d9e04b2"
-MTFL_TASKS = federation("mtfl").task_names
+MTFL_TASKS = load_federation("mtfl").task_names
 F32 = tensor_pb2.DTYPE_FLOAT32
 ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -117,7 +117,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
             listen="127.0.0.1:0", metrics_listen="", state_dir=str(state_dir), insecure=True, max_fetch_wait=0.2
         )
         rounds = CoordinatorConfig(
-            dataset="mtfl",
+            federation="mtfl",
             min_nodes=2,
             max_nodes=3,
             round_timeout=3600.0,
@@ -253,7 +253,8 @@ def register_requests(t: Target) -> st.SearchStrategy[pb.RegisterRequest]:
         return pb.RegisterRequest(
             enrollment_token=enrol,
             node_name=name,
-            dataset=dataset,
+            federation=dataset,
+            network=serde.federation_network(dataset) if dataset in ("mtfl", "radcom") else None,
             task=task,
             num_samples=n,
             node_id=cred[0],
@@ -541,7 +542,13 @@ def valid_bytes(t: Target) -> list[bytes]:
     """Serialised well-formed requests to cut short or damage. No real session token appears:
     the bytes go to every method, and a fetch request read as a Deregister would otherwise be one."""
     return [
-        pb.RegisterRequest(enrollment_token="x", node_name="n", dataset="mtfl", task="gender").SerializeToString(),
+        pb.RegisterRequest(
+            enrollment_token="x",
+            node_name="n",
+            federation="mtfl",
+            network=serde.federation_network("mtfl"),
+            task="gender",
+        ).SerializeToString(),
         pb.FetchRoundRequest(node_id="a", session_token="not-a-token", wait_seconds=0.1).SerializeToString(),
         pb.HeartbeatRequest(node_id="b", session_token="nope").SerializeToString(),
         pb.SubmitUpdateRequest(
@@ -705,7 +712,10 @@ def test_full_federation_wrong_enrolment_and_stolen_identities_are_refused(uncha
     ]
     for what, code, kw in cases:
         with pytest.raises(grpc.RpcError) as e:
-            t.stub.Register(pb.RegisterRequest(dataset="mtfl", num_samples=5, **kw), timeout=10)  # type: ignore[arg-type]
+            t.stub.Register(
+                pb.RegisterRequest(federation="mtfl", network=serde.federation_network("mtfl"), num_samples=5, **kw),
+                timeout=10,
+            )  # type: ignore[arg-type]
         assert e.value.code() == code, f"{what}: {e.value.code()} {e.value.details()}"
 
 
@@ -773,11 +783,18 @@ def test_status_messages_are_bounded_whatever_the_input(unchanged: Target) -> No
             unchanged.stub.FetchRound(pb.FetchRoundRequest(node_id=huge, session_token="t"), timeout=10)
         ),
         "register-name": lambda: unchanged.stub.Register(
-            pb.RegisterRequest(enrollment_token=ENROLL, node_name=huge, dataset="mtfl", task="gender", num_samples=1),
+            pb.RegisterRequest(
+                enrollment_token=ENROLL,
+                node_name=huge,
+                federation="mtfl",
+                network=serde.federation_network("mtfl"),
+                task="gender",
+                num_samples=1,
+            ),
             timeout=10,
         ),
         "register-dataset": lambda: unchanged.stub.Register(
-            pb.RegisterRequest(enrollment_token=ENROLL, node_name="e", dataset=huge, task="gender", num_samples=1),
+            pb.RegisterRequest(enrollment_token=ENROLL, node_name="e", federation=huge, task="gender", num_samples=1),
             timeout=10,
         ),
         "submit-tensor-name": lambda: unchanged.stub.SubmitUpdate(
@@ -809,14 +826,19 @@ def test_registration_attempts_are_rate_limited_per_peer(tmp_path: Path) -> None
     with safe_structlog():
         agg = start_aggregator(
             ServiceConfig(listen="127.0.0.1:0", metrics_listen="", state_dir=str(tmp_path / "s"), insecure=True),
-            CoordinatorConfig(dataset="mtfl", min_nodes=2, enrollment_token=ENROLL),
+            CoordinatorConfig(federation="mtfl", min_nodes=2, enrollment_token=ENROLL),
         )
         channel, stub = connect(agg.grpc_port)
         try:
 
             def attempt(token: str, name: str) -> tuple[grpc.StatusCode, str, object]:
                 req = pb.RegisterRequest(
-                    enrollment_token=token, node_name=name, dataset="mtfl", task="gender", num_samples=1
+                    enrollment_token=token,
+                    node_name=name,
+                    federation="mtfl",
+                    network=serde.federation_network("mtfl"),
+                    task="gender",
+                    num_samples=1,
                 )
                 return outcome(lambda: stub.Register(req, timeout=10))
 
@@ -841,7 +863,7 @@ def test_an_enrolled_node_cannot_flood_test_metric_names(tmp_path: Path) -> None
     with safe_structlog():
         agg = start_aggregator(
             ServiceConfig(listen="127.0.0.1:0", metrics_listen="", state_dir=str(tmp_path / "s"), insecure=True),
-            CoordinatorConfig(dataset="mtfl", min_nodes=1, round_timeout=60.0, heartbeat_interval=0.2),
+            CoordinatorConfig(federation="mtfl", min_nodes=1, round_timeout=60.0, heartbeat_interval=0.2),
         )
         channel, stub = connect(agg.grpc_port)
         try:
@@ -880,7 +902,7 @@ def test_a_tampered_aggregator_state_file_is_refused_and_not_executed(tmp_path: 
     with pytest.raises(StateError, match=STATE_FILE):
         FileStateStore(state_dir).load()
     with pytest.raises(RuntimeError, match=r"not a readable aggregator state"):  # the process refuses to start
-        start_aggregator_process(tmp_path, ["--dataset", "mtfl", "--state-dir", str(state_dir)])
+        start_aggregator_process(tmp_path, ["--federation", "mtfl", "--state-dir", str(state_dir)])
     assert not marker.exists()
 
 
@@ -893,7 +915,7 @@ def omega_messages(
     mutate: Callable[[list[tensor_pb2.TensorSpec], bytes], tuple[list[tensor_pb2.TensorSpec], bytes, int]]
     | None = None,
 ) -> list[pb.FetchRoundResponse]:
-    omega = {k: v.detach() for k, v in build_shared("network1", 0).named_parameters()}
+    omega = {k: v.detach() for k, v in load_federation("mtfl").build_shared(0).named_parameters()}
     specs = wire.tensor_specs(omega, F32)
     payload = b"".join(wire.iter_chunks(omega, F32, 1 << 30))
     total = len(payload)
@@ -974,7 +996,7 @@ def fake_aggregator() -> Iterator[Callable[[FakeAggregator], int]]:
 def edge_config(port: int, state_dir: Path, **kw: Any) -> EdgeConfig:
     base: dict[str, Any] = dict(
         aggregator=f"127.0.0.1:{port}",
-        dataset="mtfl",
+        federation="mtfl",
         task="gender",
         state_dir=str(state_dir),
         insecure=True,
@@ -1080,7 +1102,7 @@ def _real_client_state(task: str) -> bytes:
     from fedgradnorm.client import LocalClient
 
     config = ClientConfig(tau_h=1, tau_omega=1, beta=0.001, batch_size=4)
-    client = LocalClient(task, federation("mtfl").task(task), small_client_data(task), config, 0)
+    client = LocalClient(task, load_federation("mtfl").task(task), small_client_data(task), config, 0)
     return client.state_bytes()
 
 
@@ -1090,7 +1112,7 @@ CORRUPT_IDENTITIES = {
     "a string": b'"node"',
     "missing fields": b'{"node_id": "gender"}',
     "truncated": b'{"node_id": "gender", "session_token": "abc", "aggre',
-    "another task": b'{"node_id": "x", "session_token": "t", "aggregator": "a", "dataset": "mtfl", "task": "smile"}',
+    "another task": b'{"node_id": "x", "session_token": "t", "aggregator": "a", "federation": "mtfl", "task": "smile"}',
 }
 
 
@@ -1182,7 +1204,7 @@ def test_edge_node_refuses_a_data_file_of_the_wrong_format(case: str, tmp_path: 
     path = make(tmp_path)
     config = EdgeConfig(
         aggregator="127.0.0.1:1",
-        dataset=dataset,
+        federation=dataset,
         task=task,
         data=str(path),
         state_dir=str(tmp_path / "n"),

@@ -423,12 +423,12 @@ def test_both_federations_are_there() -> None:
     for doc in edge_nodes():
         if doc.path.parent == K8S:
             env = container_env(next(containers(doc)))
-            by_fed.setdefault(env["FEDGRADNORM_DATASET"], set()).add(env["FEDGRADNORM_TASK"])
+            by_fed.setdefault(env["FEDGRADNORM_FEDERATION"], set()).add(env["FEDGRADNORM_TASK"])
     assert by_fed == {
         "radcom": {"modulation", "signal", "anomaly"},
         "mtfl": {"landmarks", "gender", "smile", "glasses", "pose"},
     }
-    kinds = {container_env(next(containers(d)))["FEDGRADNORM_DATASET"]: d.kind for d in aggregators()}
+    kinds = {container_env(next(containers(d)))["FEDGRADNORM_FEDERATION"]: d.kind for d in aggregators()}
     assert kinds == {"radcom": "StatefulSet", "mtfl": "StatefulSet"}
     for doc in aggregators():
         assert doc.body["spec"]["replicas"] == 1, f"{doc}: one aggregator per federation"
@@ -470,7 +470,7 @@ def test_edge_node_config_reaches_its_aggregator(doc: Doc) -> None:
         "fieldPath": "metadata.name"
     }, "node name must be the pod name, so that scaling gives unique names"
     assert pod_labels(doc)["fedgradnorm.io/task"] == edge.task
-    assert pod_labels(doc)["fedgradnorm.io/federation"] == edge.dataset
+    assert pod_labels(doc)["fedgradnorm.io/federation"] == edge.federation
     assert container_port(c, "metrics")["containerPort"] == port_of(edge.metrics_listen)
     assert edge.metrics_listen.startswith("0.0.0.0:")
     host, _, port = edge.aggregator.rpartition(":")
@@ -480,7 +480,7 @@ def test_edge_node_config_reaches_its_aggregator(doc: Doc) -> None:
     (agg,) = [a for a in aggregators() if matches(service.body["spec"]["selector"], pod_labels(a))]
     agg_env = container_env(next(c for c in containers(agg) if is_fedgradnorm(c)))
     rounds = cfgmod.build(CoordinatorConfig, env=agg_env)
-    assert rounds.dataset == edge.dataset, f"{doc}: a {edge.dataset} node on a {rounds.dataset} aggregator"
+    assert rounds.federation == edge.federation, f"{doc}: a {edge.federation} node on a {rounds.federation} aggregator"
     assert rounds.seed == edge.seed, "node and aggregator must agree on the seed (data partition)"
     assert edge.enrollment_token == rounds.enrollment_token
     assert edge.insecure == cfgmod.build(ServiceConfig, env=agg_env).insecure
@@ -766,7 +766,7 @@ def test_committed_development_pki_completes_a_mutual_tls_handshake(tmp_path: Pa
     edge_env = {**container_env(fedgradnorm_container(edge)), **e}
     config = cfgmod.build(EdgeConfig, env=edge_env)
     with capture_logs() as logs:
-        running = start_aggregator(service, CoordinatorConfig(dataset=config.dataset, min_nodes=5))
+        running = start_aggregator(service, CoordinatorConfig(federation=config.federation, min_nodes=5))
         address = f"127.0.0.1:{running.grpc_port}"  # a name the certificate need not hold: the server name counts
         try:
             with config.tls().channel(address, []) as channel:
@@ -1368,8 +1368,43 @@ def test_external_edge_node_example_sets_only_edge_node_settings() -> None:
     assert config.tls_server_name == config.aggregator.rpartition(":")[0], "the name it dials is in the certificate"
     agg_env = container_env(fedgradnorm_container(find("StatefulSet", "radcom-aggregator")))
     rounds = cfgmod.build(CoordinatorConfig, env=agg_env)
-    assert (config.dataset, config.seed) == (rounds.dataset, rounds.seed), "data partition of the federation"
+    assert (config.federation, config.seed) == (rounds.federation, rounds.seed), "data partition of the federation"
     unit = (folder / "fedgradnorm-edge-node.service").read_text()
     assert "EnvironmentFile=/etc/fedgradnorm/edge-node.env" in unit and "fedgradnorm edge-node" in unit
     assert env["FEDGRADNORM_STATE_DIR"].startswith("/var/lib/fedgradnorm-edge/")
     assert "StateDirectory=fedgradnorm-edge" in unit, "the state folder must survive restarts"
+
+
+def test_the_example_federation_deploys_from_a_configmap(tmp_path: Path) -> None:
+    """examples/sensors on Kubernetes: the spec and its module travel in a ConfigMap that every
+    fedgradnorm container mounts and runs, and the three edge nodes train the spec's three tasks."""
+    from fedgradnorm.federation import load_federation
+
+    folder = ROOT / "examples" / "sensors"
+    objs = kustomize(folder)
+    validate_strictly(objs, "examples/sensors")
+    problems = rendered_problems(objs, set())
+    assert not problems, "\n".join(problems)
+    maps = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("fedgradnorm-federation-")]
+    assert len(maps) == 1, "one generated ConfigMap, its name hashed from the files"
+    files = maps[0]["data"]
+    assert set(files) == {"federation.toml", "sensors_fed.py"}
+    for name, text in files.items():  # what the pods mount is the example, byte for byte
+        assert text == (folder / name).read_text(), name
+        (tmp_path / name).write_text(text)
+    spec = load_federation(str(tmp_path / "federation.toml"))
+    tasks = set()
+    for w in (Doc(ROOT, 0, o) for o in objs if o["kind"] in WORKLOADS):
+        if pod_labels(w).get("app.kubernetes.io/name") != "fedgradnorm":
+            continue
+        (c,) = containers(w)
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert env["FEDGRADNORM_FEDERATION"] == "/etc/fedgradnorm/federation/federation.toml", w.name
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "federation")
+        assert mount["mountPath"] == "/etc/fedgradnorm/federation" and mount.get("readOnly"), w.name
+        volume = next(v for v in pod_spec(w)["volumes"] if v["name"] == "federation")
+        assert volume["configMap"]["name"] == maps[0]["metadata"]["name"], w.name
+        if c.get("args") == ["edge-node"]:
+            assert [e["name"] for e in c["env"]].count("FEDGRADNORM_TASK") == 1, w.name
+            tasks.add(env["FEDGRADNORM_TASK"])
+    assert tasks == set(spec.task_names) == {"activity", "fall", "cadence"}

@@ -25,11 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
-from fedgradnorm.tasks import federation
+from fedgradnorm.federation import load_federation
+from fedgradnorm.services import serde
 from tests.faults_helpers import SERVICE, Processes, aggregator_process, gradient_like, metric, metrics_records, scrape
 from tests.grpc_client import OPTIONS, RawNode
 
-TASKS = federation("mtfl").task_names
+TASKS = load_federation("mtfl").task_names
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -81,7 +82,13 @@ class SimNode:
             with grpc.insecure_channel(f"127.0.0.1:{self.port}", options=OPTIONS) as channel:
                 stub = pb_grpc.AggregatorStub(channel)
                 start.wait()
-                req = pb.RegisterRequest(node_name=name, dataset="mtfl", task=task, num_samples=10)
+                req = pb.RegisterRequest(
+                    node_name=name,
+                    federation="mtfl",
+                    network=serde.federation_network("mtfl"),
+                    task=task,
+                    num_samples=10,
+                )
                 resp = self.timings.timed("Register", lambda: stub.Register(req, timeout=60))
                 assert isinstance(resp, pb.RegisterResponse)
                 node = RawNode(stub, resp.node_id, resp.session_token, task)
@@ -122,7 +129,7 @@ def probe(port: int, timings: Timings, stop: threading.Event) -> None:
 
 def run_load(tmp_path: Path, procs: Processes, nodes: int, rounds: int, max_workers: int, budget: float) -> Timings:
     state_dir = tmp_path / "state"
-    flags = ["--dataset", "mtfl", "--min-nodes", str(nodes), "--max-nodes", str(nodes), "--rounds", str(rounds)]
+    flags = ["--federation", "mtfl", "--min-nodes", str(nodes), "--max-nodes", str(nodes), "--rounds", str(rounds)]
     flags += ["--round-timeout", "120", "--heartbeat-interval", "1", "--heartbeat-timeout", "600"]
     flags += ["--new-node-burst", str(nodes)]  # every simulated node enrols from 127.0.0.1
     flags += ["--max-workers", str(max_workers), "--max-fetch-wait", "5", "--state-dir", str(state_dir)]
@@ -189,7 +196,7 @@ def test_state_and_health_answer_while_nodes_outnumber_workers(tmp_path: Path) -
             ServiceConfig(
                 listen="127.0.0.1:0", metrics_listen="", state_dir=str(tmp_path), insecure=True, max_workers=8
             ),
-            CoordinatorConfig(dataset="mtfl", min_nodes=100, heartbeat_timeout=600.0),  # no round ever opens
+            CoordinatorConfig(federation="mtfl", min_nodes=100, heartbeat_timeout=600.0),  # no round ever opens
         )
         channel, stub = connect(agg.grpc_port)
         try:

@@ -21,7 +21,7 @@ def radcom_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         rc = main(
             [
                 "simulate",
-                "--dataset",
+                "--federation",
                 "radcom",
                 "--algorithm",
                 algorithm,
@@ -111,7 +111,7 @@ def test_same_seed_gives_the_same_metrics_file(radcom_runs: dict[str, Path], tmp
     rc = main(
         [
             "simulate",
-            "--dataset",
+            "--federation",
             "radcom",
             "--algorithm",
             "fedgradnorm",
@@ -148,7 +148,7 @@ def test_short_mtfl_simulation_runs(tmp_path: Path) -> None:
     rc = main(
         [
             "simulate",
-            "--dataset",
+            "--federation",
             "mtfl",
             "--rounds",
             "3",

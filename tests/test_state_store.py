@@ -31,7 +31,7 @@ def snapshot(round_: int = 3) -> Snapshot:
         ),
         "n2": MemberRecord("n2", "n2", "radcom", "signal", "cd" * 32, 50, registered=False),
     }
-    return Snapshot(identity={"dataset": "radcom", "seed": 0}, server=state, members=members)
+    return Snapshot(identity={"federation": "radcom", "seed": 0}, server=state, members=members)
 
 
 @pytest.fixture(params=["memory", "file"])

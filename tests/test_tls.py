@@ -11,6 +11,7 @@ import pytest
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm.certs import make_certificates
+from fedgradnorm.services import serde
 from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
 from fedgradnorm.services.aggregator.server import RunningAggregator, start_aggregator
 from fedgradnorm.services.tls import ClientTLS, TLSConfigError
@@ -36,7 +37,7 @@ def mtls_aggregator(pki: tuple[Path, Path], tmp_path: Path) -> Iterator[RunningA
         tls_client_ca=str(good / "ca.pem"),
         health_listen="127.0.0.1:0",
     )
-    agg = start_aggregator(service, CoordinatorConfig(dataset="mtfl", min_nodes=2))
+    agg = start_aggregator(service, CoordinatorConfig(federation="mtfl", min_nodes=2))
     try:
         yield agg
     finally:
@@ -45,7 +46,10 @@ def mtls_aggregator(pki: tuple[Path, Path], tmp_path: Path) -> Iterator[RunningA
 
 def call_register(channel: grpc.Channel) -> pb.RegisterResponse:
     return pb_grpc.AggregatorStub(channel).Register(
-        pb.RegisterRequest(node_name="n", dataset="mtfl", task="gender", num_samples=3), timeout=5
+        pb.RegisterRequest(
+            node_name="n", federation="mtfl", network=serde.federation_network("mtfl"), task="gender", num_samples=3
+        ),
+        timeout=5,
     )
 
 
@@ -157,7 +161,7 @@ def test_ca_bundle_trusts_old_and_new_certificates_during_a_rotation(tmp_path: P
             tls_key=str(server / "server.key"),
             tls_client_ca=str(both),
         )
-        agg = start_aggregator(service, CoordinatorConfig(dataset="mtfl", min_nodes=2))
+        agg = start_aggregator(service, CoordinatorConfig(federation="mtfl", min_nodes=2))
         try:
             for client in (old, new):
                 tls = ClientTLS(

@@ -46,9 +46,7 @@ SIMULATION_HELP = {
 def _add_training_flags(p: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
     from fedgradnorm.simulation_config import SimulationConfig
 
-    cfgmod.add_flags(
-        p, SimulationConfig, SIMULATION_HELP, choices={"algorithm": ALGORITHMS}, skip=skip
-    )
+    cfgmod.add_flags(p, SimulationConfig, SIMULATION_HELP, choices={"algorithm": ALGORITHMS}, skip=skip)
 
 
 def _sim_config(args: argparse.Namespace, algorithm: Algorithm | None = None) -> SimulationConfig:
@@ -107,6 +105,22 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partition(args: argparse.Namespace) -> int:
+    """The clients' shares of a pool as per-node files (what each edge node's --data takes)."""
+    from fedgradnorm.data.partition import Allocation, DataSource, write_partition
+    from fedgradnorm.federation import load_federation
+
+    fed = load_federation(args.federation)
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) or fed.task_names
+    for t in tasks:
+        fed.task(t)
+    source = DataSource(fed, args.data or None, synthetic_seed=args.seed, synthetic_size=args.synthetic_size)
+    written = write_partition(source, tasks, Allocation.parse(args.allocation, args.test_fraction), args.seed, args.out)
+    for task, path in written.items():
+        print(f"{task}: {path}")
+    return 0
+
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -157,6 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-task curve: accuracy for RadCom and test loss for MTFL by default",
     )
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser(
+        "partition",
+        help="share a pool out among a federation's tasks, one arrays file per node (an edge node's --data)",
+    )
+    p.add_argument("--federation", default="radcom", help="radcom, mtfl, or a federation spec file (default radcom)")
+    p.add_argument("--data", default="", help="the pool, in the federation reader's format (default: its synthetic set)")
+    p.add_argument("--out", required=True, help="folder to write TASK.npz files to")
+    p.add_argument(
+        "--allocation",
+        default="balanced",
+        help="balanced | imbalanced (Table II) | task=N,...,*=N | iid | dirichlet:ALPHA[:COLUMN] (default balanced)",
+    )
+    p.add_argument("--test-fraction", type=float, default=0.2, help="test share when the pool has no test part")
+    p.add_argument("--tasks", default="", help="comma-separated tasks (default: all of the federation's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the partition and of the synthetic set (default 0)")
+    p.add_argument("--synthetic-size", type=int, default=100, help="size of the synthetic set (default 100)")
+    p.set_defaults(func=cmd_partition)
 
     p = sub.add_parser("datasets", help="write synthetic data sets in the published formats")
     ds = p.add_subparsers(dest="which", required=True, metavar="DATASET")

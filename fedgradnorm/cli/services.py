@@ -34,7 +34,7 @@ def register_aggregator(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Every flag can also be set by the FEDGRADNORM_<NAME> environment variable.",
     )
     cfgmod.add_flags(p, ServiceConfig)
-    cfgmod.add_flags(p, CoordinatorConfig, choices={"dataset": ("radcom", "mtfl")})
+    cfgmod.add_flags(p, CoordinatorConfig)
     p.set_defaults(func=_aggregator)
 
 
@@ -53,7 +53,7 @@ def register_edge_node(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         help="run an edge node: one task's client loop against an aggregator",
         description="Every flag can also be set by the FEDGRADNORM_<NAME> environment variable.",
     )
-    cfgmod.add_flags(p, EdgeConfig, choices={"dataset": ("radcom", "mtfl")})
+    cfgmod.add_flags(p, EdgeConfig)
     p.add_argument("--max-rounds", type=int, default=0, help="leave after this many rounds (0: until the end)")
     p.set_defaults(func=_edge_node)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from fedgradnorm.data.base import DataError, MultiTaskArrays, Pools
 from fedgradnorm.data.sources import read_pools
+from fedgradnorm.data.splitting import Partitioner, parse_partitioner
 
 if TYPE_CHECKING:
     from fedgradnorm.federation import Federation
@@ -34,25 +35,42 @@ IMBALANCED_MTFL = {"gender": 500, "glasses": 500, "*": 3000}
 
 @dataclass(frozen=True)
 class Allocation:
-    """Train samples per client: ``None`` shares the pool equally, else a size per task name
-    (``"*"`` for the rest). Sizes larger than the pool are scaled down to what is there."""
+    """How a pool's training samples are shared out among the clients.
+
+    By task (the paper's): ``sizes`` None shares the pool equally, else a size per task name (``"*"`` for
+    the rest); sizes larger than the pool are scaled down to what is there. Or by a ``partitioner``
+    (:mod:`fedgradnorm.data.splitting`): ``iid`` random equal shares, or ``dirichlet:ALPHA`` label skew
+    over ``label_column`` (default: the first integer-labelled column of the clients' tasks). The test
+    shares are the same either way."""
 
     sizes: Mapping[str, int] | None = None
     test_fraction: float = 0.2
+    partitioner: Partitioner | None = None
+    label_column: str = ""
 
     @classmethod
     def parse(cls, text: str, test_fraction: float = 0.2) -> Allocation:
-        """``balanced``, ``imbalanced`` (Table II), or ``task=N,task=N,*=N``."""
+        """``balanced``, ``imbalanced`` (Table II), ``task=N,task=N,*=N``, ``iid``, or
+        ``dirichlet:ALPHA[:COLUMN]``."""
         text = text.strip()
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), not {test_fraction}")
         if text == "balanced":
             return cls(None, test_fraction)
         if text == "imbalanced":
             return cls(dict(IMBALANCED_MTFL), test_fraction)
+        if text == "iid" or text.startswith("dirichlet:"):
+            head, _, column = text.partition(":")[2].partition(":") if text != "iid" else ("", "", "")
+            partitioner = parse_partitioner("iid" if text == "iid" else f"dirichlet:{head}")
+            return cls(None, test_fraction, partitioner, column.strip())
         sizes: dict[str, int] = {}
         for part in text.split(","):
             name, sep, value = part.partition("=")
             if not sep or not name.strip() or not value.strip().isdigit() or int(value) <= 0:
-                raise ValueError(f"allocation {text!r}: expected 'balanced', 'imbalanced' or task=N,...,*=N with N > 0")
+                raise ValueError(
+                    f"allocation {text!r}: expected balanced, imbalanced, task=N,...,*=N with N > 0, iid, "
+                    "or dirichlet:ALPHA[:COLUMN]"
+                )
             sizes[name.strip()] = int(value)
         return cls(sizes, test_fraction)
 
@@ -94,6 +112,8 @@ def allocate(
         raise ValueError("no tasks to allocate data to")
     if len(train_pool) < 2 * len(tasks):
         raise ValueError(f"{len(train_pool)} samples are too few for {len(tasks)} clients")
+    if allocation.partitioner is not None:
+        return _partitioned(train_pool, tasks, allocation, seed, test_pool)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train_pool))
     test_order = rng.permutation(len(test_pool)) if test_pool is not None else None
@@ -118,6 +138,47 @@ def allocate(
         start += train_sizes[i]
         out[task] = ClientData(task=task, train=train, test=test)
     return out
+
+
+def _partitioned(
+    train_pool: MultiTaskArrays,
+    tasks: Sequence[str],
+    allocation: Allocation,
+    seed: int,
+    test_pool: MultiTaskArrays | None,
+) -> dict[str, ClientData]:
+    """``allocate`` by a partitioner: equal random test shares as by task, the training samples left
+    split by ``allocation.partitioner`` (over the label column for Dirichlet)."""
+    assert allocation.partitioner is not None
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train_pool))
+    k = len(tasks)
+    if test_pool is None:
+        test_each = max(1, int(len(train_pool) * allocation.test_fraction) // k)
+        tests = [train_pool.subset(np.sort(order[i * test_each : (i + 1) * test_each])) for i in range(k)]
+        remaining = np.sort(order[k * test_each :])
+    else:
+        test_order = rng.permutation(len(test_pool))
+        test_each = max(1, len(test_pool) // k)
+        tests = [test_pool.subset(np.sort(test_order[i * test_each : (i + 1) * test_each])) for i in range(k)]
+        remaining = np.arange(len(train_pool))
+    labels = _label_column(train_pool, tasks, allocation.label_column)[remaining]
+    shares = allocation.partitioner.split(labels, list(tasks), seed)
+    return {
+        t: ClientData(task=t, train=train_pool.subset(remaining[shares[t]]), test=tests[i]) for i, t in enumerate(tasks)
+    }
+
+
+def _label_column(pool: MultiTaskArrays, tasks: Sequence[str], column: str) -> np.ndarray:
+    """The class labels a Dirichlet split skews: ``column``, else the first tasks' integer 1-D column."""
+    candidates = [column] if column else [*tasks, *pool.targets]
+    for name in candidates:
+        y = pool.targets.get(name)
+        if y is not None and y.ndim == 1 and y.dtype.kind in "iu":
+            return np.asarray(y)
+    if column:
+        raise ValueError(f"label column {column!r} is not a 1-D integer column; columns: {sorted(pool.targets)}")
+    return np.zeros(len(pool), dtype=np.int64)  # no class labels: every sample one class (iid only needs the count)
 
 
 @dataclass(frozen=True)
@@ -196,25 +257,53 @@ def _client(train: MultiTaskArrays, test: MultiTaskArrays, task: TaskSpec, where
 def task_view(arrays: MultiTaskArrays, task: TaskSpec, where: str) -> MultiTaskArrays:
     """``arrays`` with only ``task``'s target column, under the task's name, checked against the task.
 
-    The column is ``task.column``, else the task's name, else the data's only target column. Class
+    The column is ``task.column`` (default: the task's name), else the data's only target column. Class
     targets must be integers in [0, outputs); real targets have ``outputs`` columns (or are 1-D for 1)."""
     column = task.column or task.name
     if column not in arrays.targets:
-        if task.column or len(arrays.targets) != 1:
-            raise DataError(where, f"no target column {column!r} for task {task.name!r}; columns: {sorted(arrays.targets)}")
+        if len(arrays.targets) != 1:
+            raise DataError(
+                where, f"no target column {column!r} for task {task.name!r}; columns: {sorted(arrays.targets)}"
+            )
         column = next(iter(arrays.targets))
     y = np.asarray(arrays.targets[column])
     if task.target == "class":
         if y.ndim != 1 or y.dtype.kind not in "iub":
-            raise DataError(where, f"task {task.name!r} needs integer class labels (1-D), column {column!r} is {y.dtype} {y.shape}")
+            raise DataError(
+                where, f"task {task.name!r} needs integer class labels (1-D), column {column!r} is {y.dtype} {y.shape}"
+            )
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= task.outputs):
             raise DataError(
-                where, f"task {task.name!r}: class labels must lie in [0, {task.outputs}), column {column!r} has {int(y.min())}..{int(y.max())}"
+                where,
+                f"task {task.name!r}: class labels must lie in [0, {task.outputs}), column {column!r} has {int(y.min())}..{int(y.max())}",
             )
         y = y.astype(np.int64, copy=False)
     else:
         width = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
         if y.dtype.kind not in "iufb" or width != task.outputs:
-            raise DataError(where, f"task {task.name!r} needs {task.outputs} real value(s) a sample, column {column!r} is {y.dtype} {y.shape}")
+            raise DataError(
+                where,
+                f"task {task.name!r} needs {task.outputs} real value(s) a sample, column {column!r} is {y.dtype} {y.shape}",
+            )
         y = y.astype(np.float32, copy=False).reshape(len(y), task.outputs)
     return MultiTaskArrays(x=arrays.x, targets={task.name: y}, extras=arrays.extras)
+
+
+def write_partition(
+    source: DataSource, tasks: Sequence[str], allocation: Allocation, seed: int, out: str | Path
+) -> dict[str, Path]:
+    """Each client's share (train and test) as its own arrays file ``out/<task>.npz``, the task's
+    target as column ``y``: the files an edge node's ``--data`` takes, the same shares the simulator trains on."""
+    from fedgradnorm.data.arrays import write_arrays
+
+    clients = load_clients(source, tasks, allocation, seed)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for task, data in clients.items():
+        path = folder / f"{task}.npz"
+        train = MultiTaskArrays(data.train.x, {"y": data.train.targets[task]})
+        test = MultiTaskArrays(data.test.x, {"y": data.test.targets[task]})
+        write_arrays(path, Pools(train, test))
+        written[task] = path
+    return written

@@ -8,6 +8,7 @@ registration and the state view go the same way.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -107,6 +108,14 @@ def network_architecture(arch: Architecture) -> pb.NetworkArchitecture:
         fingerprint=arch.fingerprint,
         parameters=[pb.ParameterShape(name=n, shape=list(shape), dtype=d) for n, shape, d in arch.parameters],
     )
+
+
+@functools.lru_cache(maxsize=8)
+def federation_network(federation: str) -> pb.NetworkArchitecture:
+    """The shared network of a federation (a shipped name or a spec file) as a Register carries it."""
+    from fedgradnorm.federation import load_federation
+
+    return network_architecture(load_federation(federation).architecture)
 
 
 def architecture(msg: pb.NetworkArchitecture) -> Architecture:

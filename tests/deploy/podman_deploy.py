@@ -588,8 +588,8 @@ class OutsideNode:
             "--tls-key",
             str(key),
             # Must match the aggregator's ConfigMap, as for the pods (docs/operations.md, "The device").
-            "--dataset",
-            cfg["FEDGRADNORM_DATASET"],
+            "--federation",
+            cfg["FEDGRADNORM_FEDERATION"],
             "--seed",
             cfg["FEDGRADNORM_SEED"],
             "--synthetic-size",

@@ -122,10 +122,13 @@ class Membership:
         if federation != spec.name:
             raise InvalidArgument(f"this aggregator federates {spec.name!r}, not {federation!r}", Reason.BAD_TASK)
         if task not in spec.task_names:
-            raise InvalidArgument(f"unknown task {task!r} for {federation}; tasks: {list(spec.task_names)}", Reason.BAD_TASK)
+            raise InvalidArgument(
+                f"unknown task {task!r} for {federation}; tasks: {list(spec.task_names)}", Reason.BAD_TASK
+            )
         if len(network.parameters) > MAX_PARAMETERS or any(len(n) > MAX_FIELD for n, _, _ in network.parameters):
             raise InvalidArgument(
-                f"a network of at most {MAX_PARAMETERS} tensors named in at most {MAX_FIELD} characters", Reason.BAD_VALUE
+                f"a network of at most {MAX_PARAMETERS} tensors named in at most {MAX_FIELD} characters",
+                Reason.BAD_VALUE,
             )
         if network.fingerprint != spec.architecture.fingerprint:
             raise FailedPrecondition(

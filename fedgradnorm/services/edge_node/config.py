@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedgradnorm.config import setting
+from fedgradnorm.machine import check_device_text
 from fedgradnorm.services.netcheck import check_host_port
 from fedgradnorm.services.tls import ClientTLSSettings
 from fedgradnorm.wire_format import DTYPE_BY_NAME
@@ -14,19 +16,30 @@ from fedgradnorm.wire_format import DTYPE_BY_NAME
 @dataclass(frozen=True)
 class EdgeConfig(ClientTLSSettings):
     aggregator: str = setting("127.0.0.1:50051", "the aggregator's gRPC address HOST:PORT")
-    dataset: str = setting("radcom", "the federation this node joins: radcom or mtfl")
+    federation: str = setting(
+        "radcom", "the federation this node joins: radcom, mtfl, or a federation spec file (.toml) of yours"
+    )
     task: str = setting(
         "modulation",
         "this node's task in its federation (radcom: modulation, signal, anomaly; mtfl: landmarks, gender, smile, glasses, pose)",
     )
     name: str = setting("", "node name in logs and dashboards (empty: the task's name)")
     data: str = setting(
-        "", "real data: a RadComDynamic .hdf5 file or an MTFL folder (empty: a synthetic set from --seed)"
+        "",
+        "this node's own data, all of it used, in the federation reader's format (empty: its share of the "
+        "federation's synthetic set from --seed, a simulated deployment)",
     )
-    seed: int = setting(0, "seed of the synthetic data and of the partition (the federation's)")
-    synthetic_size: int = setting(100, "synthetic set size: RadCom samples per key, MTFL training faces")
-    allocation: str = setting("balanced", "how the data set is shared out: balanced | imbalanced | task=N,...,*=N")
-    test_fraction: float = setting(0.2, "test share of this node's data (RadCom; a fraction in (0, 1))")
+    seed: int = setting(0, "seed of the test split, and of the synthetic set and its partition (the federation's)")
+    synthetic_size: int = setting(100, "synthetic set size (RadCom: samples per key; MTFL: training faces)")
+    allocation: str = setting(
+        "balanced", "without --data: how the synthetic set is shared out: balanced | imbalanced | task=N,...,*=N"
+    )
+    test_fraction: float = setting(0.2, "test share of this node's data when it has no test part (in (0, 1))")
+    device: str = setting("auto", "where the node trains: auto (a GPU if present), cpu, cuda or cuda:N")
+    model_dir: str = setting(
+        "",
+        "where the personalized model (omega + this node's head) is written when training ends (empty: STATE_DIR/model)",
+    )
     state_dir: str = setting("edge-state", "folder of this node's identity and personal head")
     enrollment_token: str = setting("", "the federation's enrolment secret", secret=True)
     fetch_wait: float = setting(10.0, "how long one FetchRound waits for a round, seconds")
@@ -44,11 +57,14 @@ class EdgeConfig(ClientTLSSettings):
             check_host_port(
                 self.metrics_listen, "metrics_listen (--metrics-listen, FEDGRADNORM_METRICS_LISTEN)", listen=True
             )
-        from fedgradnorm.tasks import federation  # torch: only when a config is built, not for --help
+        from fedgradnorm.federation import load_federation  # torch: only when a config is built, not for --help
 
-        fed = federation(self.dataset)
+        fed = load_federation(self.federation)
         if self.task not in fed.task_names:
-            raise ValueError(f"task {self.task!r} is not a {self.dataset} task; tasks: {list(fed.task_names)}")
+            raise ValueError(f"task {self.task!r} is not a {fed.name} task; tasks: {list(fed.task_names)}")
+        check_device_text(self.device)
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), not {self.test_fraction}")
         if self.fetch_wait <= 0 or self.max_backoff <= 0:
             raise ValueError("fetch_wait and max_backoff must be positive")
         if self.insecure and (self.tls_ca or self.tls_cert or self.tls_key):
@@ -57,6 +73,10 @@ class EdgeConfig(ClientTLSSettings):
             raise ValueError("TLS needs tls_ca (and tls_cert/tls_key for mutual TLS); set insecure=true for plaintext")
         if self.wire_dtype and self.wire_dtype not in DTYPE_BY_NAME:
             raise ValueError(f"wire_dtype must be one of {', '.join(DTYPE_BY_NAME)} or empty, not {self.wire_dtype!r}")
+
+    @property
+    def model_path(self) -> str:
+        return self.model_dir or str(Path(self.state_dir) / "model")
 
     @property
     def node_name(self) -> str:

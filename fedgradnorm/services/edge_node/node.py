@@ -26,16 +26,16 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
 from fedgradnorm.algorithm import ClientConfig
 from fedgradnorm.client import LocalClient, load_omega_
-from fedgradnorm.data.partition import Allocation, ClientData, DataSource, load_clients
+from fedgradnorm.data.partition import Allocation, ClientData, DataSource, load_clients, node_data
 from fedgradnorm.errors import FatalError
-from fedgradnorm.models import build_shared
+from fedgradnorm.federation import load_federation
+from fedgradnorm.machine import resolve_device
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services import netcheck, serde
 from fedgradnorm.services.domain import Submission
 from fedgradnorm.services.edge_node.config import EdgeConfig
 from fedgradnorm.services.edge_node.store import Identity, NodeStateError, NodeStore
 from fedgradnorm.services.refusals import reason_of
-from fedgradnorm.tasks import federation
 
 log = structlog.get_logger("fedgradnorm.edge_node")
 T = TypeVar("T")
@@ -106,26 +106,32 @@ class Session:
 class EdgeNode:
     def __init__(self, config: EdgeConfig, *, data: ClientData | None = None) -> None:
         self.config = config
-        self.fed = federation(config.dataset)
+        self.fed = load_federation(config.federation)
         self.task = self.fed.task(config.task)
+        self.device = resolve_device(config.device)
         self.store = NodeStore(config.state_dir)
         self.metrics = NodeMetrics()
         self.stop_event = threading.Event()
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.identity = self.store.load_identity()  # fail fast on a corrupt state folder
-        if self.identity is not None and (self.identity.task, self.identity.dataset) != (config.task, config.dataset):
+        if self.identity is not None and (self.identity.task, self.identity.federation) != (config.task, self.fed.name):
             raise NodeStateError(
-                f"{self.store.identity_path}: identity is for {self.identity.dataset}/{self.identity.task}, "
-                f"not {config.dataset}/{config.task}"
+                f"{self.store.identity_path}: identity is for {self.identity.federation}/{self.identity.task}, "
+                f"not {self.fed.name}/{config.task}"
             )
         if data is None:
-            source = DataSource(config.dataset, config.data or None, config.seed, config.synthetic_size)
-            alloc = Allocation.parse(config.allocation, config.test_fraction)
-            data = load_clients(source, self.fed.task_names, alloc, config.seed)[config.task]
+            if config.data:  # the node's own data, all of it
+                data = node_data(self.fed, self.task, config.data, config.test_fraction, config.seed)
+            else:  # its share of the federation's synthetic set (a simulated deployment)
+                source = DataSource(self.fed, None, config.seed, config.synthetic_size)
+                alloc = Allocation.parse(config.allocation, config.test_fraction)
+                data = load_clients(source, self.fed.task_names, alloc, config.seed)[config.task]
         self.data = data
-        self.shared = build_shared(self.fed.network, 0)  # weights come from the aggregator every round
+        self.shared = self.fed.build_shared(0).to(self.device)  # weights come from the aggregator every round
+        self.architecture = self.fed.architecture
         self.expected = {k: tuple(v.shape) for k, v in self.shared.named_parameters()}
+        self.model_written: str | None = None  # the personalized model's file, once training has ended
         self.client: LocalClient | None = None
         self.channel = config.tls().channel(config.aggregator, CHANNEL_OPTIONS)
         self.stub = pb_grpc.AggregatorStub(self.channel)
@@ -199,7 +205,8 @@ class EdgeNode:
                 pb.RegisterRequest(
                     enrollment_token=cfg.enrollment_token,
                     node_name=cfg.node_name,
-                    dataset=cfg.dataset,
+                    federation=self.fed.name,
+                    network=serde.network_architecture(self.architecture),
                     task=cfg.task,
                     num_samples=len(self.data.train),
                     node_id=ident.node_id if ident else "",
@@ -220,9 +227,12 @@ class EdgeNode:
             self.identity = None
             return self.register()
         assert isinstance(resp, pb.RegisterResponse)
-        if resp.network != self.fed.network:
-            raise EdgeNodeError(f"aggregator trains {resp.network}, this node's task needs {self.fed.network}")
-        identity = Identity(resp.node_id, resp.session_token, cfg.aggregator, cfg.dataset, cfg.task)
+        if resp.network_fingerprint != self.architecture.fingerprint:
+            raise EdgeNodeError(
+                f"the aggregator trains another shared network ({resp.network}, {resp.network_fingerprint}) than "
+                f"this node's federation ({self.fed.network.ref}, {self.architecture.fingerprint})"
+            )
+        identity = Identity(resp.node_id, resp.session_token, cfg.aggregator, self.fed.name, cfg.task)
         self.store.save_identity(identity)
         self.identity = identity
         session = Session(
@@ -245,7 +255,9 @@ class EdgeNode:
     def _build_client(self, session: Session) -> None:
         if self.client is not None and self.client.config == session.config and self.client.seed == session.seed:
             return
-        client = LocalClient(session.identity.node_id, self.task, self.data, session.config, session.seed)
+        client = LocalClient(
+            session.identity.node_id, self.fed, self.data, session.config, session.seed, device=self.device
+        )
         blob = self.store.load_client()
         if blob is not None:
             try:
@@ -274,7 +286,7 @@ class EdgeNode:
         if first.WhichOneof("payload") != "header":
             raise EdgeNodeError("aggregator sent a chunk before the round header")
         header = first.header
-        if header.status != pb.ROUND_STATUS_OPEN:
+        if header.status not in (pb.ROUND_STATUS_OPEN, pb.ROUND_STATUS_FINISHED) or not header.tensors:
             stream.cancel()
             return header, None
         try:
@@ -289,7 +301,10 @@ class EdgeNode:
             omega = asm.finish()
         except wire.WireError as e:
             stream.cancel()
-            raise EdgeNodeError(f"global model of round {header.round} refused: {e}") from e
+            what = (
+                "final model" if header.status == pb.ROUND_STATUS_FINISHED else f"global model of round {header.round}"
+            )
+            raise EdgeNodeError(f"{what} refused: {e}") from e
         return header, omega
 
     def train(self, round_: int, omega: dict[str, torch.Tensor]) -> Submission:
@@ -346,6 +361,8 @@ class EdgeNode:
         """Fetch one round (waiting up to fetch_wait), train, submit. False when training is over."""
         header, omega = self._retry("FetchRound", self.fetch)
         if header.status == pb.ROUND_STATUS_FINISHED:
+            if omega is not None:
+                self.write_model(header.round, omega)
             return False
         if omega is None:
             return True
@@ -366,6 +383,30 @@ class EdgeNode:
         finally:
             structlog.contextvars.unbind_contextvars("round", "node")
         return True
+
+    def write_model(self, rounds: int, omega: dict[str, torch.Tensor]) -> str:
+        """The personalized model: the final omega and this node's head, evaluated on its test split
+        and written to model_dir (fedgradnorm.export); returns the model file."""
+        from fedgradnorm.export import save_model
+
+        if self.client is None:
+            raise EdgeNodeError("training ended before this node trained a head: no model to write")
+        load_omega_(self.shared, omega)
+        evaluation = self.client.evaluate(self.shared)
+        metrics = {"test_loss": evaluation.test_loss, evaluation.metric: evaluation.value}
+        path = save_model(
+            self.config.model_path,
+            federation=self.fed,
+            task=self.task,
+            shared=self.shared,
+            head=self.client.head,
+            round_=rounds,
+            metrics=metrics,
+            node=self.config.node_name,
+        )
+        self.model_written = str(path)
+        log.info("model.written", path=str(path), rounds=rounds, **{k: round(v, 6) for k, v in metrics.items()})
+        return str(path)
 
     def _heartbeat_loop(self) -> None:
         while not self.stop_event.is_set():

@@ -44,6 +44,8 @@ class NodeStore:
             return None
         try:
             raw = json.loads(self.identity_path.read_text())
+            if isinstance(raw, dict) and "dataset" in raw:  # written before federations had specs
+                raw.setdefault("federation", raw.pop("dataset"))
             return Identity(**{k: str(raw[k]) for k in Identity.__dataclass_fields__})
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise NodeStateError(
