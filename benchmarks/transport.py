@@ -233,7 +233,8 @@ def wire_bytes(
     data = {}
     for dtype in dtypes:
         agg = ["--rounds", str(rounds), "--wire-dtype", dtype]
-        node_flags = ["--no-train", "true", "--synthetic-size", str(synthetic_size)]
+        # per round: the final model (sent once, after the last round) is left out
+        node_flags = ["--no-train", "true", "--synthetic-size", str(synthetic_size), "--write-model", "false"]
         with Deployment(workdir / f"wire-{dtype}", "radcom", nodes, agg, node_flags, via_proxy=True) as dep:
             # Everything from the first byte to the nodes' exit after the last round: no transfer is
             # cut at either end (a round's commit overlaps the next round's fetches, so there is no

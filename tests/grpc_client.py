@@ -24,13 +24,21 @@ class RawNode:
     token: str
     task: str
 
-    def fetch(self, wait: float = 10.0, dtype: int = 0) -> tuple[pb.RoundHeader, dict[str, torch.Tensor] | None]:
-        stream = self.stub.FetchRound(
-            pb.FetchRoundRequest(node_id=self.node_id, session_token=self.token, wait_seconds=wait, dtype=dtype),
-            timeout=wait + 60,
+    def fetch(
+        self, wait: float = 10.0, dtype: int = 0, without_final_model: bool = False
+    ) -> tuple[pb.RoundHeader, dict[str, torch.Tensor] | None]:
+        """The round's header and omega_k (OPEN), or the final omega (FINISHED, unless declined), else None."""
+        request = pb.FetchRoundRequest(
+            node_id=self.node_id,
+            session_token=self.token,
+            wait_seconds=wait,
+            dtype=dtype,
+            without_final_model=without_final_model,
         )
+        stream = self.stub.FetchRound(request, timeout=wait + 60)
         header = next(stream).header
-        if header.status != pb.ROUND_STATUS_OPEN:
+        if not header.tensors:
+            stream.cancel()
             return header, None
         specs = {s.name: tuple(s.shape) for s in header.tensors}
         asm = wire.TensorAssembler.from_header(header, specs)

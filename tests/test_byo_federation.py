@@ -30,6 +30,10 @@ HYPER = ["--tau-h", "2", "--tau-omega", "2", "--batch-size", "16", "--seed", "0"
 ROUNDS = 3
 
 
+def state_flags(tmp_path: Path) -> list[str]:
+    return ["--state-dir", str(tmp_path / "state"), "--torch-threads", "1"]
+
+
 def partition(out: Path) -> dict[str, Path]:
     assert main(["partition", "--federation", SPEC, "--out", str(out), "--synthetic-size", "8", "--seed", "0"]) == 0
     return {t: out / f"{t}.npz" for t in ("activity", "fall", "cadence")}
@@ -64,8 +68,7 @@ def test_example_federation_trains_through_the_services_from_its_own_spec(tmp_pa
     try:
         agg, ready = start_aggregator(
             tmp_path,
-            ["--federation", SPEC, "--rounds", str(ROUNDS), "--min-nodes", "3", *HYPER]
-            + ["--state-dir", str(tmp_path / "state"), "--torch-threads", "1"],
+            [*("--federation", SPEC, "--rounds", str(ROUNDS), "--min-nodes", "3"), *HYPER, *state_flags(tmp_path)],
         )
         procs.append(agg)
         port = ready["grpc_port"]
@@ -76,7 +79,7 @@ def test_example_federation_trains_through_the_services_from_its_own_spec(tmp_pa
         assert narrow.wait(120) == 2, narrow.log_text()[-3000:]
         log = narrow.log_text()
         assert "FAILED_PRECONDITION" in log and "is not this federation's" in log, log[-3000:]
-        assert "out.weight is [64, 32] float32 here, [64, 16] float32 there" in log, log[-3000:]
+        assert "conv.0.weight is [16, 3, 5] float32 here, [8, 3, 5] float32 there" in log, log[-3000:]
 
         flags = ["--federation", SPEC, "--torch-threads", "1", "--seed", "0"]
         nodes = [start_edge_node(tmp_path, port, t, [*flags, "--data", str(f)]) for t, f in files.items()]

@@ -32,9 +32,11 @@ def test_every_flag_has_a_sentence(command: str) -> None:
 
 def test_choices_are_listed_and_benchmark_switches_hidden() -> None:
     commands = subcommands()
-    for command in ("simulate", "aggregator", "edge-node"):
-        dataset = next(a for a in commands[command]._actions if a.dest == "dataset")
-        assert list(dataset.choices or []) == ["radcom", "mtfl"], command
+    for command in ("simulate", "aggregator", "edge-node", "demo", "partition"):
+        federation = next(a for a in commands[command]._actions if a.dest == "federation")
+        assert federation.choices is None, command  # a shipped name or a spec file of the user's
+        assert "radcom" in (federation.help or "") and "mtfl" in (federation.help or ""), command
+        assert ".toml" in (federation.help or ""), command
     algorithm = next(a for a in commands["aggregator"]._actions if a.dest == "algorithm")
     assert list(algorithm.choices or []) == ["fedgradnorm", "fedrep"]
     help_text = commands["edge-node"].format_help()

@@ -138,6 +138,24 @@ def test_register_refuses_another_shared_network_and_says_what_differs(start: St
         assert state(stub).total_nodes == 0  # nothing was enrolled
 
 
+def test_finished_carries_the_final_model_in_float32_unless_declined(start: Start) -> None:
+    agg = start(rounds=1)
+    channel, stub = connect(agg.grpc_port)
+    with channel:
+        a, b = register(stub, "a", "gender"), register(stub, "b", "smile")
+        play_round([a, b])
+        wait_until(lambda: state(stub).phase == pb.PHASE_DONE, 30, "training done")
+        header, omega = a.fetch(wait=1.0, dtype=tensor_pb2.DTYPE_FLOAT16)
+        assert header.status == pb.ROUND_STATUS_FINISHED and header.round == 1
+        assert {s.dtype for s in header.tensors} == {tensor_pb2.DTYPE_FLOAT32}  # exact, whatever was asked
+        final = agg.coordinator._state
+        assert omega is not None and final is not None and set(omega) == set(final.omega)
+        for name, value in final.omega.items():
+            assert torch.equal(omega[name], value), name
+        header, omega = b.fetch(wait=1.0, without_final_model=True)
+        assert header.status == pb.ROUND_STATUS_FINISHED and omega is None and not header.tensors
+
+
 def test_runtime_registration_joins_next_round_with_weight_one(start: Start) -> None:
     agg = start()
     channel, stub = connect(agg.grpc_port)

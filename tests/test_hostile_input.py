@@ -933,9 +933,9 @@ def omega_messages(
 class FakeAggregator(pb_grpc.AggregatorServicer):
     """Speaks the protocol, but serves whatever global model the test gives it."""
 
-    def __init__(self, messages: list[pb.FetchRoundResponse], network: str = "network1") -> None:
+    def __init__(self, messages: list[pb.FetchRoundResponse], federation: str = "mtfl") -> None:
         self.messages = messages
-        self.network = network
+        self.federation = load_federation(federation)
         self.submits = 0
         self.fetches = 0
 
@@ -943,7 +943,8 @@ class FakeAggregator(pb_grpc.AggregatorServicer):
         return pb.RegisterResponse(
             node_id=request.node_id or request.node_name,
             session_token=request.session_token or "token",
-            network=self.network,
+            network=self.federation.network.ref,
+            network_fingerprint=self.federation.architecture.fingerprint,
             algorithm="fedgradnorm",
             omega_tilde=["features.9.weight", "features.9.bias"],
             round_config=pb.RoundConfig(tau_h=1, tau_omega=1, beta=0.001, batch_size=4),
@@ -1090,9 +1091,9 @@ def test_edge_node_refuses_a_bad_global_model_and_does_not_train(
 def test_edge_node_refuses_an_aggregator_of_another_architecture(
     fake_aggregator: Callable[[FakeAggregator], int], tmp_path: Path
 ) -> None:
-    fake = FakeAggregator(omega_messages(), network="network2")
+    fake = FakeAggregator(omega_messages(), federation="radcom")
     node = EdgeNode(edge_config(fake_aggregator(fake), tmp_path / "node"), data=small_client_data())
-    with pytest.raises(EdgeNodeError, match="aggregator trains network2"):
+    with pytest.raises(EdgeNodeError, match=r"aggregator trains another shared network \(fedgradnorm.models:Network2"):
         node.run(max_rounds=1)
     assert fake.fetches == 0 and fake.submits == 0
 
@@ -1102,7 +1103,7 @@ def _real_client_state(task: str) -> bytes:
     from fedgradnorm.client import LocalClient
 
     config = ClientConfig(tau_h=1, tau_omega=1, beta=0.001, batch_size=4)
-    client = LocalClient(task, load_federation("mtfl").task(task), small_client_data(task), config, 0)
+    client = LocalClient(task, load_federation("mtfl"), small_client_data(task), config, 0)
     return client.state_bytes()
 
 

@@ -455,7 +455,7 @@ def test_aggregator_ports_probes_and_config(doc: Doc) -> None:
     assert c["startupProbe"]["grpc"] == {"port": health_port, "service": ""}
     assert c["readinessProbe"]["grpc"] == {"port": health_port, "service": SERVICE_NAME}
     assert rounds.enrollment_token, "the aggregator must require the enrollment token"
-    assert rounds.min_nodes == len(rounds.federation.task_names)
+    assert rounds.min_nodes == len(rounds.spec.task_names)
     assert env["FEDGRADNORM_LOG_FORMAT"] == "json"
     assert_writable(doc, c, service.state_dir, persistent=True)
     assert_known_env(env, (ServiceConfig, CoordinatorConfig))

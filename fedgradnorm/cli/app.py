@@ -176,8 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "partition",
         help="share a pool out among a federation's tasks, one arrays file per node (an edge node's --data)",
     )
-    p.add_argument("--federation", default="radcom", help="radcom, mtfl, or a federation spec file (default radcom)")
-    p.add_argument("--data", default="", help="the pool, in the federation reader's format (default: its synthetic set)")
+    p.add_argument(
+        "--federation",
+        default="radcom",
+        help="radcom, mtfl, or a federation spec file (.toml) of yours (default radcom)",
+    )
+    p.add_argument(
+        "--data", default="", help="the pool, in the federation reader's format (default: its synthetic set)"
+    )
     p.add_argument("--out", required=True, help="folder to write TASK.npz files to")
     p.add_argument(
         "--allocation",
@@ -213,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _service_commands() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     """Subcommands contributed by the services and the demo (imported lazily, no gRPC at import)."""
-    from fedgradnorm.cli import services
+    from fedgradnorm.cli import models, services
 
-    return services.REGISTRARS
+    return [*services.REGISTRARS, *models.REGISTRARS]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

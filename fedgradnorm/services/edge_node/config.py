@@ -35,6 +35,9 @@ class EdgeConfig(ClientTLSSettings):
         "balanced", "without --data: how the synthetic set is shared out: balanced | imbalanced | task=N,...,*=N"
     )
     test_fraction: float = setting(0.2, "test share of this node's data when it has no test part (in (0, 1))")
+    write_model: bool = setting(
+        True, "write the personalized model when training ends (false: the final omega is not even sent)"
+    )
     device: str = setting("auto", "where the node trains: auto (a GPU if present), cpu, cuda or cuda:N")
     model_dir: str = setting(
         "",

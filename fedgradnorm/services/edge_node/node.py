@@ -279,6 +279,7 @@ class EdgeNode:
                 session_token=s.identity.session_token,
                 wait_seconds=self.config.fetch_wait,
                 dtype=s.dtype,
+                without_final_model=not self.config.write_model,
             ),
             timeout=self.config.fetch_wait + 60,
         )

@@ -121,16 +121,18 @@ class RegisterResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., network: _Optional[str] = ..., algorithm: _Optional[str] = ..., omega_tilde: _Optional[_Iterable[str]] = ..., round_config: _Optional[_Union[RoundConfig, _Mapping]] = ..., seed: _Optional[int] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., accepted_dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., max_chunk_bytes: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., initial_loss: _Optional[float] = ..., weight: _Optional[float] = ..., resumed: _Optional[bool] = ..., network_fingerprint: _Optional[str] = ...) -> None: ...
 
 class FetchRoundRequest(_message.Message):
-    __slots__ = ("node_id", "session_token", "wait_seconds", "dtype")
+    __slots__ = ("node_id", "session_token", "wait_seconds", "dtype", "without_final_model")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WITHOUT_FINAL_MODEL_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session_token: str
     wait_seconds: float
     dtype: _tensor_pb2.DType
-    def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    without_final_model: bool
+    def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., without_final_model: _Optional[bool] = ...) -> None: ...
 
 class RoundHeader(_message.Message):
     __slots__ = ("status", "round", "deadline_unix_seconds", "tensors", "total_bytes")
