@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedgradnorm.data.base import DataError
+
 _REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 
@@ -63,7 +65,12 @@ class Factory:
         fn = resolve(self.ref)
         if not callable(fn):
             raise FactoryError(f"{self.ref} is not callable")
-        return fn(**{**self.kwargs, **extra})
+        try:
+            return fn(**{**self.kwargs, **extra})
+        except (FactoryError, DataError):  # already say what and where
+            raise
+        except Exception as err:  # the user's code: say which call failed, and how
+            raise FactoryError(f"{self.ref}(**{dict(self.kwargs)}) failed: {type(err).__name__}: {err}") from err
 
     def describe(self) -> dict[str, Any]:
         return {"factory": self.ref, "kwargs": dict(self.kwargs)}
