@@ -44,6 +44,11 @@ class Simulation:
     @classmethod
     def build(cls, config: SimulationConfig, data: dict[str, ClientData] | None = None) -> Simulation:
         fed = config.spec
+        shared = fed.build_shared(config.seed)
+        state = ServerState.initial(dict(shared.named_parameters()))
+        missing = [n for n in config.server_config().omega_tilde if n not in state.omega]
+        if missing:  # before any data is loaded
+            raise ValueError(f"omega_tilde names {missing} are not parameters of {fed.network.ref}")
         if data is None:
             data = load_clients(
                 config.source(),
@@ -54,8 +59,6 @@ class Simulation:
         clients = {
             name: LocalClient(name, fed, data[name], config.client_config(), config.seed) for name in config.task_names
         }
-        shared = fed.build_shared(config.seed)
-        state = ServerState.initial(dict(shared.named_parameters()))
         return cls(config=config, clients=clients, state=state, shared=shared)
 
     def step(self) -> list[dict[str, Any]]:

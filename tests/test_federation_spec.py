@@ -16,6 +16,8 @@ from fedgradnorm.data.partition import Allocation, DataSource, load_clients, nod
 from fedgradnorm.federation import FederationError, builtin_names, load_federation
 from fedgradnorm.machine import resolve_device
 from fedgradnorm.models import Network1, Network2
+from fedgradnorm.simulation_config import SimulationConfig
+from fedgradnorm.simulator import Simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 SENSORS = ROOT / "examples" / "sensors" / "federation.toml"
@@ -45,6 +47,10 @@ def negative_mae(prediction, target):
 
 def not_a_module():
     return 42
+
+
+def make_head(in_features: int, out_features: int, hidden: int = 2):
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
 """
 
 SPEC = """
@@ -110,6 +116,19 @@ def test_a_user_spec_with_its_own_network_losses_and_metrics(tmp_path: Path) -> 
     assert level.metric_value(pred, y) == pytest.approx(-1.5)
     head = fed.build_head(level, 0)
     assert isinstance(head, torch.nn.Linear) and (head.in_features, head.out_features) == (3, 1)
+    with_head = SPEC.replace(
+        'name = "kind"\noutputs = 3',
+        'name = "kind"\noutputs = 3\nhead = { factory = "tiny_fed:make_head", kwargs = { hidden = 7 } }',
+    )
+    fed = load_federation(str(write_spec(tmp_path / "head", with_head)))
+    head = fed.build_head(fed.task("kind"), 0)
+    assert [tuple(p.shape) for p in head.parameters()] == [(7, 3), (7,), (3, 7), (3,)]
+    tilde = SPEC.replace("input_shape = [6]", 'input_shape = [6]\nomega_tilde = ["body.weight"]')
+    fed = load_federation(str(write_spec(tmp_path / "tilde", tilde)))
+    assert SimulationConfig(federation=fed.source).server_config().omega_tilde == ("body.weight",)
+    typo = load_federation(str(write_spec(tmp_path / "typo", tilde.replace("body.weight", "bdy.weight"))))
+    with pytest.raises(ValueError, match=r"omega_tilde names \['bdy.weight'\] are not parameters of tiny_fed:Tiny"):
+        Simulation.build(SimulationConfig(federation=typo.source), data={})
     with pytest.raises(ValueError, match="has no task 'nope'"):
         fed.task("nope")
 
