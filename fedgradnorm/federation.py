@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedgradnorm.data.sources import READERS
 from fedgradnorm.factory import Factory, FactoryError, is_ref
 from fedgradnorm.tasks import TaskSpec
 
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
     from fedgradnorm.models import Architecture
 
 BUILTIN_DIR = Path(__file__).parent / "federations"
-READERS = ("radcom", "mtfl", "arrays", "images")
 
 
 class FederationError(ValueError):

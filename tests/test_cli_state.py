@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm.cli.services import plain
+from fedgradnorm.federation import load_federation
 from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
 from fedgradnorm.services.aggregator.server import start_aggregator
 from tests.faults_helpers import safe_structlog
@@ -47,6 +48,9 @@ def test_state_command_prints_the_live_state(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout)
     assert s["round"] == 0 and s["phase"] == "PHASE_WAITING_FOR_NODES" and s["federation"] == "mtfl"
+    assert s["last_committed_round"] == -1  # what is durable: nothing trained yet
+    assert s["network"] == "fedgradnorm.models:Network1"
+    assert s["network_fingerprint"] == load_federation("mtfl").architecture.fingerprint
     assert s["hyperparameters"]["gamma"] == 0.9 and s["hyperparameters"]["min_nodes"] == 2
     (node,) = s["nodes"]
     assert node["node_name"] == "a" and node["task"] == "gender" and node["weight"] == 1.0 and node["active"] is True
