@@ -288,6 +288,8 @@ def run_kill_loop(tmp_path: Path, procs: Processes, kills: int, seed: int) -> Ki
     return loop
 
 
+@pytest.mark.long  # a SIGKILL loop: make test-faults, run by CI (one SIGKILL stays in make test:
+# test_federation_processes.py::test_aggregator_sigkill_resumes_from_last_committed_round)
 def test_aggregator_sigkill_at_random_points_resumes_bit_identical(tmp_path: Path, procs: Processes) -> None:
     loop = run_kill_loop(tmp_path, procs, kills=3, seed=1)
     assert [mode.split("/")[0] for mode, _ in loop.outcomes] == list(KillLoop.MODES)

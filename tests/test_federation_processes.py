@@ -150,6 +150,8 @@ def test_aggregator_sigkill_resumes_from_last_committed_round(tmp_path: Path) ->
         agg.stop()
 
 
+@pytest.mark.long  # about a minute of three training nodes: make test-faults, run by CI (the in-process
+# join is test_grpc_aggregator.py::test_runtime_registration_joins_next_round_with_weight_one)
 def test_fourth_node_started_by_hand_joins_the_next_round(tmp_path: Path) -> None:
     """Training runs on (no round limit) while a fourth node is started by hand; once it has taken
     part in two rounds every node is stopped and the round log is checked."""
