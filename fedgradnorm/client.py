@@ -81,10 +81,19 @@ class LocalClient:
         return minibatches(self.x, self.y, self.config.batch_size, g)
 
     def evaluate(self, shared: nn.Module) -> Evaluation:
-        with torch.no_grad():
-            pred = self.head(shared(self.x_test))
-            loss = float(self.task.loss_value(pred, self.y_test))
-            value = self.task.metric_value(pred, self.y_test)
+        """Test loss and metric of (shared, head) in eval mode (dropout off, batch norm on its running
+        statistics: as an exported model predicts), the modules' modes restored after."""
+        modes = shared.training, self.head.training
+        shared.eval()
+        self.head.eval()
+        try:
+            with torch.no_grad():
+                pred = self.head(shared(self.x_test))
+                loss = float(self.task.loss_value(pred, self.y_test))
+                value = self.task.metric_value(pred, self.y_test)
+        finally:
+            shared.train(modes[0])
+            self.head.train(modes[1])
         return Evaluation(test_loss=loss, metric=self.task.metric, value=value)
 
     def run_round(self, shared: nn.Module, round_: int) -> tuple[ClientStepResult, Evaluation]:

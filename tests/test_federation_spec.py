@@ -76,9 +76,13 @@ higher_is_better = true
 """
 
 
-def write_spec(folder: Path, text: str = SPEC, module: str = MODULE, name: str = "federation.toml") -> Path:
+def write_spec(
+    folder: Path, text: str = SPEC, module: str = MODULE, name: str = "federation.toml", module_name: str = "tiny_fed"
+) -> Path:
+    """A spec and its module in ``folder``. Python imports a module name once per process: a test whose
+    module differs from MODULE gives it a name of its own."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tiny_fed.py").write_text(module)
+    (folder / f"{module_name}.py").write_text(module)
     path = folder / name
     path.write_text(text)
     return path
@@ -261,3 +265,48 @@ def test_the_device_is_chosen_or_refused() -> None:
             resolve_device("cuda:0")
     with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
         resolve_device("gpu")
+
+
+def test_a_client_evaluates_in_eval_mode_and_restores_training_mode(tmp_path: Path) -> None:
+    """A network with dropout: the logged test metric is deterministic (eval mode, as an exported
+    model predicts), and training continues in training mode."""
+    from fedgradnorm.algorithm import ClientConfig
+    from fedgradnorm.client import LocalClient
+    from fedgradnorm.data.partition import ClientData
+
+    module = (
+        MODULE
+        + """
+
+class Dropping(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+    )
+    fed = load_federation(
+        str(
+            write_spec(
+                tmp_path / "d",
+                SPEC.replace("tiny_fed:", "dropping_fed:")
+                .replace("dropping_fed:Tiny", "dropping_fed:Dropping")
+                .replace("kwargs = { width = 5 }\n", ""),
+                module,
+                module_name="dropping_fed",
+            )
+        )
+    )
+    rng = np.random.default_rng(0)
+    arrays = MultiTaskArrays(rng.random((20, 6), dtype=np.float32), {"kind": rng.integers(0, 3, 20)})
+    client = LocalClient(
+        "c", fed, ClientData("kind", arrays, arrays), ClientConfig(tau_h=1, tau_omega=1, batch_size=4), 0
+    )
+    shared = fed.build_shared(0)
+    first, second = client.evaluate(shared), client.evaluate(shared)
+    assert first == second  # dropout off while evaluating
+    assert shared.training and client.head.training
+    client.run_round(shared, 0)
+    assert shared.training and client.head.training
