@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/main
 
-.PHONY: help venv run test test-busy test-faults lint fmt proto bench reproduce clean
+.PHONY: help venv run test test-busy test-faults lint fmt proto bench bench-peers reproduce clean
 
 help:
 	@echo "make run    - the main job: FedGradNorm vs FedRep on synthetic RadCom (loopback, no downloads)"
@@ -16,6 +16,7 @@ help:
 	@echo "make proto  - regenerate gRPC stubs from proto/"
 	@echo "make test-faults - the long tests: fault loops, heavy abuse and retry checks (CI runs them)"
 	@echo "make bench  - benchmarks -> docs/benchmarks.md"
+	@echo "make bench-peers - Flower 1.42 side by side on the same workload -> docs/benchmarks.md (installs flwr)"
 	@echo "make reproduce - the paper's experiments -> docs/results.md"
 
 $(STAMP): pyproject.toml
@@ -64,12 +65,37 @@ test-faults: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --doc docs/benchmarks.md
 
+# Flower 1.42's deployment runtime side by side with fedgradnorm on the round-overhead workload, in one
+# run (benchmarks/peers.py); rewrites only the "Side by side with Flower" block of docs/benchmarks.md.
+# Flower lives in a venv of its own, .venv-peers (flwr from the package index, the local CPU torch wheel;
+# its grpcio/protobuf pins differ from the project's). No package index: one "skipped" line, exit 0.
+# Not part of `make test`.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+PEERS_PIP_LOG := runs/peers-pip.log
+PEERS_ARGS ?=
+
+bench-peers: $(STAMP)
+	@mkdir -p runs; \
+	if [ ! -f $(PEERS_STAMP) ]; then \
+	  rm -rf $(PEERS_VENV); \
+	  $(PY) -m venv $(PEERS_VENV) || exit 1; \
+	  if ! { $(PEERS_VENV)/bin/pip install --retries 2 --timeout 30 torch==2.13.0 && \
+	         $(PEERS_VENV)/bin/pip install --retries 2 --timeout 30 flwr==1.42.0 numpy; } > $(PEERS_PIP_LOG) 2>&1; then \
+	    rm -rf $(PEERS_VENV); \
+	    echo "skipped: pip could not install flwr==1.42.0 into $(PEERS_VENV) (package index unreachable?); pip's output: $(PEERS_PIP_LOG)"; \
+	    exit 0; \
+	  fi; \
+	  touch $(PEERS_STAMP); \
+	fi; \
+	$(BIN)/python -m benchmarks.peers --doc docs/benchmarks.md $(PEERS_ARGS)
+
 # The paper's experiments on synthetic data; rewrites docs/results.md and docs/img/results-*.png.
 reproduce: $(STAMP)
 	$(BIN)/python -m experiments.reproduce --doc docs/results.md
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS_VENV) runs .pytest_cache .ruff_cache
 
 # --- deployment (deploy/, Dockerfile, docs/operations.md) ---------------------------------------
 .PHONY: image dashboard dashboard-png test-deploy

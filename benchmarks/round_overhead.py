@@ -104,15 +104,11 @@ def _node_step_means(dep: Deployment, before: dict[str, dict[str, float]]) -> di
     return out
 
 
-def loopback_rounds(
-    workdir: Path,
-    config: SimulationConfig,
-    train: bool,
-    rounds: int,
-    skip: int,
-    timeout: float,
-    state_dir: Path | None = None,
-) -> dict[str, Any]:
+def deployment_flags(
+    config: SimulationConfig, train: bool, state_dir: Path | None = None
+) -> tuple[list[str], list[str]]:
+    """The aggregator's and every edge node's flags in these deployments (benchmarks/peers.py runs
+    the same workload): Network 2 nodes of one torch thread, ``--no-train true`` unless ``train``."""
     agg_flags = [
         *(["--state-dir", str(state_dir)] if state_dir else []),
         "--seed",
@@ -131,6 +127,19 @@ def loopback_rounds(
     node_flags = ["--seed", str(config.seed), "--synthetic-size", str(config.synthetic_size), "--torch-threads", "1"]
     if not train:
         node_flags += ["--no-train", "true"]
+    return agg_flags, node_flags
+
+
+def loopback_rounds(
+    workdir: Path,
+    config: SimulationConfig,
+    train: bool,
+    rounds: int,
+    skip: int,
+    timeout: float,
+    state_dir: Path | None = None,
+) -> dict[str, Any]:
+    agg_flags, node_flags = deployment_flags(config, train, state_dir)
     with Deployment(workdir, "radcom", (), agg_flags, node_flags, node_metrics=train) as dep:
         dep.wait_rounds(skip, timeout)
         before = {n: dep.scrape(p) for n, p in dep.metrics_ports.items()}
@@ -163,8 +172,13 @@ def _phases(result: dict[str, Any]) -> str:
     return ", ".join(f"{k} {fmt_s(v)}" for k, v in phases.items()) or "not recorded"
 
 
+def workload(synthetic_size: int = 20) -> SimulationConfig:
+    """RadCom on Network 2, tau_h = tau_omega = 5 steps of batch 64 (benchmarks/peers.py runs it too)."""
+    return SimulationConfig(federation="radcom", synthetic_size=synthetic_size, tau_h=5, tau_omega=5, batch_size=64)
+
+
 def run(workdir: Path, synthetic_size: int = 20, rounds_idle: int = 20, rounds_train: int = 10) -> Table:
-    config = SimulationConfig(federation="radcom", synthetic_size=synthetic_size, tau_h=5, tau_omega=5, batch_size=64)
+    config = workload(synthetic_size)
     model_bytes = sum(p.numel() * 4 for p in load_federation("radcom").build_shared(0).parameters())
     per_round_bytes = 2 * 3 * model_bytes
     floor = loopback_copy(per_round_bytes)

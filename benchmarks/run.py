@@ -4,7 +4,9 @@
     python -m benchmarks.run --scale smoke --doc /tmp/b.md  # tiny, for the smoke test
 
 Every figure in the document is a ratio or a side-by-side comparison measured in the same run
-on the same machine; the machine, its load and the command are stated at the top.
+on the same machine; the machine, its load and the command are stated at the top. The block
+between ``<!-- peers:begin -->`` and ``<!-- peers:end -->`` is written by another run
+(``make bench-peers``, benchmarks/peers.py, with its own date and machine) and kept as it is.
 """
 
 from __future__ import annotations
@@ -39,6 +41,36 @@ class Scale:
     load_rounds: int = 5
     load_time_limit: float = 180.0
     load_workers: tuple[int | None, ...] = (None, 512)  # aggregator --max-workers (None: its default)
+
+
+PEERS_BEGIN = "<!-- peers:begin -->"
+PEERS_END = "<!-- peers:end -->"
+
+
+def peers_block(text: str) -> str | None:
+    """The block between the peers markers (markers included), or None."""
+    start = text.find(PEERS_BEGIN)
+    end = text.find(PEERS_END, start + 1) if start != -1 else -1
+    return text[start : end + len(PEERS_END)] if end != -1 else None
+
+
+def with_block(text: str, block: str) -> str:
+    """``text`` with ``block`` in place of its peers block; without one, ``block`` goes after the
+    Headline section (before the next ``## `` heading), or at the end."""
+    old = peers_block(text)
+    if old is not None:
+        return text.replace(old, block, 1)
+    head = text.find("\n## Headline")
+    following = text.find("\n## ", head + 1) if head != -1 else -1
+    if following != -1:
+        return text[: following + 1] + block + "\n\n" + text[following + 1 :]
+    return (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
+
+
+def write_doc(path: Path, text: str) -> None:
+    """Write the generated document, keeping the peers block the file already holds."""
+    block = peers_block(path.read_text()) if path.exists() else None
+    path.write_text(with_block(text, block) if block is not None else text)
 
 
 SCALES = {
@@ -113,7 +145,8 @@ READING = """\
   transfers through gRPC, coordination, and the aggregator's atomic state commit (written and
   fsynced every round so that a crash loses nothing, beside the next round: docs/design.md, "The
   commit is pipelined"). The targets were ≤ 0.2 s per round, against
-  about 10.8 s for Flower 1.42's deployment runtime and about 30 ms for the loopback floor.
+  about 10.8 s for Flower 1.42's deployment runtime (as the issue gave it; "Side by side with Flower"
+  measures it on the same workload) and about 30 ms for the loopback floor.
 - **Round overhead, training**: the loopback round against its own compute (the slowest node's
   client step plus the server step); target ≤ 5 % of the round.
 - **Transport**: the share of a plain loopback socket's throughput that the chunked stream reaches,
@@ -146,8 +179,8 @@ def headline(done: list[tuple[str, list[Table], float]]) -> list[str]:
                 if d.get("idle_tmpfs")
                 else ""
             )
-            + ". (Flower 1.42's deployment runtime: about 10.8 s on this kind of machine, as given in "
-            "the issue; not measured here.)"
+            + '. (Flower\'s deployment runtime on the same workload: "Side by side with Flower", written by '
+            "`make bench-peers`, where the document has it.)"
         )
         node_step = max(busy["steps"].values()) if busy["steps"] else float("nan")
         over = busy["round"] - node_step - d["sim"]["server_step"]
@@ -257,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render_only:
         with saved.open("rb") as f:
             done, info, command, total, load_end = pickle.load(f)
-        Path(args.doc).write_text(render(done, info, command, total, load_end))
+        write_doc(Path(args.doc), render(done, info, command, total, load_end))
         print(f"wrote {args.doc} from {saved}")
         return 0
 
@@ -286,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pickle.dump((done, info, command.strip(), total, load_end), f)
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(render(done, info, command.strip(), total, load_end))
+    write_doc(doc, render(done, info, command.strip(), total, load_end))
     raw = {name: [t.data for t in ts] for name, ts, _ in done}
     (workdir / "results.json").write_text(json.dumps({"info": info, "results": raw}, indent=1, default=str))
     print(f"wrote {doc} ({total / 60:.1f} min)")
