@@ -223,3 +223,30 @@ def test_edge_node_sigterm_stops_cleanly_and_deregisters(tmp_path: Path) -> None
         assert identity["node_id"] == "anomaly" and (tmp_path / "node-anomaly" / "client.pt").exists()
     finally:
         stop_all(procs)
+
+
+def test_sigterm_cancels_a_waiting_fetch_at_once(tmp_path: Path) -> None:
+    """A node long-polling for a round that is not coming (too few nodes) stops on SIGTERM without
+    waiting its FetchRound out (60 s here), and deregisters."""
+    procs: list[ServiceProcess] = []
+    try:
+        agg, ready = start_aggregator(
+            tmp_path, ["--federation", "radcom", "--min-nodes", "2", *HYPER, "--state-dir", str(tmp_path / "state")]
+        )
+        procs.append(agg)
+        flags = ["--seed", "0", "--synthetic-size", "4", "--fetch-wait", "60", "--torch-threads", "1"]
+        node = start_edge_node(tmp_path, ready["grpc_port"], "anomaly", flags)
+        procs.append(node)
+        channel, stub = connect(ready["grpc_port"])
+        with channel:
+            wait_until(lambda: len(state(stub).nodes) == 1, 120, "the node registered")
+            time.sleep(1.0)  # inside its FetchRound long-poll
+            t0 = time.monotonic()
+            assert node.stop(timeout=45) == 0, node.log_text()[-2000:]
+            stopped_in = time.monotonic() - t0
+            (member,) = state(stub).nodes
+            assert not member.active
+        assert stopped_in < 30, f"{stopped_in:.1f} s: the 60 s long-poll was waited out"
+        assert "node.deregistered" in node.log_text()
+    finally:
+        stop_all(procs)

@@ -143,6 +143,7 @@ class EdgeNode:
         self.rounds_done = 0
         self._zero_gradient: dict[str, torch.Tensor] | None = None
         self._needs_register = threading.Event()
+        self._waiting: grpc.Call | None = None  # the FetchRound waiting for its header
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -283,7 +284,11 @@ class EdgeNode:
             ),
             timeout=self.config.fetch_wait + 60,
         )
-        first = next(stream)
+        self._waiting = stream  # stop() cancels a long-poll, rather than waiting fetch_wait out
+        try:
+            first = next(stream)
+        finally:
+            self._waiting = None
         if first.WhichOneof("payload") != "header":
             raise EdgeNodeError("aggregator sent a chunk before the round header")
         header = first.header
@@ -472,4 +477,10 @@ class EdgeNode:
             log.warning("deregister.failed", code=e.code().name)
 
     def stop(self) -> None:
+        """Stop between steps; a FetchRound long-poll in flight is cancelled at once. Safe from a
+        signal handler: the cancel runs on a thread of its own (the handler may interrupt the very
+        thread that holds the call's lock)."""
         self.stop_event.set()
+        waiting = self._waiting
+        if waiting is not None:
+            threading.Thread(target=waiting.cancel, name="cancel-fetch", daemon=True).start()
