@@ -504,3 +504,52 @@ def test_departed_nodes_are_forgotten_after_the_retention() -> None:
             c.heartbeat("b", tokens["b"])
     finally:
         c.stop()
+
+
+def test_partial_participation_samples_reproducibly_from_seed_and_round(store: MemoryStateStore) -> None:
+    """participation=2 of 5 live nodes: each round opens with 2, drawn from the seed and the round (the
+    same draw in a second coordinator), every node gets its turn, and a node left out of a round keeps
+    its weight and is told NOT_YET."""
+    names = ["a", "b", "c", "d", "e"]
+    tasks = dict(zip(names, ["gender", "smile", "glasses", "pose", "landmarks"], strict=True))
+
+    def draws(st: MemoryStateStore, rounds: int) -> list[tuple[str, ...]]:
+        c = RoundCoordinator(config(min_nodes=5, participation="2"), st)
+        c.start()
+        try:
+            tokens = {n: register(c, n, tasks[n]) for n in names}
+            seen = []
+            for _ in range(rounds):
+                wait_for(lambda: c.phase is Phase.OPEN)
+                tickets = {n: c.fetch_round(n, t, 0.0) for n, t in tokens.items()}
+                chosen = tuple(sorted(n for n, tk in tickets.items() if tk is not None))
+                assert len(chosen) == 2, chosen
+                k = next(tk for tk in tickets.values() if tk is not None).round
+                weights_before = {n: c._state.weight(n) for n in names if n not in chosen}  # type: ignore[union-attr]
+                for n in chosen:
+                    c.submit(tokens[n], submission(c, n, k))
+                wait_for(lambda k=k: c.round == k + 1)
+                for n, w in weights_before.items():
+                    assert c._state.weight(n) == w, n  # type: ignore[union-attr]
+                seen.append(chosen)
+            return seen
+        finally:
+            c.stop()
+
+    first = draws(store, 6)
+    assert draws(MemoryStateStore(), 6) == first  # reproducible: seed and round
+    assert len(set(first)) > 1 and set().union(*first) == set(names)  # the sample moves; everyone plays
+
+
+@pytest.mark.parametrize(
+    ("participation", "live", "expected"),
+    [("", 7, 7), ("3", 7, 3), ("30", 7, 7), ("0.5", 7, 4), ("1.0", 7, 7), ("0.01", 7, 1)],
+)
+def test_participation_counts(participation: str, live: int, expected: int) -> None:
+    assert config(participation=participation).participants_of(live) == expected
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "1.5", "abc", "nan", "inf", "0.0"])
+def test_participation_refuses_nonsense(bad: str) -> None:
+    with pytest.raises(ValueError, match="participation must be"):
+        config(participation=bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,11 @@ class CoordinatorConfig:
     new_node_rate: float = setting(1.0, "new node names per second per peer host after the burst")
     departed_retention: float = setting(86400.0, "how long a departed node's id, p and F_0 are kept, seconds")
     max_departed: int = setting(1024, "departed nodes kept at most (the longest gone are forgotten first)")
+    participation: str = setting(
+        "",
+        "nodes per round: empty (every live node), a count N, or a fraction in (0, 1]; "
+        "drawn from --seed and the round number",
+    )
     update_norm_factor: float = setting(
         1e4, "leave out an update whose norm is above this x the round's median (0: off)"
     )
@@ -125,8 +131,24 @@ class CoordinatorConfig:
                 f"{self.enrollment_token!r}, public in the manifests' history: set a random one, "
                 "e.g. $(openssl rand -hex 32) (docs/operations.md, 'Rotate the enrollment token')"
             )
+        self.participants_of(1)  # fails fast on a bad participation
         if self.tau_h < 0 or self.tau_omega < 1 or self.batch_size < 1 or self.rounds < 0:
             raise ValueError("need tau_h >= 0, tau_omega >= 1, batch_size >= 1, rounds >= 0")
+
+    def participants_of(self, live: int) -> int:
+        """How many of ``live`` nodes take part in a round (partial participation), at least one."""
+        text = self.participation.strip()
+        if not text:
+            return live
+        try:
+            value = float(text) if any(c in text for c in ".eE") else int(text)
+        except ValueError:
+            value = -1
+        if isinstance(value, int) and value >= 1:
+            return min(live, value)
+        if isinstance(value, float) and 0 < value <= 1:
+            return min(live, max(1, math.ceil(value * live)))
+        raise ValueError(f"participation must be empty, a count >= 1 or a fraction in (0, 1], not {text!r}")
 
     @property
     def spec(self) -> Federation:

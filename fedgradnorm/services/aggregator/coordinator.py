@@ -23,6 +23,7 @@ run with it held. The server step and the commit's file write run without it.
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +59,7 @@ from fedgradnorm.services.domain import (
     StateView,
     Submission,
 )
+from fedgradnorm.tasks import derive_seed
 
 log = structlog.get_logger("fedgradnorm.aggregator")
 
@@ -413,9 +415,10 @@ class RoundCoordinator:
             self._cond.notify_all()
             log.info("training.done", rounds=self._state.round)
             return True
-        active = self.members.live()
-        if len(active) < self.config.min_nodes:
+        live = self.members.live()
+        if len(live) < self.config.min_nodes:
             return False
+        active = self._sample_locked(live, self._state.round)
         now_mono, now_wall = time.monotonic(), self._wall()
         self._open = _OpenRound(
             number=self._state.round,
@@ -429,6 +432,15 @@ class RoundCoordinator:
         self._cond.notify_all()
         log.info("round.open", round=self._open.number, participants=sorted(active))
         return True
+
+    def _sample_locked(self, live: set[str], round_: int) -> set[str]:
+        """The round's participants: every live node, or (partial participation) a sample of
+        ``participation`` of them drawn from the seed and the round, the same on every restart."""
+        k = self.config.participants_of(len(live))
+        if k >= len(live):
+            return live
+        rng = random.Random(derive_seed(self.config.seed, "participants", round_))
+        return set(rng.sample(sorted(live), k))
 
     def _close_locked(self) -> None:
         o = self._open
