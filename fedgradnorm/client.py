@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,12 +130,24 @@ class LocalClient:
         return buf.getvalue()
 
     def load_state_bytes(self, blob: bytes) -> None:
-        state = torch.load(io.BytesIO(blob), weights_only=True, map_location=self.device)
+        state = decode_client_state(blob, self.device)
         if state.get("task") != self.task.name:
             raise ValueError(f"stored state is for task {state.get('task')!r}, not {self.task.name!r}")
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.initial_loss = state["initial_loss"]
+
+
+def decode_client_state(blob: bytes, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A node's personal state as :meth:`LocalClient.state_bytes` wrote it (``weights_only``: no code
+    runs); ValueError unless it is a dict holding the head's tensors and the task's name."""
+    try:
+        state = torch.load(io.BytesIO(blob), weights_only=True, map_location=device)
+    except Exception as err:  # torch raises several types for a corrupt or foreign file
+        raise ValueError(f"not a readable node state ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or not isinstance(state.get("head"), dict) or not isinstance(state.get("task"), str):
+        raise ValueError("not a node state (expected a dict with the head's tensors and the task's name)")
+    return state
 
 
 def load_omega_(shared: nn.Module, omega: Mapping[str, torch.Tensor]) -> None:

@@ -105,17 +105,22 @@ class Federation:
         return build_head(task.head, self.representation_dim, task.outputs, seed)
 
     @functools.cached_property
+    def _probe(self) -> tuple[Architecture, int]:
+        """The architecture and the representation width, from one throw-away build of the network."""
+        from fedgradnorm.models import Architecture, representation_dim
+
+        shared = self.build_shared(0)
+        return Architecture.of(shared), representation_dim(shared, self.input_shape)
+
+    @property
     def representation_dim(self) -> int:
-        from fedgradnorm.models import representation_dim
+        """The width of the representation the shared network makes (the heads' input)."""
+        return self._probe[1]
 
-        return representation_dim(self.build_shared(0), self.input_shape)
-
-    @functools.cached_property
+    @property
     def architecture(self) -> Architecture:
         """The shared network's architecture (its fingerprint is what Register compares)."""
-        from fedgradnorm.models import Architecture
-
-        return Architecture.of(self.build_shared(0))
+        return self._probe[0]
 
     def describe(self) -> dict[str, Any]:
         """The federation as plain values (a model's manifest)."""

@@ -6,6 +6,7 @@ flags without loading torch; torch comes in when a configuration is built or use
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,9 +44,10 @@ class SimulationConfig:
         for t in self.tasks:
             fed.task(t)
 
-    @property
+    @functools.cached_property
     def spec(self) -> Federation:
-        """The federation ``federation`` names (a shipped one or a spec file)."""
+        """The federation ``federation`` names (a shipped one or a spec file), read once: the same
+        spec for the whole run even if its file changes on disk."""
         from fedgradnorm.federation import load_federation
 
         return load_federation(self.federation)

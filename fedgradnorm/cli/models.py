@@ -149,16 +149,13 @@ def _export_federation(given: str, snap: Snapshot, state_path: Path) -> Federati
 
 def _client_state(path: Path, blob: bytes) -> tuple[dict[str, Any], str]:
     """The head's state dict and task name from a node's client.pt (read with ``weights_only``: no code runs)."""
-    import torch
-
+    from fedgradnorm.client import decode_client_state
     from fedgradnorm.errors import FatalError
 
     try:
-        state = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
-    except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise FatalError(f"{path}: not a readable node state ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or not isinstance(state.get("head"), dict) or not isinstance(state.get("task"), str):
-        raise FatalError(f"{path}: not a node state (expected a dict with the head's tensors and the task's name)")
+        state = decode_client_state(blob)
+    except ValueError as err:
+        raise FatalError(f"{path}: {err}") from err
     return state["head"], state["task"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -150,9 +151,10 @@ class CoordinatorConfig:
             return min(live, max(1, math.ceil(value * live)))
         raise ValueError(f"participation must be empty, a count >= 1 or a fraction in (0, 1], not {text!r}")
 
-    @property
+    @functools.cached_property
     def spec(self) -> Federation:
-        """The federation ``federation`` names (a shipped one or a spec file)."""
+        """The federation ``federation`` names (a shipped one or a spec file), read once: the same
+        spec for the whole run even if its file changes on disk."""
         from fedgradnorm.federation import load_federation
 
         return load_federation(self.federation)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedgradnorm.config import setting
 from fedgradnorm.machine import check_device_text
 from fedgradnorm.services.netcheck import check_host_port
 from fedgradnorm.services.tls import ClientTLSSettings
 from fedgradnorm.wire_format import DTYPE_BY_NAME
+
+if TYPE_CHECKING:
+    from fedgradnorm.federation import Federation
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,7 @@ class EdgeConfig(ClientTLSSettings):
             check_host_port(
                 self.metrics_listen, "metrics_listen (--metrics-listen, FEDGRADNORM_METRICS_LISTEN)", listen=True
             )
-        from fedgradnorm.federation import load_federation  # torch: only when a config is built, not for --help
-
-        fed = load_federation(self.federation)
+        fed = self.spec
         if self.task not in fed.task_names:
             raise ValueError(f"task {self.task!r} is not a {fed.name} task; tasks: {list(fed.task_names)}")
         check_device_text(self.device)
@@ -76,6 +79,13 @@ class EdgeConfig(ClientTLSSettings):
             raise ValueError("TLS needs tls_ca (and tls_cert/tls_key for mutual TLS); set insecure=true for plaintext")
         if self.wire_dtype and self.wire_dtype not in DTYPE_BY_NAME:
             raise ValueError(f"wire_dtype must be one of {', '.join(DTYPE_BY_NAME)} or empty, not {self.wire_dtype!r}")
+
+    @functools.cached_property
+    def spec(self) -> Federation:
+        """The federation ``federation`` names, read once (torch: when a config is built, not for --help)."""
+        from fedgradnorm.federation import load_federation
+
+        return load_federation(self.federation)
 
     @property
     def model_path(self) -> str:

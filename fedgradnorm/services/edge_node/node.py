@@ -28,7 +28,6 @@ from fedgradnorm.algorithm import ClientConfig
 from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.partition import Allocation, ClientData, DataSource, load_clients, node_data
 from fedgradnorm.errors import FatalError
-from fedgradnorm.federation import load_federation
 from fedgradnorm.machine import resolve_device
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services import netcheck, serde
@@ -106,7 +105,7 @@ class Session:
 class EdgeNode:
     def __init__(self, config: EdgeConfig, *, data: ClientData | None = None) -> None:
         self.config = config
-        self.fed = load_federation(config.federation)
+        self.fed = config.spec
         self.task = self.fed.task(config.task)
         self.device = resolve_device(config.device)
         self.store = NodeStore(config.state_dir)
