@@ -138,6 +138,38 @@ def test_register_refuses_another_shared_network_and_says_what_differs(start: St
         assert state(stub).total_nodes == 0  # nothing was enrolled
 
 
+def test_register_bounds_the_declared_network_before_comparing_it(start: Start) -> None:
+    """Extreme but well-formed declarations: 5,000 tensors, a 1 MiB tensor name, 1e18-element shapes.
+    Each is refused (or found to differ) without enrolling anything."""
+    agg = start()
+    channel, stub = connect(agg.grpc_port)
+    with channel:
+        many = pb.NetworkArchitecture(
+            fingerprint="sha256:" + "1" * 32,
+            parameters=[pb.ParameterShape(name=f"p{i}", shape=[1], dtype="float32") for i in range(5000)],
+        )
+        long_name = pb.NetworkArchitecture(
+            fingerprint="x", parameters=[pb.ParameterShape(name="n" * (1 << 20), shape=[1], dtype="float32")]
+        )
+        huge = pb.NetworkArchitecture()
+        huge.CopyFrom(serde.federation_network("mtfl"))
+        huge.fingerprint = "sha256:" + "2" * 32
+        del huge.parameters[0].shape[:]
+        huge.parameters[0].shape.extend([10**18, 2**62])
+        cases = {"5000 tensors": (many, grpc.StatusCode.INVALID_ARGUMENT, "at most 4096 tensors")}
+        cases["a 1 MiB name"] = (long_name, grpc.StatusCode.INVALID_ARGUMENT, "256 characters")
+        cases["1e18 elements"] = (huge, grpc.StatusCode.FAILED_PRECONDITION, "[1000000000000000000, ")
+        for what, (network, code, expected) in cases.items():
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Register(
+                    pb.RegisterRequest(node_name="n", federation="mtfl", network=network, task="gender", num_samples=5),
+                    timeout=30,
+                )
+            assert e.value.code() == code and expected in e.value.details(), (what, e.value.details()[:300])
+            assert len(e.value.details()) <= 1024, what  # nothing of a huge name is echoed back
+        assert state(stub).total_nodes == 0
+
+
 def test_finished_carries_the_final_model_in_float32_unless_declined(start: Start) -> None:
     agg = start(rounds=1)
     channel, stub = connect(agg.grpc_port)
