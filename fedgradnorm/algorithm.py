@@ -21,7 +21,7 @@ FedRep is the same step with every ``p_i`` fixed at 1: steps 5-7 are skipped, no
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -314,17 +314,100 @@ def validate_update(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> 
         )
 
 
+def weighted_sum(
+    terms: Iterable[tuple[float, Mapping[str, torch.Tensor]]],
+    like: Mapping[str, torch.Tensor],
+    out: TensorDict | None = None,
+) -> TensorDict:
+    """``sum_i scale_i * t_i`` accumulated in place, in the order of ``terms``, into ``out`` (zeros
+    shaped like ``like`` when None). The one place that sums weighted gradients: the server step over
+    its own clients, and a relay over its site (a partial sum the aggregator adds to ``out``)."""
+    acc = {k: torch.zeros_like(v) for k, v in like.items()} if out is None else out
+    for scale, tensors in terms:
+        for name, a in acc.items():
+            a.add_(tensors[name], alpha=scale)
+    return acc
+
+
 def aggregate(
     updates: Sequence[ClientUpdate], weights: Mapping[str, float], like: Mapping[str, torch.Tensor]
 ) -> TensorDict:
     """``(1/N) sum_i p_i g_i`` accumulated in place, in the order of ``updates``."""
     n = len(updates)
-    out = {k: torch.zeros_like(v) for k, v in like.items()}
-    for u in updates:
-        scale = weights[u.client] / n
-        for name, acc in out.items():
-            acc.add_(u.gradient[name], alpha=scale)
-    return out
+    return weighted_sum(((weights[u.client] / n, u.gradient) for u in updates), like)
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """The weight rule's outcome for one round, before any gradient is summed: the new p of every
+    active client and the aggregation scale ``p_i / N`` each gradient enters the sum with. A server
+    that holds only some gradients (a relay holds its site's) needs nothing else to add its part."""
+
+    clients: tuple[str, ...]  # the active set, sorted
+    weights: dict[str, ClientWeight]  # every client's weight after the step (inactive ones untouched)
+    previous: dict[str, float]  # p of each active client before the step
+    norms: dict[str, float]
+    ratios: dict[str, float]
+    f_grad: float
+    rates: dict[str, tuple[float, float]]
+
+    def scale(self, client: str) -> float:
+        """``p_i / N``: the factor client ``client``'s gradient is summed with."""
+        return self.weights[client].p / len(self.clients)
+
+
+def plan_weights(
+    state: ServerState, norms: Mapping[str, float], loss_ratios: Mapping[str, float], config: ServerConfig
+) -> WeightPlan:
+    """Steps 1-7 of the server step from the two scalars each active client contributes (its
+    gradient norm on omega_tilde and its loss ratio); pure. Raises AlgorithmError on an empty round."""
+    if not norms:
+        raise AlgorithmError("a round needs at least one client update")
+    if set(norms) != set(loss_ratios):
+        raise AlgorithmError("norms and loss ratios must name the same clients")
+    clients = tuple(sorted(norms))
+    new_weights, f_grad, rates = update_weights(state.weights, norms, loss_ratios, config)
+    return WeightPlan(
+        clients=clients,
+        weights=new_weights,
+        previous={c: state.weight(c) for c in clients},
+        norms={c: float(norms[c]) for c in clients},
+        ratios={c: float(loss_ratios[c]) for c in clients},
+        f_grad=f_grad,
+        rates=rates,
+    )
+
+
+def apply_step(state: ServerState, plan: WeightPlan, g: Mapping[str, torch.Tensor], config: ServerConfig) -> StepResult:
+    """Step 8: one Adam step on omega with the aggregated gradient ``g``, and the plan's weights.
+
+    The new omega and Adam moments are computed beside the old ones and checked: a step that would
+    make any of them non-finite raises AlgorithmError and leaves ``state`` exactly as it was."""
+    omega, adam = adam_step(state.omega, g, state.omega_adam, AdamConfig(lr=config.beta))
+    for what, tensors in (
+        ("omega", omega),
+        ("Adam's first moment", adam.exp_avg),
+        ("Adam's second moment", adam.exp_avg_sq),
+    ):
+        bad = next((k for k, t in tensors.items() if not all_finite(t)), None)
+        if bad is not None:
+            raise AlgorithmError(f"round {state.round}: the step would make {what} of {bad!r} non-finite; refused")
+    state.omega, state.omega_adam = omega, adam
+    state.weights = plan.weights
+    closed = state.round
+    state.round += 1
+    reports = {
+        c: ClientReport(
+            weight=plan.weights[c].p,
+            previous_weight=plan.previous[c],
+            grad_norm=plan.norms[c],
+            loss_ratio=plan.ratios[c],
+            relative_rate=plan.rates[c][0],
+            target=plan.rates[c][1],
+        )
+        for c in plan.clients
+    }
+    return StepResult(round=closed, f_grad=plan.f_grad, reports=reports)
 
 
 def server_step(
@@ -332,11 +415,11 @@ def server_step(
 ) -> StepResult:
     """Close a round: update p (FedGradNorm) or keep it at 1 (FedRep), aggregate, step omega.
 
-    The new omega and Adam moments are computed beside the old ones and checked: a step that would
-    make any of them non-finite (a finite but huge gradient can overflow the second moment) raises
-    AlgorithmError and leaves ``state`` exactly as it was. Otherwise ``state`` takes the new tensors
-    (the old ones are never written to, so a reader holding them keeps a consistent round).
-    ``updates`` are the active clients of the round, any order; they are processed sorted by id.
+    :func:`plan_weights`, :func:`weighted_sum` and :func:`apply_step` in turn. A step that would make
+    omega or its moments non-finite raises AlgorithmError and leaves ``state`` exactly as it was;
+    otherwise ``state`` takes new tensors (the old ones are never written to, so a reader holding
+    them keeps a consistent round). ``updates`` are the active clients of the round, any order; they
+    are processed sorted by id.
     """
     if not updates:
         raise AlgorithmError("a round needs at least one client update")
@@ -349,35 +432,9 @@ def server_step(
     updates = sorted(updates, key=lambda u: u.client)
     names = config.omega_tilde or default_omega_tilde(state.omega)
     norms = {u.client: grad_norm(u.gradient, names) for u in updates}
-    ratios = {u.client: float(u.loss_ratio) for u in updates}
-    previous = {c: state.weight(c) for c in norms}
-    new_weights, f_grad, rates = update_weights(state.weights, norms, ratios, config)
-    g = aggregate(updates, {c: new_weights[c].p for c in norms}, state.omega)
-    omega, adam = adam_step(state.omega, g, state.omega_adam, AdamConfig(lr=config.beta))
-    for what, tensors in (
-        ("omega", omega),
-        ("Adam's first moment", adam.exp_avg),
-        ("Adam's second moment", adam.exp_avg_sq),
-    ):
-        bad = next((k for k, t in tensors.items() if not all_finite(t)), None)
-        if bad is not None:
-            raise AlgorithmError(f"round {state.round}: the step would make {what} of {bad!r} non-finite; refused")
-    state.omega, state.omega_adam = omega, adam
-    state.weights = new_weights
-    closed = state.round
-    state.round += 1
-    reports = {
-        c: ClientReport(
-            weight=new_weights[c].p,
-            previous_weight=previous[c],
-            grad_norm=norms[c],
-            loss_ratio=ratios[c],
-            relative_rate=rates[c][0],
-            target=rates[c][1],
-        )
-        for c in norms
-    }
-    return StepResult(round=closed, f_grad=f_grad, reports=reports)
+    plan = plan_weights(state, norms, {u.client: float(u.loss_ratio) for u in updates}, config)
+    g = weighted_sum(((plan.scale(u.client), u.gradient) for u in updates), state.omega)
+    return apply_step(state, plan, g, config)
 
 
 # --------------------------------------------------------------------------------------------

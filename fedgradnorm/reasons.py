@@ -53,5 +53,10 @@ class Reason(enum.StrEnum):
     DEADLINE = "deadline"  # an upload still running at its round's deadline
     CANCELLED = "cancelled"  # an upload the client abandoned
     DROPPED_NORM = "dropped_norm"  # accepted, then left out at the close: norm above the bound
+    # Relays (the Uplink service)
+    NOT_RELAY = "not_relay"  # the caller's certificate does not carry the relay role
+    UNKNOWN_RELAY = "unknown_relay"  # no such relay session: attach (again)
+    WRONG_ATTEMPT = "wrong_attempt"  # a partial sum for weights that are no longer offered
+    RELAY_LOST = "relay_lost"  # a relay's partial sum did not arrive: its nodes' updates were left out
     # The service
     LOADING = "loading"  # the aggregator is loading its state

@@ -43,8 +43,36 @@ class RoundTicket:
 
 
 @dataclass(frozen=True)
+class RelayTicket:
+    """An open round as a relay sees it: omega_k once for its site, and which of its nodes take
+    part (with the F_0 the aggregator stored for each, None before a node's first update);
+    ``opening`` numbers the openings (a refused round opens again under the same round number).
+    When ``final``: the trained model, as in RoundTicket."""
+
+    opening: int
+    round: int
+    deadline_unix: float
+    participants: dict[str, float | None]
+    omega: TensorDict
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class WeightsOffer:
+    """What FetchWeights answers: ``ready`` with an attempt's scales [(node, p/N, p)], ``closed``
+    (nothing more for this opening), or neither (not yet)."""
+
+    ready: bool
+    closed: bool
+    attempt: int = 0
+    scales: tuple[tuple[str, float, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Submission:
-    """One node's update of one round, as it arrives (fedgradnorm.services.serde builds it once)."""
+    """One node's update of one round, as it arrives (fedgradnorm.services.serde builds it once).
+    At the aggregator, an update that came through a relay has no gradient: the relay keeps it and
+    sends up its site's partial sum once the weights are known."""
 
     node_id: str
     round: int
@@ -56,6 +84,8 @@ class Submission:
     test_loss: float | None = None
     test_metrics: Mapping[str, float] = field(default_factory=dict)
     norm: float = 0.0  # l2 norm of the whole gradient (set on admission)
+    tilde_norm: float = 0.0  # l2 norm on omega_tilde: the weight rule's input (set on admission)
+    relay: str = ""  # the relay that holds the gradient (then ``gradient`` is empty here); "" direct
 
 
 @dataclass(frozen=True)

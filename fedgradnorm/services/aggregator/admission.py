@@ -7,12 +7,19 @@ RPC thread before it takes its lock, and :func:`check_initial_loss` under it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
 
-from fedgradnorm.algorithm import MAX_LOSS_RATIO, AlgorithmError, ClientUpdate, update_norm, validate_update
+from fedgradnorm.algorithm import (
+    MAX_LOSS_RATIO,
+    AlgorithmError,
+    ClientUpdate,
+    grad_norm,
+    update_norm,
+    validate_update,
+)
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services.aggregator.errors import InvalidArgument
 from fedgradnorm.services.aggregator.membership import MAX_SAMPLES, NAME_RE
@@ -31,8 +38,8 @@ def _finite(name: str, value: float, positive: bool = False) -> float:
     return v
 
 
-def admit(sub: Submission, omega: Mapping[str, torch.Tensor]) -> Submission:
-    """The update if its numbers and tensors are usable, with its norm; InvalidArgument otherwise."""
+def check_numbers(sub: Submission) -> float:
+    """Raise InvalidArgument unless the update's scalars are usable; returns its loss ratio."""
     loss = _finite("loss", sub.loss)
     f0 = _finite("initial_loss", sub.initial_loss, positive=True)
     ratio = _finite("loss_ratio", sub.loss_ratio, positive=True)
@@ -50,11 +57,31 @@ def admit(sub: Submission, omega: Mapping[str, torch.Tensor]) -> Submission:
         if not NAME_RE.match(k):
             raise InvalidArgument(f"test metric name {k[:64]!r} must match {NAME_RE.pattern}", Reason.BAD_VALUE)
         _finite(f"test metric {k!r}", v)
+    return ratio
+
+
+def admit(sub: Submission, omega: Mapping[str, torch.Tensor], omega_tilde: Sequence[str]) -> Submission:
+    """The update if its numbers and tensors are usable, with its two norms (the whole update's, for
+    the outlier bound, and omega_tilde's, for the weight rule); InvalidArgument otherwise."""
+    ratio = check_numbers(sub)
     try:
         validate_update(ClientUpdate(sub.node_id, sub.gradient, ratio), omega)
     except AlgorithmError as e:
         raise InvalidArgument(str(e), Reason.BAD_TENSOR) from e
-    return replace(sub, norm=update_norm(sub.gradient))
+    return replace(sub, norm=update_norm(sub.gradient), tilde_norm=grad_norm(sub.gradient, omega_tilde))
+
+
+def admit_relayed(sub: Submission) -> Submission:
+    """An update a relay validated and holds (no gradient here): its scalars and its two norms."""
+    check_numbers(sub)
+    _finite("norm", sub.norm)
+    _finite("tilde_norm", sub.tilde_norm)
+    if sub.tilde_norm > sub.norm * (1 + 1e-9):
+        raise InvalidArgument(
+            f"tilde_norm {sub.tilde_norm} is above the update's norm {sub.norm}: not the norms of one update",
+            Reason.BAD_VALUE,
+        )
+    return sub
 
 
 def check_initial_loss(member: MemberRecord, sub: Submission) -> None:

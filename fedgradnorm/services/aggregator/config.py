@@ -107,6 +107,9 @@ class CoordinatorConfig:
         "nodes per round: empty (every live node), a count N, or a fraction in (0, 1]; "
         "drawn from --seed and the round number",
     )
+    relay_timeout: float = setting(
+        10.0, "how long a closing round waits for a relay's partial sum before its nodes are left out, seconds"
+    )
     update_norm_factor: float = setting(
         1e4, "leave out an update whose norm is above this x the round's median (0: off)"
     )
@@ -122,6 +125,8 @@ class CoordinatorConfig:
             raise ValueError("round_timeout and heartbeat_interval must be positive, heartbeat_timeout larger")
         if self.register_burst < 1 or self.register_rate <= 0 or self.new_node_burst < 1 or self.new_node_rate <= 0:
             raise ValueError("register_burst and new_node_burst must be >= 1, register_rate and new_node_rate positive")
+        if not self.relay_timeout > 0:
+            raise ValueError("relay_timeout must be positive")
         if self.departed_retention < 0 or self.max_departed < 0:
             raise ValueError("departed_retention and max_departed must be non-negative")
         if not (self.update_norm_factor == 0 or self.update_norm_factor >= 1):

@@ -34,30 +34,42 @@ import structlog
 
 from fedgradnorm.algorithm import (
     AlgorithmError,
-    ClientUpdate,
     ServerConfig,
     ServerState,
+    StepResult,
     TensorDict,
+    WeightPlan,
+    apply_step,
     norm_outliers,
-    server_step,
+    plan_weights,
+    weighted_sum,
 )
+from fedgradnorm.finite import all_finite
 from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
-from fedgradnorm.services.aggregator.admission import admit, check_initial_loss
+from fedgradnorm.services.aggregator.admission import admit, admit_relayed, check_initial_loss
 from fedgradnorm.services.aggregator.commit import CommitPipeline
 from fedgradnorm.services.aggregator.config import CoordinatorConfig
-from fedgradnorm.services.aggregator.errors import AlreadyExists, FailedPrecondition
-from fedgradnorm.services.aggregator.membership import Membership
+from fedgradnorm.services.aggregator.errors import (
+    AlreadyExists,
+    CoordinatorError,
+    FailedPrecondition,
+    InvalidArgument,
+)
+from fedgradnorm.services.aggregator.membership import NAME_RE, Membership
+from fedgradnorm.services.aggregator.relays import Offer, RelaySessions
 from fedgradnorm.services.aggregator.roundlog import round_records
 from fedgradnorm.services.aggregator.store import MemberRecord, Snapshot, StateError, StateStore
 from fedgradnorm.services.domain import (
     NodeView,
     Phase,
     Registration,
+    RelayTicket,
     RoundSummary,
     RoundTicket,
     StateView,
     Submission,
+    WeightsOffer,
 )
 from fedgradnorm.tasks import derive_seed
 
@@ -74,6 +86,8 @@ class _OpenRound:
     deadline_mono: float
     opened_mono: float
     omega: TensorDict
+    opening: int = 0  # counts openings: a refused round opens again with the same number
+    via: dict[str, str] = field(default_factory=dict)  # participant -> the relay it is behind
     submitted: dict[str, Submission] = field(default_factory=dict)
 
 
@@ -105,6 +119,10 @@ class RoundCoordinator:
         self._crashed = False  # the driver raised: halted until the process is restarted
         self.refused_rounds = 0  # rounds whose step would have made the state non-finite
         self.dropped_updates = 0  # accepted updates left out at the close by the norm bound
+        self.relays = RelaySessions()
+        self._openings = 0
+        self._offer: Offer | None = None  # the weights offered to relays while a round closes
+        self.lost_relay_updates = 0  # relayed updates left out because their relay's partial sum never came
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -130,6 +148,7 @@ class RoundCoordinator:
             log.info("state.resumed", round=snap.server.round, nodes=len(snap.members), store=self.store.describe())
         self._server_config = self.config.server_config(self._state.omega)
         self._expected = {k: tuple(v.shape) for k, v in self._state.omega.items()}
+        self._omega_tilde = self._server_config.omega_tilde
         missing = [n for n in self._server_config.omega_tilde if n not in self._expected]
         if missing:
             raise ValueError(f"omega_tilde names {missing} are not parameters of {self.config.network}")
@@ -253,9 +272,11 @@ class RoundCoordinator:
         node_id: str = "",
         session_token: str = "",
         peer: str = "",
+        relay: str = "",
     ) -> Registration:
         """Enrol a node or resume one. ``peer`` (the caller's host) keys the attempt rate limits;
-        ``network`` is the shared network the node built (refused unless it is this federation's)."""
+        ``network`` is the shared network the node built (refused unless it is this federation's);
+        ``relay`` the relay it registered through ("" when it dials the aggregator itself)."""
         peer = self.members.check_request(
             name=name,
             federation=federation,
@@ -269,13 +290,13 @@ class RoundCoordinator:
         with self._cond:
             assert self._state is not None
             if node_id:
-                member = self.members.resume(node_id, session_token, task, federation, num_samples)
+                member = self.members.resume(node_id, session_token, task, federation, num_samples, relay)
                 self._cond.notify_all()
                 log.info("node.resumed", node=node_id, task=task)
                 return Registration(node_id, session_token, True, member.initial_loss, self._state.weight(node_id))
-            member, token = self.members.enrol(name, federation, task, num_samples, peer)
+            member, token = self.members.enrol(name, federation, task, num_samples, peer, relay)
             self._cond.notify_all()
-        log.info("node.registered", node=name, task=task, samples=num_samples)
+        log.info("node.registered", node=name, task=task, samples=num_samples, **({"relay": relay} if relay else {}))
         return Registration(member.node_id, token, False, None, 1.0)
 
     def heartbeat(self, node_id: str, token: str) -> int:
@@ -341,7 +362,7 @@ class RoundCoordinator:
     def submit(self, token: str, sub: Submission) -> None:
         """Admit and deposit an update; the round closes when the last participant's arrives."""
         assert self._state is not None
-        sub = admit(sub, self._state.omega)  # without the lock (the expensive part): names and shapes only
+        sub = admit(sub, self._state.omega, self._omega_tilde)  # without the lock (the expensive part)
         with self._cond:
             o = self._open_round_for_locked(sub.node_id, token, sub.round)
             member = self.members.records[sub.node_id]
@@ -349,6 +370,183 @@ class RoundCoordinator:
             if member.initial_loss is None:
                 member.initial_loss = sub.initial_loss  # F_0 as the aggregator first accepted it
             o.submitted[sub.node_id] = sub
+            self._cond.notify_all()
+
+    # -- relay calls (the Uplink service) ----------------------------------------------------
+
+    def attach_relay(self, *, name: str, federation: str, network: Architecture, enrollment_token: str) -> str:
+        """A relay joins with the federation's enrollment token and network: its session token."""
+        if not NAME_RE.match(name or ""):
+            raise InvalidArgument(f"relay name {name[:64]!r} must match {NAME_RE.pattern}", Reason.BAD_NAME)
+        self.members.check_enrollment(enrollment_token, peer=f"relay:{name}")
+        self.members.check_network(federation, network, caller="relay")
+        with self._cond:
+            token = self.relays.attach(name, self._wall())
+        log.info("relay.attached", relay=name)
+        return token
+
+    def relay_members(self, relay_id: str, token: str) -> tuple[list[tuple[str, str, float | None]], int]:
+        """The registered nodes behind a relay [(node_id, token hash, F_0)] and the list's version."""
+        with self._cond:
+            self.relays.authenticate(relay_id, token)
+            return self._relay_members_locked(relay_id), self.members.version
+
+    def _relay_members_locked(self, relay_id: str) -> list[tuple[str, str, float | None]]:
+        return [(m.node_id, m.token_sha256, m.initial_loss) for m in self.members.behind(relay_id)]
+
+    def relay_session(self, relay_id: str, token: str) -> None:
+        with self._cond:
+            self.relays.authenticate(relay_id, token)
+
+    def relay_heartbeat(
+        self, relay_id: str, token: str, seen: list[str], version: int
+    ) -> tuple[int, list[tuple[str, str, float | None]] | None, int]:
+        """The relay saw ``seen`` (they count as seen here); the round, and the relay's members
+        when their list changed since ``version`` (else None)."""
+        with self._cond:
+            self.relays.authenticate(relay_id, token)
+            woke = False
+            for node_id in seen:
+                woke = self.members.touch(node_id, relay_id) or woke
+            if woke:
+                self._cond.notify_all()
+            assert self._state is not None
+            changed = version != self.members.version
+            members = self._relay_members_locked(relay_id) if changed else None
+            return self._state.round, members, self.members.version
+
+    def fetch_relay_round(
+        self, relay_id: str, token: str, after_opening: int, wait_seconds: float, alive: Callable[[], bool]
+    ) -> RelayTicket | None:
+        """Wait for an open round (opened after ``after_opening``) with participants behind the relay;
+        once training is over, the final model. None when there is none within ``wait_seconds``."""
+        end = time.monotonic() + max(0.0, min(wait_seconds, 300.0))
+        with self._cond:
+            while True:
+                self.relays.authenticate(relay_id, token)
+                o = self._open
+                if self._phase is Phase.OPEN and o is not None and o.opening > after_opening:
+                    mine = sorted(k for k, r in o.via.items() if r == relay_id)
+                    if mine:
+                        records = self.members.records
+                        return RelayTicket(
+                            opening=o.opening,
+                            round=o.number,
+                            deadline_unix=o.deadline_unix,
+                            participants={k: records[k].initial_loss for k in mine},
+                            omega=o.omega,
+                        )
+                if self._phase is Phase.DONE:
+                    assert self._state is not None
+                    return RelayTicket(self._openings, self._state.round, 0.0, {}, self._state.omega, final=True)
+                remaining = end - time.monotonic()
+                if remaining <= 0 or self._stop.is_set() or not alive():
+                    return None
+                self._cond.wait(min(remaining, 1.0))
+
+    def report_updates(
+        self, relay_id: str, token: str, round_: int, subs: list[Submission]
+    ) -> list[tuple[str, CoordinatorError]]:
+        """File the updates a relay accepted from its nodes (scalars only; it keeps the gradients).
+        Returns (node, refusal) for each update that could not be filed (the others are in the round)."""
+        checked: list[Submission | tuple[str, CoordinatorError]] = []
+        for sub in subs:  # the numbers first, without the lock
+            try:
+                checked.append(admit_relayed(replace(sub, relay=relay_id, gradient={})))
+            except CoordinatorError as e:
+                checked.append((sub.node_id, e))
+        refused: list[tuple[str, CoordinatorError]] = []
+        with self._cond:
+            self.relays.authenticate(relay_id, token)
+            o = self._open
+            if o is None or self._phase is not Phase.OPEN or o.number != round_:
+                current = (
+                    f"round {o.number} is open" if o is not None and self._phase is Phase.OPEN else "no round is open"
+                )
+                raise FailedPrecondition(f"round {round_} is not open for reports ({current})", Reason.WRONG_ROUND)
+            for item in checked:
+                if isinstance(item, tuple):
+                    refused.append(item)
+                    continue
+                try:
+                    self._file_relayed_locked(o, relay_id, item)
+                except CoordinatorError as e:
+                    refused.append((item.node_id, e))
+            self._cond.notify_all()
+        return refused
+
+    def _file_relayed_locked(self, o: _OpenRound, relay_id: str, sub: Submission) -> None:
+        if o.via.get(sub.node_id) != relay_id:
+            raise FailedPrecondition(
+                f"node {sub.node_id[:64]!r} is not a participant of round {o.number} behind relay {relay_id!r}",
+                Reason.NOT_PARTICIPANT,
+            )
+        if sub.node_id in o.submitted:
+            raise AlreadyExists(f"node {sub.node_id!r} already submitted to round {o.number}", Reason.DUPLICATE)
+        member = self.members.records.get(sub.node_id)
+        if member is None or not member.registered:
+            raise FailedPrecondition(f"node {sub.node_id!r} is not registered", Reason.DEREGISTERED)
+        check_initial_loss(member, sub)
+        if member.initial_loss is None:
+            member.initial_loss = sub.initial_loss
+        o.submitted[sub.node_id] = sub
+
+    def fetch_weights(
+        self,
+        relay_id: str,
+        token: str,
+        opening: int,
+        after_attempt: int,
+        wait_seconds: float,
+        alive: Callable[[], bool],
+    ) -> WeightsOffer:
+        """Wait for the scales of the relay's nodes in the closing round ``opening`` (an attempt
+        after ``after_attempt``); ``closed`` once that round is over for the relay."""
+        end = time.monotonic() + max(0.0, min(wait_seconds, 300.0))
+        with self._cond:
+            while True:
+                self.relays.authenticate(relay_id, token)
+                offer, o = self._offer, self._open
+                if offer is not None and offer.opening == opening:
+                    if relay_id not in offer.scales:
+                        return WeightsOffer(ready=False, closed=True)
+                    if offer.attempt > after_attempt:
+                        return WeightsOffer(True, False, offer.attempt, tuple(offer.scales[relay_id]))
+                elif o is None or o.opening != opening:
+                    return WeightsOffer(ready=False, closed=True)  # stepped, refused, or withdrawn
+                remaining = end - time.monotonic()
+                if remaining <= 0 or self._stop.is_set() or not alive():
+                    return WeightsOffer(ready=False, closed=False)
+                self._cond.wait(min(remaining, 1.0))
+
+    def check_partial_sum(self, relay_id: str, token: str, opening: int, attempt: int) -> None:
+        """Everything about a partial sum that can be refused before its payload is read."""
+        with self._cond:
+            self._offer_for_locked(relay_id, token, opening, attempt)
+
+    def _offer_for_locked(self, relay_id: str, token: str, opening: int, attempt: int) -> Offer:
+        self.relays.authenticate(relay_id, token)
+        offer = self._offer
+        if offer is None or offer.opening != opening or offer.attempt != attempt or relay_id not in offer.scales:
+            raise FailedPrecondition(
+                f"no weights of opening {opening}, attempt {attempt} are offered to relay {relay_id!r}",
+                Reason.WRONG_ATTEMPT,
+            )
+        if relay_id in offer.partials:
+            raise AlreadyExists(f"relay {relay_id!r} already sent its partial sum", Reason.DUPLICATE)
+        return offer
+
+    def submit_partial_sum(self, relay_id: str, token: str, opening: int, attempt: int, partial: TensorDict) -> None:
+        """File a relay's partial sum for an attempt (checked: omega's names and shapes, finite)."""
+        if set(partial) != set(self._expected) or any(tuple(t.shape) != self._expected[k] for k, t in partial.items()):
+            raise InvalidArgument("the partial sum's tensors are not omega's", Reason.BAD_TENSOR)
+        bad = next((k for k, t in partial.items() if not all_finite(t)), None)
+        if bad is not None:
+            raise InvalidArgument(f"the partial sum's {bad!r} is not finite", Reason.NOT_FINITE)
+        with self._cond:
+            offer = self._offer_for_locked(relay_id, token, opening, attempt)
+            offer.partials[relay_id] = partial
+            self.relays.sessions[relay_id].partial_sums += 1
             self._cond.notify_all()
 
     # -- the driver -------------------------------------------------------------------------
@@ -400,6 +598,9 @@ class RoundCoordinator:
         assert self._state is not None
         for node_id in self.members.silent():
             self._drop_locked(node_id, "heartbeat timeout")
+        for relay in self.relays.silent(self.config.heartbeat_timeout):
+            del self.relays.sessions[relay]
+            log.warning("relay.silent", relay=relay, why="no call for heartbeat_timeout: its session ends")
         gone = self.members.forget_departed(keep=self._open.submitted if self._open else ())
         if gone:
             self._state.weights = {k: w for k, w in self._state.weights.items() if k in self.members.records}
@@ -420,6 +621,8 @@ class RoundCoordinator:
             return False
         active = self._sample_locked(live, self._state.round)
         now_mono, now_wall = time.monotonic(), self._wall()
+        self._openings += 1
+        records = self.members.records
         self._open = _OpenRound(
             number=self._state.round,
             participants=active,
@@ -427,6 +630,8 @@ class RoundCoordinator:
             deadline_mono=now_mono + self.config.round_timeout,
             opened_mono=now_mono,
             omega=self._state.omega,  # never written to: the step makes new tensors
+            opening=self._openings,
+            via={k: records[k].relay for k in active if records[k].relay},
         )
         self._phase = Phase.OPEN
         self._cond.notify_all()
@@ -458,14 +663,22 @@ class RoundCoordinator:
         self.dropped_updates += len(dropped)
         self._phase = Phase.STEPPING
         t_collected = time.monotonic()
+        plan = self._settle_relays_locked(o, submitted)  # waits (lock released) for the relays' partial sums
+        if plan is None:
+            log.warning("round.empty", round=o.number, participants=sorted(o.participants), why="no update left")
+            self._open, self._offer, self._phase = None, None, Phase.WAITING
+            self._cond.notify_all()
+            return
+        partials = dict(self._offer.partials) if self._offer is not None else {}
         self._cond.release()  # the step runs without the lock: RPCs keep being answered
         try:
-            updates = [ClientUpdate(k, s.gradient, s.loss_ratio) for k, s in submitted.items()]
-            result = server_step(self._state, updates, self.server_config, validate=False)  # admitted already
+            result: StepResult | None = self._step(plan, submitted, partials)
         except AlgorithmError as e:
             result, refusal = None, e
         finally:
             self._cond.acquire()
+        self._offer = None  # the relays waiting on FetchWeights learn that the round is over
+        self._cond.notify_all()
         if result is None:  # the state is untouched: the same round opens again
             self.refused_rounds += 1
             log.error("round.refused", round=o.number, error=str(refusal), submitted=sorted(submitted))
@@ -507,6 +720,63 @@ class RoundCoordinator:
         self._commits.begin(snap, summary)
         self._phase = Phase.WAITING
         self._cond.notify_all()
+
+    def _settle_relays_locked(self, o: _OpenRound, submitted: dict[str, Submission]) -> WeightPlan | None:
+        """The weight rule over every update's scalars (direct and relayed); with relayed updates,
+        offer each relay its nodes' scales and wait up to relay_timeout for its partial sum. A relay
+        whose sum does not come costs its nodes' updates (removed from ``submitted``) and the rule
+        runs again without them (a new attempt). None when no update is left."""
+        attempt = 0
+        while submitted:
+            plan = plan_weights(
+                self._state,  # type: ignore[arg-type]
+                {k: s.tilde_norm for k, s in submitted.items()},
+                {k: s.loss_ratio for k, s in submitted.items()},
+                self.server_config,
+            )
+            by_relay: dict[str, list[tuple[str, float, float]]] = {}
+            for c in plan.clients:
+                if submitted[c].relay:
+                    by_relay.setdefault(submitted[c].relay, []).append((c, plan.scale(c), plan.weights[c].p))
+            if not by_relay:
+                self._offer = None
+                return plan
+            attempt += 1
+            offer = Offer(opening=o.opening, round=o.number, attempt=attempt, scales=by_relay)
+            self._offer = offer
+            self._cond.notify_all()
+            end = time.monotonic() + self.config.relay_timeout
+            while not offer.complete() and not self._stop.is_set() and (remaining := end - time.monotonic()) > 0:
+                self._cond.wait(min(remaining, 1.0))
+            if offer.complete():
+                return plan
+            for relay in sorted(set(by_relay) - set(offer.partials)):
+                nodes = [c for c, _, _ in by_relay[relay]]
+                for c in nodes:
+                    del submitted[c]
+                self.lost_relay_updates += len(nodes)
+                if relay in self.relays.sessions:
+                    self.relays.sessions[relay].lost_rounds += 1
+                log.error(
+                    "relay.lost",
+                    round=o.number,
+                    relay=relay,
+                    nodes=len(nodes),
+                    attempt=attempt,
+                    why="its partial sum did not arrive within relay_timeout: its nodes' updates are left out",
+                )
+        self._offer = None
+        return None
+
+    def _step(self, plan: WeightPlan, submitted: dict[str, Submission], partials: dict[str, TensorDict]) -> StepResult:
+        """Sum the direct nodes' gradients in id order, add the relays' partial sums in relay-name
+        order, and step omega (without the lock; the state is replaced only if the step is finite)."""
+        assert self._state is not None
+        direct = ((plan.scale(c), submitted[c].gradient) for c in plan.clients if not submitted[c].relay)
+        g = weighted_sum(direct, self._state.omega)
+        for relay in sorted(partials):
+            weighted_sum([(1.0, partials[relay])], self._state.omega, out=g)
+        return apply_step(self._state, plan, g, self.server_config)
 
     def _settle_commit_locked(self, wait: bool) -> None:
         """Account for the last round's commit once it is done (``wait``: block until then).

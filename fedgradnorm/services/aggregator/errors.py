@@ -35,3 +35,7 @@ class FailedPrecondition(CoordinatorError):
 
 class ResourceExhausted(CoordinatorError):
     pass
+
+
+class PermissionDenied(CoordinatorError):
+    pass

@@ -74,6 +74,7 @@ class Membership:
         self.attempts = RateLimiter(config.register_rate, config.register_burst)
         self._failures = RateLimiter(config.register_rate, 4 * config.register_burst)
         self._new_names = RateLimiter(config.new_node_rate, config.new_node_burst)
+        self.version = 0  # bumped by every change a relay's member list can see
 
     def restore(self, records: dict[str, MemberRecord]) -> None:
         """After a restart: registered nodes count as seen now; those that have taken part in a
@@ -101,7 +102,6 @@ class Membership:
         """Everything about a Register call that needs no member record; returns the peer key.
         Sizes come first: nothing a caller sends is kept (a rate-limiter key) or echoed before it
         is known to be small."""
-        cfg = self.config
         if not NAME_RE.match(name or ""):
             raise InvalidArgument(f"node name {name[:64]!r} must match {NAME_RE.pattern}", reason=Reason.BAD_NAME)
         if len(federation) > MAX_FIELD or len(task) > MAX_FIELD or len(node_id) > MAX_FIELD:
@@ -112,18 +112,33 @@ class Membership:
                 f"too many registration attempts for {name!r} from {peer or 'this peer'}; back off and retry",
                 Reason.RATE_LIMITED,
             )
+        self.check_enrollment(enrollment_token, peer)
+        spec = self.config.spec
+        if len(federation) <= MAX_FIELD and federation == spec.name and task not in spec.task_names:
+            raise InvalidArgument(
+                f"unknown task {task!r} for {federation}; tasks: {list(spec.task_names)}", Reason.BAD_TASK
+            )
+        self.check_network(federation, network)
+        if not 1 <= num_samples <= MAX_SAMPLES:
+            raise InvalidArgument(f"num_samples must be in [1, {MAX_SAMPLES}], got {num_samples}", Reason.BAD_VALUE)
+        return peer
+
+    def check_enrollment(self, enrollment_token: str, peer: str) -> None:
+        """The federation's enrollment token (if it has one); failures are rate limited per peer."""
+        cfg = self.config
         if cfg.enrollment_token and not hmac.compare_digest(
             hash_token(enrollment_token or ""), hash_token(cfg.enrollment_token)
         ):
             if not self._failures.allow(peer):
                 raise ResourceExhausted(f"too many failed enrolments from {peer or 'this peer'}", Reason.RATE_LIMITED)
             raise Unauthenticated("enrollment token is missing or wrong", Reason.BAD_ENROLLMENT)
-        spec = cfg.spec
+
+    def check_network(self, federation: str, network: Architecture, caller: str = "node") -> None:
+        """The caller federates this aggregator's federation with its shared network."""
+        spec = self.config.spec
         if federation != spec.name:
-            raise InvalidArgument(f"this aggregator federates {spec.name!r}, not {federation!r}", Reason.BAD_TASK)
-        if task not in spec.task_names:
             raise InvalidArgument(
-                f"unknown task {task!r} for {federation}; tasks: {list(spec.task_names)}", Reason.BAD_TASK
+                f"this aggregator federates {spec.name!r}, not {federation[:MAX_FIELD]!r}", Reason.BAD_TASK
             )
         if len(network.parameters) > MAX_PARAMETERS or any(len(n) > MAX_FIELD for n, _, _ in network.parameters):
             raise InvalidArgument(
@@ -132,15 +147,14 @@ class Membership:
             )
         if network.fingerprint != spec.architecture.fingerprint:
             raise FailedPrecondition(
-                f"the node's shared network is not this federation's ({federation}: {spec.network.ref}): "
-                f"{spec.architecture.difference(network)} (here: the aggregator; there: the node)",
+                f"the {caller}'s shared network is not this federation's ({federation}: {spec.network.ref}): "
+                f"{spec.architecture.difference(network)} (here: the aggregator; there: the {caller})",
                 Reason.NETWORK_MISMATCH,
             )
-        if not 1 <= num_samples <= MAX_SAMPLES:
-            raise InvalidArgument(f"num_samples must be in [1, {MAX_SAMPLES}], got {num_samples}", Reason.BAD_VALUE)
-        return peer
 
-    def resume(self, node_id: str, session_token: str, task: str, federation: str, num_samples: int) -> MemberRecord:
+    def resume(
+        self, node_id: str, session_token: str, task: str, federation: str, num_samples: int, relay: str = ""
+    ) -> MemberRecord:
         """A known node registers again with its stored id and token."""
         expected = self.records.get(node_id)
         if expected is None:
@@ -157,11 +171,15 @@ class Membership:
         member.registered = True
         member.departed_unix = None
         member.num_samples = num_samples
+        member.relay = relay
+        self.version += 1
         self._live.discard(node_id)  # live again at its next fetch or heartbeat
         self._last_seen[node_id] = time.monotonic()
         return member
 
-    def enrol(self, name: str, federation: str, task: str, num_samples: int, peer: str) -> tuple[MemberRecord, str]:
+    def enrol(
+        self, name: str, federation: str, task: str, num_samples: int, peer: str, relay: str = ""
+    ) -> tuple[MemberRecord, str]:
         """A new node: its record and its session token (returned once, stored only as a hash)."""
         if name in self.records:
             raise AlreadyExists(
@@ -183,8 +201,10 @@ class Membership:
             num_samples=num_samples,
             registered=True,
             registered_unix=self._wall(),
+            relay=relay,
         )
         self.records[name] = member
+        self.version += 1
         self._last_seen[name] = time.monotonic()
         return member, token
 
@@ -219,6 +239,22 @@ class Membership:
         member.departed_unix = self._wall()
         self._last_seen.pop(node_id, None)
         self._live.discard(node_id)
+        self.version += 1
+
+    def touch(self, node_id: str, relay: str) -> bool:
+        """A relay saw ``node_id`` (it authenticated the node with the token hash it was given):
+        marks the node seen if it is registered through that relay; returns whether it became live."""
+        member = self.records.get(node_id)
+        if member is None or not member.registered or member.relay != relay:
+            return False
+        self._last_seen[node_id] = time.monotonic()
+        became_live = node_id not in self._live
+        self._live.add(node_id)
+        return became_live
+
+    def behind(self, relay: str) -> list[MemberRecord]:
+        """The registered nodes enrolled through ``relay``, sorted by id."""
+        return sorted((m for m in self.records.values() if m.relay == relay and m.registered), key=lambda m: m.node_id)
 
     def silent(self) -> list[str]:
         """Registered nodes not seen for heartbeat_timeout."""
@@ -237,6 +273,8 @@ class Membership:
         gone = [k for i, (since, k) in enumerate(departed) if i < excess or since < limit]
         for k in gone:
             del self.records[k]
+        if gone:
+            self.version += 1
         return gone
 
     # -- queries ------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class MemberRecord:
     test_loss: float | None = None
     test_metrics: dict[str, float] = field(default_factory=dict)
     departed_unix: float | None = None  # when it left (deregistered or silent); None while registered
+    relay: str = ""  # the relay it registered through ("" for a node that dials the aggregator)
 
 
 @dataclass
