@@ -32,6 +32,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedgradnorm.atomic import atomic_write_bytes
 
 ORGANIZATION = "fedgradnorm"
+# The Organizational Unit of a relay's certificate: the aggregator serves its Uplink service (what
+# relays call) only to a client certificate that carries it (with mutual TLS).
+RELAY_ROLE = "relay"
 # The Organization of every certificate of the development PKI in deploy/k8s (its private keys are in git).
 DEVELOPMENT_ORGANIZATION = "fedgradnorm development PKI (private keys in git: replace)"
 
@@ -91,9 +94,13 @@ def server_names(base: Sequence[str] = DEFAULT_SERVER_NAMES, extra: Sequence[str
     return names
 
 
-def _name(common: str, organization: str) -> x509.Name:
+def _name(common: str, organization: str, unit: str = "") -> x509.Name:
     return x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization), x509.NameAttribute(NameOID.COMMON_NAME, common)]
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            *([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit)] if unit else []),
+            x509.NameAttribute(NameOID.COMMON_NAME, common),
+        ]
     )
 
 
@@ -127,16 +134,18 @@ def _leaf(
     ca_key: ec.EllipticCurvePrivateKey,
     common: str,
     organization: str,
-    usage: x509.ObjectIdentifier,
+    usage: x509.ObjectIdentifier | Sequence[x509.ObjectIdentifier],
     sans: Sequence[str],
     now: dt.datetime,
     not_after: dt.datetime,
+    unit: str = "",
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A fresh key and its end-entity certificate for ``usage`` (server or client), signed by ``ca``."""
+    """A fresh key and its end-entity certificate for ``usage`` (server, client or both), signed by ``ca``."""
     key = _key()
+    usages = [usage] if isinstance(usage, x509.ObjectIdentifier) else list(usage)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(common, organization))
+        .subject_name(_name(common, organization, unit))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -145,7 +154,7 @@ def _leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(_sans(sans), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -259,6 +268,48 @@ def make_certificates(
     return write_certificates(issue(server_names, days, client_name, organization), out)
 
 
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    ca_public = ca.public_key()
+    if (
+        not isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        or not isinstance(ca_public, ec.EllipticCurvePublicKey)
+        or ca_key.public_key().public_numbers() != ca_public.public_numbers()
+    ):
+        raise ValueError(f"{ca_dir / 'ca.key'} is not the key of {ca_dir / 'ca.pem'}")
+    return ca, ca_key
+
+
+def issue_relay(
+    ca_dir: str | Path, name: str, names: Sequence[str], days: int = 365, out: str | Path | None = None
+) -> dict[str, Path]:
+    """A relay's certificate from the CA that ``--out ca_dir`` wrote: one key for both of its faces.
+
+    A relay is a server to the edge nodes of its site (``names``: the DNS names and addresses they
+    dial it by, checked by the nodes against the CA) and a client of the aggregator, whose Uplink
+    service requires the relay role (OU :data:`RELAY_ROLE`). Writes ``NAME.pem`` and ``NAME.key``.
+    """
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
+        raise ValueError(f"relay name {name!r}: letters, digits, '.', '_', '-' (a file name and the certificate's CN)")
+    sans = server_names(names or ("localhost", "127.0.0.1"), ())
+    ca_dir = Path(ca_dir)
+    ca, ca_key = _load_ca(ca_dir)
+    now = dt.datetime.now(dt.UTC)
+    not_after = min(now + dt.timedelta(days=days), ca.not_valid_after_utc)
+    organization = str(ca.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value)
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert, key = _leaf(ca, ca_key, name, organization, usages, sans, now, not_after, unit=RELAY_ROLE)
+    out = Path(out) if out else ca_dir
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"relay_cert": out / f"{name}.pem", "relay_key": out / f"{name}.key"}
+    _write(paths["relay_cert"], cert.public_bytes(serialization.Encoding.PEM))
+    _write(paths["relay_key"], _pem_key(key), private=True)
+    return paths
+
+
 def issue_client(ca_dir: str | Path, name: str, days: int = 365, out: str | Path | None = None) -> dict[str, Path]:
     """One more client certificate (an edge device of its own) from the CA that ``--out ca_dir`` wrote.
 
@@ -271,15 +322,7 @@ def issue_client(ca_dir: str | Path, name: str, days: int = 365, out: str | Path
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name):
         raise ValueError(f"client name {name!r}: letters, digits, '.', '_', '-' (a file name and the certificate's CN)")
     ca_dir = Path(ca_dir)
-    ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
-    ca_public = ca.public_key()
-    if (
-        not isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        or not isinstance(ca_public, ec.EllipticCurvePublicKey)
-        or ca_key.public_key().public_numbers() != ca_public.public_numbers()
-    ):
-        raise ValueError(f"{ca_dir / 'ca.key'} is not the key of {ca_dir / 'ca.pem'}")
+    ca, ca_key = _load_ca(ca_dir)
     now = dt.datetime.now(dt.UTC)
     not_after = min(now + dt.timedelta(days=days), ca.not_valid_after_utc)
     organization = ca.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value

@@ -178,3 +178,68 @@ def start_edge_node(
         workdir / f"node-{name}.log",
         env=env or {},
     ).start()
+
+
+def relay_tls_flags(certs: Path | None, name: str) -> list[str]:
+    """A relay with its certificate ``certs/NAME.pem`` (`fedgradnorm certs --relay NAME`): mutual TLS
+    with its nodes (their CA) and with the aggregator; plaintext when None."""
+    if certs is None:
+        return ["--insecure", "true"]
+    return [
+        "--tls-cert",
+        str(certs / f"{name}.pem"),
+        "--tls-key",
+        str(certs / f"{name}.key"),
+        "--tls-client-ca",
+        str(certs / "ca.pem"),
+        "--tls-ca",
+        str(certs / "ca.pem"),
+        "--tls-server-name",
+        "localhost",
+    ]
+
+
+def start_relay(
+    workdir: Path,
+    upstream: str,
+    name: str,
+    flags: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    certs: Path | None = None,
+    listen: str = "127.0.0.1:0",
+    wrap: Sequence[str] = (),
+    timeout: float = 120.0,
+) -> tuple[ServiceProcess, dict[str, Any]]:
+    """A relay process for site ``name``, attached to the aggregator at ``upstream``; returns once
+    it serves (its ready file: the bound ports). ``wrap`` prefixes the command (e.g. ``ip netns exec NS``)."""
+    ready = workdir / f"relay-{name}.ready.json"
+    if ready.exists():
+        ready.unlink()
+    proc = ServiceProcess(
+        f"relay-{name}",
+        [
+            *wrap,
+            *cli(
+                "relay",
+                "--name",
+                name,
+                "--upstream",
+                upstream,
+                "--listen",
+                listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(ready),
+                *relay_tls_flags(certs, name),
+                *flags,
+            ),
+        ],
+        workdir / f"relay-{name}.log",
+        env=env or {},
+    ).start()
+    try:
+        return proc, wait_ready(ready, proc, timeout)
+    except BaseException:
+        proc.stop()
+        raise

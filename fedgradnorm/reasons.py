@@ -57,6 +57,7 @@ class Reason(enum.StrEnum):
     NOT_RELAY = "not_relay"  # the caller's certificate does not carry the relay role
     UNKNOWN_RELAY = "unknown_relay"  # no such relay session: attach (again)
     WRONG_ATTEMPT = "wrong_attempt"  # a partial sum for weights that are no longer offered
-    RELAY_LOST = "relay_lost"  # a relay's partial sum did not arrive: its nodes' updates were left out
+    RELAY_LOST = "relay_lost"
+    UPSTREAM = "upstream_unavailable"  # a relay could not reach the aggregator for the call  # a relay's partial sum did not arrive: its nodes' updates were left out
     # The service
     LOADING = "loading"  # the aggregator is loading its state

@@ -38,6 +38,25 @@ def register_aggregator(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.set_defaults(func=_aggregator)
 
 
+def _relay(args: argparse.Namespace) -> int:
+    from fedgradnorm.services.relay.config import RelayConfig
+    from fedgradnorm.services.relay.server import serve_forever
+
+    return serve_forever(cfgmod.build(RelayConfig, args))
+
+
+def register_relay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from fedgradnorm.services.relay.config import RelayConfig
+
+    p = sub.add_parser(
+        "relay",
+        help="run a relay: the aggregator's service for one site's edge nodes, one partial sum upstream per round",
+        description="Every flag can also be set by the FEDGRADNORM_<NAME> environment variable.",
+    )
+    cfgmod.add_flags(p, RelayConfig)
+    p.set_defaults(func=_relay)
+
+
 def _edge_node(args: argparse.Namespace) -> int:
     from fedgradnorm.services.edge_node.config import EdgeConfig
     from fedgradnorm.services.edge_node.main import serve_edge_node
@@ -144,11 +163,19 @@ def _certs(args: argparse.Namespace) -> int:
         ORGANIZATION,
         issue,
         issue_client,
+        issue_relay,
         server_names,
         write_certificates,
         write_k8s_secrets,
     )
 
+    if args.relay:
+        if not args.ca_dir:
+            raise ValueError("--relay NAME needs --ca-dir DIR (the folder of ca.pem and ca.key that --out wrote)")
+        names = [n for n in (args.server_names or "").split(",") if n.strip()] + list(args.san)
+        for what, path in issue_relay(args.ca_dir, args.relay, names, days=args.days, out=args.out or None).items():
+            print(f"{what:<12} {path}")
+        return 0
     if args.client:
         if not args.ca_dir:
             raise ValueError("--client NAME needs --ca-dir DIR (the folder of ca.pem and ca.key that --out wrote)")
@@ -225,7 +252,16 @@ def register_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="issue only a client certificate NAME.pem/NAME.key for one more edge device, signed by the CA "
         "in --ca-dir (written to --out, default the same folder)",
     )
-    p.add_argument("--ca-dir", default="", metavar="DIR", help="with --client: the folder of ca.pem and ca.key")
+    p.add_argument(
+        "--relay",
+        default="",
+        metavar="NAME",
+        help="issue only a relay certificate NAME.pem/NAME.key (role OU=relay; server and client) signed by the CA "
+        "in --ca-dir, for the names its edge nodes dial (--server-names/--san; default loopback)",
+    )
+    p.add_argument(
+        "--ca-dir", default="", metavar="DIR", help="with --client or --relay: the folder of ca.pem and ca.key"
+    )
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.set_defaults(func=_certs)
 
@@ -249,6 +285,7 @@ def register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     register_aggregator,
+    register_relay,
     register_edge_node,
     register_state,
     register_certs,

@@ -9,17 +9,18 @@ registration and the state view go the same way.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
+from fedgradnorm._proto.fedgradnorm.v1 import relay_pb2 as rpb
 from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
 from fedgradnorm.algorithm import ClientConfig
 from fedgradnorm.models import Architecture
 from fedgradnorm.services.aggregator.config import CoordinatorConfig
-from fedgradnorm.services.domain import Phase, Registration, StateView, Submission
+from fedgradnorm.services.domain import Phase, Registration, StateView, Submission, WeightsOffer
 
 PHASES = {
     Phase.WAITING: pb.PHASE_WAITING_FOR_NODES,
@@ -134,6 +135,19 @@ def round_config(rc: pb.RoundConfig) -> ClientConfig:
 # -- GetState -----------------------------------------------------------------------------------
 
 
+def hyperparameters(cfg: CoordinatorConfig) -> pb.Hyperparameters:
+    return pb.Hyperparameters(
+        gamma=cfg.gamma,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        tau_h=cfg.tau_h,
+        tau_omega=cfg.tau_omega,
+        batch_size=cfg.batch_size,
+        min_nodes=cfg.min_nodes,
+        round_timeout_seconds=cfg.round_timeout,
+    )
+
+
 def state_response(view: StateView, cfg: CoordinatorConfig) -> pb.GetStateResponse:
     nodes = []
     for n in view.nodes:
@@ -151,6 +165,7 @@ def state_response(view: StateView, cfg: CoordinatorConfig) -> pb.GetStateRespon
             active=m.registered,
             last_round=m.last_round,
             registered_unix_seconds=m.registered_unix,
+            relay=m.relay,
         )
         if m.initial_loss is not None:
             node.initial_loss = m.initial_loss
@@ -164,19 +179,98 @@ def state_response(view: StateView, cfg: CoordinatorConfig) -> pb.GetStateRespon
         federation=cfg.spec.name,
         network=cfg.network,
         network_fingerprint=cfg.spec.architecture.fingerprint,
-        hyperparameters=pb.Hyperparameters(
-            gamma=cfg.gamma,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            tau_h=cfg.tau_h,
-            tau_omega=cfg.tau_omega,
-            batch_size=cfg.batch_size,
-            min_nodes=cfg.min_nodes,
-            round_timeout_seconds=cfg.round_timeout,
-        ),
+        hyperparameters=hyperparameters(cfg),
         nodes=nodes,
         halted_reason=view.halted_reason,
         last_committed_round=view.last_committed_round,
         next_page_token=view.next_after,
         total_nodes=view.total_nodes,
+    )
+
+
+# -- Uplink (relay <-> aggregator) ----------------------------------------------------------------
+
+
+def relay_members(members: list[tuple[str, str, float | None]]) -> list[rpb.RelayMember]:
+    out = []
+    for node_id, token_sha256, f0 in members:
+        m = rpb.RelayMember(node_id=node_id, token_sha256=token_sha256)
+        if f0 is not None:
+            m.initial_loss = f0
+        out.append(m)
+    return out
+
+
+def members_of(msgs: Iterable[rpb.RelayMember]) -> dict[str, str]:
+    """node id -> hash of its session token, as a relay keeps them."""
+    return {m.node_id: m.token_sha256 for m in msgs}
+
+
+def relay_participants(participants: Mapping[str, float | None]) -> list[rpb.RelayParticipant]:
+    out = []
+    for node_id, f0 in sorted(participants.items()):
+        p = rpb.RelayParticipant(node_id=node_id)
+        if f0 is not None:
+            p.initial_loss = f0
+        out.append(p)
+    return out
+
+
+def participants_of(msgs: Iterable[rpb.RelayParticipant]) -> dict[str, float | None]:
+    return {p.node_id: (p.initial_loss if p.HasField("initial_loss") else None) for p in msgs}
+
+
+def relayed_update(sub: Submission) -> rpb.RelayedUpdate:
+    """The scalars of an update a relay accepted (its gradient stays at the relay)."""
+    u = rpb.RelayedUpdate(
+        node_id=sub.node_id,
+        loss=sub.loss,
+        initial_loss=sub.initial_loss,
+        loss_ratio=sub.loss_ratio,
+        num_samples=sub.num_samples,
+        test_metrics=dict(sub.test_metrics),
+        norm=sub.norm,
+        tilde_norm=sub.tilde_norm,
+    )
+    if sub.test_loss is not None:
+        u.test_loss = sub.test_loss
+    return u
+
+
+def relayed_submission(u: rpb.RelayedUpdate, round_: int) -> Submission:
+    return Submission(
+        node_id=u.node_id,
+        round=round_,
+        gradient={},
+        loss=u.loss,
+        initial_loss=u.initial_loss,
+        loss_ratio=u.loss_ratio,
+        num_samples=u.num_samples,
+        test_loss=u.test_loss if u.HasField("test_loss") else None,
+        test_metrics=dict(u.test_metrics),
+        norm=u.norm,
+        tilde_norm=u.tilde_norm,
+    )
+
+
+def weights_response(offer: WeightsOffer) -> rpb.FetchWeightsResponse:
+    if offer.ready:
+        status = rpb.WEIGHTS_STATUS_READY
+    elif offer.closed:
+        status = rpb.WEIGHTS_STATUS_CLOSED
+    else:
+        status = rpb.WEIGHTS_STATUS_NOT_YET
+    return rpb.FetchWeightsResponse(
+        status=status,
+        attempt=offer.attempt,
+        scales=[rpb.NodeScale(node_id=n, scale=sc, weight=w) for n, sc, w in offer.scales],
+    )
+
+
+def weights_offer(resp: rpb.FetchWeightsResponse) -> WeightsOffer:
+    return WeightsOffer(
+        ready=resp.status == rpb.WEIGHTS_STATUS_READY,
+        closed=resp.status == rpb.WEIGHTS_STATUS_CLOSED,
+        attempt=resp.attempt,
+        scales=tuple((s.node_id, s.scale, s.weight) for s in resp.scales),
     )

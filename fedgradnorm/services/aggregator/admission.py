@@ -23,7 +23,6 @@ from fedgradnorm.algorithm import (
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services.aggregator.errors import InvalidArgument
 from fedgradnorm.services.aggregator.membership import MAX_SAMPLES, NAME_RE
-from fedgradnorm.services.aggregator.store import MemberRecord
 from fedgradnorm.services.domain import Submission
 
 LOSS_RATIO_RTOL = 1e-4
@@ -84,18 +83,18 @@ def admit_relayed(sub: Submission) -> Submission:
     return sub
 
 
-def check_initial_loss(member: MemberRecord, sub: Submission) -> None:
+def check_initial_loss(stored: float | None, sub: Submission) -> None:
     """A node's first update has F~ = 1 (its loss is F_0, Algorithm 2); later ones carry the F_0
-    the aggregator first accepted."""
-    if member.initial_loss is None:
+    the aggregator first accepted (``stored``, None before the node's first update)."""
+    if stored is None:
         if not math.isclose(sub.loss, sub.initial_loss, rel_tol=1e-6) or abs(sub.loss_ratio - 1.0) > LOSS_RATIO_RTOL:
             raise InvalidArgument(
                 f"the first update of node {sub.node_id!r} must have loss = initial_loss and loss_ratio 1 "
                 f"(got loss {sub.loss}, initial_loss {sub.initial_loss}, loss_ratio {sub.loss_ratio})",
                 Reason.BAD_VALUE,
             )
-    elif not math.isclose(sub.initial_loss, member.initial_loss, rel_tol=1e-6):
+    elif not math.isclose(sub.initial_loss, stored, rel_tol=1e-6):
         raise InvalidArgument(
-            f"initial_loss {sub.initial_loss} differs from the stored F_0 {member.initial_loss} of node {sub.node_id!r}",
+            f"initial_loss {sub.initial_loss} differs from the stored F_0 {stored} of node {sub.node_id!r}",
             Reason.BAD_VALUE,
         )

@@ -366,7 +366,7 @@ class RoundCoordinator:
         with self._cond:
             o = self._open_round_for_locked(sub.node_id, token, sub.round)
             member = self.members.records[sub.node_id]
-            check_initial_loss(member, sub)
+            check_initial_loss(member.initial_loss, sub)
             if member.initial_loss is None:
                 member.initial_loss = sub.initial_loss  # F_0 as the aggregator first accepted it
             o.submitted[sub.node_id] = sub
@@ -393,6 +393,15 @@ class RoundCoordinator:
 
     def _relay_members_locked(self, relay_id: str) -> list[tuple[str, str, float | None]]:
         return [(m.node_id, m.token_sha256, m.initial_loss) for m in self.members.behind(relay_id)]
+
+    def relay_stats(self) -> dict[str, tuple[int, int, int]]:
+        """Per attached relay: (registered nodes behind it, partial sums accepted, rounds lost)."""
+        with self._cond:
+            counts: dict[str, int] = {}
+            for m in self.members.records.values():
+                if m.relay and m.registered:
+                    counts[m.relay] = counts.get(m.relay, 0) + 1
+            return {k: (counts.get(k, 0), r.partial_sums, r.lost_rounds) for k, r in self.relays.sessions.items()}
 
     def relay_session(self, relay_id: str, token: str) -> None:
         with self._cond:
@@ -486,7 +495,7 @@ class RoundCoordinator:
         member = self.members.records.get(sub.node_id)
         if member is None or not member.registered:
             raise FailedPrecondition(f"node {sub.node_id!r} is not registered", Reason.DEREGISTERED)
-        check_initial_loss(member, sub)
+        check_initial_loss(member.initial_loss, sub)
         if member.initial_loss is None:
             member.initial_loss = sub.initial_loss
         o.submitted[sub.node_id] = sub

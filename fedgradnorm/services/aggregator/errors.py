@@ -39,3 +39,7 @@ class ResourceExhausted(CoordinatorError):
 
 class PermissionDenied(CoordinatorError):
     pass
+
+
+class Unavailable(CoordinatorError):
+    """A relay could not reach the aggregator for a node's call (the node retries)."""

@@ -20,9 +20,33 @@ UPDATE_OUTCOMES = ("accepted", *Reason)
 REGISTRATION_OUTCOMES = ("registered", "resumed", *Reason)
 
 
-class AggregatorMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+class NodeTrafficMetrics:
+    """What a node-facing servicer counts (the aggregator's, and a relay's under its own prefix)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "fedgradnorm") -> None:
         self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.registered = Gauge(f"{prefix}_registered_nodes", "Registered nodes", registry=r)
+        self.updates = Counter(f"{prefix}_updates_total", "Submitted updates by outcome", ("outcome",), registry=r)
+        self.bytes = Counter(f"{prefix}_bytes_total", "Payload bytes on the wire", ("direction",), registry=r)
+        self.registrations = Counter(
+            f"{prefix}_registrations_total", "Register calls by outcome", ("outcome",), registry=r
+        )
+        # Every known label exists from the start at 0, so rate() and increase() see the first event.
+        for outcome in UPDATE_OUTCOMES:
+            self.updates.labels(outcome)
+        for outcome in REGISTRATION_OUTCOMES:
+            self.registrations.labels(outcome)
+        for direction in ("sent", "received"):
+            self.bytes.labels(direction)
+
+    def forget(self, node: str) -> None:
+        """Remove a departed node's series (none here)."""
+
+
+class AggregatorMetrics(NodeTrafficMetrics):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
         r = self.registry
         self.weight = Gauge("fedgradnorm_task_weight", "Loss weight p of the node's task", NODE_LABELS, registry=r)
         self.loss_ratio = Gauge(
@@ -55,13 +79,7 @@ class AggregatorMetrics:
         self.participants = Gauge(
             "fedgradnorm_round_participants", "Nodes whose update the last round used", registry=r
         )
-        self.registered = Gauge("fedgradnorm_registered_nodes", "Registered nodes", registry=r)
-        self.updates = Counter("fedgradnorm_updates_total", "Submitted updates by outcome", ("outcome",), registry=r)
-        self.bytes = Counter("fedgradnorm_bytes_total", "Payload bytes on the wire", ("direction",), registry=r)
         self.f_grad = Gauge("fedgradnorm_f_grad", "GradNorm auxiliary loss F_grad of the last round", registry=r)
-        self.registrations = Counter(
-            "fedgradnorm_registrations_total", "Register calls by outcome", ("outcome",), registry=r
-        )
         self.halted = Gauge(
             "fedgradnorm_halted", "1 while rounds do not advance (state commits fail, or the driver failed)", registry=r
         )
@@ -76,14 +94,21 @@ class AggregatorMetrics:
             ("reason",),
             registry=r,
         )
+        self.relays = Gauge("fedgradnorm_relays", "Relays attached (a session in use)", registry=r)
+        self.relay_nodes = Gauge(
+            "fedgradnorm_relay_nodes", "Registered edge nodes enrolled through each relay", ("relay",), registry=r
+        )
+        self.relay_partial_sums = Counter(
+            "fedgradnorm_relay_partial_sums_total", "Partial sums accepted from each relay", ("relay",), registry=r
+        )
+        self.relay_lost_rounds = Counter(
+            "fedgradnorm_relay_lost_rounds_total",
+            "Rounds whose partial sum from the relay did not arrive within relay_timeout (its nodes left out)",
+            ("relay",),
+            registry=r,
+        )
+        self._relay_synced: dict[tuple[str, str], int] = {}
         self._synced: dict[str, int] = {}
-        # Every known label exists from the start at 0, so rate() and increase() see the first event.
-        for outcome in UPDATE_OUTCOMES:
-            self.updates.labels(outcome)
-        for outcome in REGISTRATION_OUTCOMES:
-            self.registrations.labels(outcome)
-        for direction in ("sent", "received"):
-            self.bytes.labels(direction)
         for phase in ROUND_PHASES:
             self.round_phase.labels(phase)
         for reason in ("replaced", "deadline"):
@@ -120,6 +145,7 @@ class AggregatorMetrics:
         targets = {
             "rounds_refused": self.rounds_refused,
             "dropped_updates": self.updates.labels(Reason.DROPPED_NORM),
+            "relay_lost": self.updates.labels(Reason.RELAY_LOST),
             "streams_replaced": self.streams_cancelled.labels("replaced"),
             "streams_deadline": self.streams_cancelled.labels("deadline"),
         }
@@ -128,6 +154,24 @@ class AggregatorMetrics:
             if delta > 0:
                 targets[key].inc(delta)
                 self._synced[key] = total
+
+    def sync_relays(self, stats: dict[str, tuple[int, int, int]]) -> None:
+        """Per relay (attached now): (nodes behind it, partial sums accepted, rounds lost) as totals."""
+        self.relays.set(len(stats))
+        for relay, (nodes, sums, lost) in stats.items():
+            self.relay_nodes.labels(relay).set(nodes)
+            for key, counter, total in (
+                ("sums", self.relay_partial_sums, sums),
+                ("lost", self.relay_lost_rounds, lost),
+            ):
+                delta = total - self._relay_synced.get((relay, key), 0)
+                if delta > 0:
+                    counter.labels(relay).inc(delta)
+                self._relay_synced[(relay, key)] = total
+        for (relay, _), _total in list(self._relay_synced.items()):
+            if relay not in stats:
+                with contextlib.suppress(KeyError):
+                    self.relay_nodes.remove(relay)
 
     def forget(self, node: str) -> None:
         """Remove a departed node's series."""

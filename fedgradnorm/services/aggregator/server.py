@@ -21,6 +21,8 @@ from prometheus_client import start_http_server
 
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
+from fedgradnorm._proto.fedgradnorm.v1 import relay_pb2 as rpb
+from fedgradnorm._proto.fedgradnorm.v1 import relay_pb2_grpc as rpb_grpc
 from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.errors import FatalError
 from fedgradnorm.services.aggregator.codec import WireCodec
@@ -30,12 +32,14 @@ from fedgradnorm.services.aggregator.metrics import AggregatorMetrics
 from fedgradnorm.services.aggregator.roundlog import RoundLog
 from fedgradnorm.services.aggregator.servicer import AggregatorServicer
 from fedgradnorm.services.aggregator.store import FileStateStore
+from fedgradnorm.services.aggregator.uplink import UplinkServicer
 from fedgradnorm.services.domain import Phase
 from fedgradnorm.services.netcheck import bind_error, os_reason
 
 log = structlog.get_logger("fedgradnorm.aggregator")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
+UPLINK_NAME = rpb.DESCRIPTOR.services_by_name["Uplink"].full_name
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 4 << 20),
     ("grpc.max_send_message_length", 4 << 20),
@@ -116,15 +120,24 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     # Each FetchRound or SubmitUpdate in flight holds a worker, at most one of each per node
     # (streams.py): the pool has one of each for every node plus max_workers to spare, so node
     # traffic cannot starve health, GetState or Register (threads are only created as needed).
-    workers = 2 * rounds.max_nodes + service.max_workers
+    # Relays hold up to four streams each (round, weights, partial sum, a report) beside their nodes'.
+    workers = 2 * rounds.max_nodes + service.max_workers + 4 * 256
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS, interceptors=[WireCodec()]
     )
     servicer = AggregatorServicer(coordinator, service, metrics)
     pb_grpc.add_AggregatorServicer_to_server(servicer, server)
+    uplink = UplinkServicer(coordinator, servicer, mutual_tls=bool(service.tls_client_ca))
+    rpb_grpc.add_UplinkServicer_to_server(uplink, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (
+            SERVICE_NAME,
+            UPLINK_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
     )
     creds = service.tls().credentials()
     # The side ports first and the gRPC port last: a gRPC server releases a bound port only once
@@ -188,6 +201,7 @@ def _watch_halt(running: RunningAggregator) -> None:
             {
                 "rounds_refused": coord.refused_rounds,
                 "dropped_updates": coord.dropped_updates,
+                "relay_lost": coord.lost_relay_updates,
                 **({f"streams_{k}": v for k, v in streams.cancelled.items()} if streams else {}),
             }
         )
@@ -198,6 +212,7 @@ def _watch_halt(running: RunningAggregator) -> None:
             running.metrics.halted.set(1 if halted else 0)
             last = halted
         running.metrics.registered.set(running.coordinator.registered_count())
+        running.metrics.sync_relays(coord.relay_stats())
         time.sleep(1.0)
 
 

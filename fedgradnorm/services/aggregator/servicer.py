@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import NoReturn
+from collections.abc import Callable, Iterator, Mapping
+from typing import NoReturn, Protocol
 
 import grpc
 import structlog
@@ -18,22 +18,26 @@ from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
+from fedgradnorm.algorithm import ServerConfig
+from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services import serde
-from fedgradnorm.services.aggregator.config import ServiceConfig
-from fedgradnorm.services.aggregator.coordinator import RoundCoordinator
+from fedgradnorm.services.aggregator.config import CoordinatorConfig
 from fedgradnorm.services.aggregator.errors import (
     AlreadyExists,
     CoordinatorError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
+    Unavailable,
 )
 from fedgradnorm.services.aggregator.membership import NAME_RE
-from fedgradnorm.services.aggregator.metrics import AggregatorMetrics
+from fedgradnorm.services.aggregator.metrics import NodeTrafficMetrics
 from fedgradnorm.services.aggregator.streams import StreamBusy, StreamGuard
+from fedgradnorm.services.domain import Registration, RoundTicket, StateView, Submission
 from fedgradnorm.services.refusals import refuse, wire_status
 
 log = structlog.get_logger("fedgradnorm.aggregator")
@@ -45,6 +49,8 @@ STATUS: dict[type[CoordinatorError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -90,7 +96,59 @@ class EncodedRounds:
             return self._by_dtype[dtype]
 
 
-def _require_loaded(coord: RoundCoordinator, context: grpc.ServicerContext) -> None:
+class ServingSettings(Protocol):
+    """The transport settings the servicer reads (the aggregator's ServiceConfig, a relay's RelayConfig)."""
+
+    @property
+    def chunk_bytes(self) -> int: ...
+    @property
+    def wire_dtype(self) -> str: ...
+    @property
+    def max_fetch_wait(self) -> float: ...
+
+
+class NodeCoordinator(Protocol):
+    """What the servicer calls: the aggregator's RoundCoordinator, or a relay's RelayCoordinator
+    (which answers a site's nodes exactly as the aggregator would)."""
+
+    @property
+    def loaded(self) -> bool: ...
+    @property
+    def config(self) -> CoordinatorConfig: ...
+    @property
+    def server_config(self) -> ServerConfig: ...
+    @property
+    def round(self) -> int: ...
+
+    def register(
+        self,
+        *,
+        name: str,
+        federation: str,
+        network: Architecture,
+        task: str,
+        num_samples: int,
+        enrollment_token: str = "",
+        node_id: str = "",
+        session_token: str = "",
+        peer: str = "",
+        relay: str = "",
+    ) -> Registration: ...
+    def registered_count(self) -> int: ...
+    def authenticate(self, node_id: str, token: str) -> None: ...
+    def fetch_round(
+        self, node_id: str, token: str, wait_seconds: float, alive: Callable[[], bool] = ...
+    ) -> RoundTicket | None: ...
+    def check_submit(self, node_id: str, token: str, round_: int) -> float: ...
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]: ...
+    def model_bytes(self) -> int: ...
+    def submit(self, token: str, sub: Submission) -> None: ...
+    def deregister(self, node_id: str, token: str) -> None: ...
+    def heartbeat(self, node_id: str, token: str) -> int: ...
+    def view(self, page_size: int = ..., after: str = "") -> StateView: ...
+
+
+def _require_loaded(coord: NodeCoordinator, context: grpc.ServicerContext) -> None:
     if not coord.loaded:
         refuse(
             context, grpc.StatusCode.UNAVAILABLE, Reason.LOADING, "the aggregator is loading its state; retry shortly"
@@ -98,7 +156,7 @@ def _require_loaded(coord: RoundCoordinator, context: grpc.ServicerContext) -> N
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # the generated base is untyped
-    def __init__(self, coordinator: RoundCoordinator, config: ServiceConfig, metrics: AggregatorMetrics) -> None:
+    def __init__(self, coordinator: NodeCoordinator, config: ServingSettings, metrics: NodeTrafficMetrics) -> None:
         self.coord = coordinator
         self.config = config
         self.metrics = metrics
@@ -109,6 +167,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
         _require_loaded(self.coord, context)
+        return self.register(request, context, peer=_peer_host(context))
+
+    def register(
+        self, request: pb.RegisterRequest, context: grpc.ServicerContext, *, peer: str, relay: str = ""
+    ) -> pb.RegisterResponse:
+        """Enrol or resume a node that dialled the aggregator, or (``relay``) one a relay enrols."""
         try:
             reg = self.coord.register(
                 name=request.node_name,
@@ -119,13 +183,18 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
                 enrollment_token=request.enrollment_token,
                 node_id=request.node_id,
                 session_token=request.session_token,
-                peer=_peer_host(context),
+                peer=peer,
+                relay=relay,
             )
         except CoordinatorError as e:
             self.metrics.registrations.labels(e.reason).inc()
             _abort(context, e)
         self.metrics.registrations.labels("resumed" if reg.resumed else "registered").inc()
         self.metrics.registered.set(self.coord.registered_count())
+        return self.register_response(reg)
+
+    def register_response(self, reg: Registration) -> pb.RegisterResponse:
+        """The reply to a registration: the node's identity and the federation's settings."""
         return serde.register_response(
             reg,
             self.coord.config,
@@ -185,8 +254,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
                     total_bytes=total,
                 )
             )
-            yield from self._encoded.chunks(ticket.round, ticket.omega, dtype)  # serialized: codec.WireCodec
+            yield from self.encoded_chunks(ticket.round, ticket.omega, dtype)
             self.metrics.bytes.labels("sent").inc(total)
+
+    def encoded_chunks(self, round_: int, omega: Mapping[str, torch.Tensor], dtype: DType) -> list[bytes]:
+        """The round's chunk messages in ``dtype``, serialized once (sent as is: codec.WireCodec)."""
+        return self._encoded.chunks(round_, omega, dtype)
 
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext

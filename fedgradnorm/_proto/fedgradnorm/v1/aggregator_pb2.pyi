@@ -264,7 +264,7 @@ class Hyperparameters(_message.Message):
     def __init__(self, gamma: _Optional[float] = ..., alpha: _Optional[float] = ..., beta: _Optional[float] = ..., tau_h: _Optional[int] = ..., tau_omega: _Optional[int] = ..., batch_size: _Optional[int] = ..., min_nodes: _Optional[int] = ..., round_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class NodeState(_message.Message):
-    __slots__ = ("node_id", "node_name", "task", "weight", "loss_ratio", "grad_norm", "train_loss", "initial_loss", "test_loss", "test_metrics", "num_samples", "active", "last_round", "registered_unix_seconds")
+    __slots__ = ("node_id", "node_name", "task", "weight", "loss_ratio", "grad_norm", "train_loss", "initial_loss", "test_loss", "test_metrics", "num_samples", "active", "last_round", "registered_unix_seconds", "relay")
     class TestMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +286,7 @@ class NodeState(_message.Message):
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     node_name: str
     task: str
@@ -300,7 +301,8 @@ class NodeState(_message.Message):
     active: bool
     last_round: int
     registered_unix_seconds: float
-    def __init__(self, node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., task: _Optional[str] = ..., weight: _Optional[float] = ..., loss_ratio: _Optional[float] = ..., grad_norm: _Optional[float] = ..., train_loss: _Optional[float] = ..., initial_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., active: _Optional[bool] = ..., last_round: _Optional[int] = ..., registered_unix_seconds: _Optional[float] = ...) -> None: ...
+    relay: str
+    def __init__(self, node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., task: _Optional[str] = ..., weight: _Optional[float] = ..., loss_ratio: _Optional[float] = ..., grad_norm: _Optional[float] = ..., train_loss: _Optional[float] = ..., initial_loss: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., num_samples: _Optional[int] = ..., active: _Optional[bool] = ..., last_round: _Optional[int] = ..., registered_unix_seconds: _Optional[float] = ..., relay: _Optional[str] = ...) -> None: ...
 
 class GetStateResponse(_message.Message):
     __slots__ = ("round", "phase", "algorithm", "federation", "network", "hyperparameters", "nodes", "halted_reason", "last_committed_round", "next_page_token", "total_nodes", "network_fingerprint")

@@ -26,7 +26,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as fedgradnorm_dot_
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2 as fedgradnorm_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64gradnorm/v1/relay.proto\x12\x0e\x66\x65\x64gradnorm.v1\x1a\x1f\x66\x65\x64gradnorm/v1/aggregator.proto\x1a\x1b\x66\x65\x64gradnorm/v1/tensor.proto\"7\n\x0cRelaySession\x12\x10\n\x08relay_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\x8c\x01\n\x12\x41ttachRelayRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x12\n\nrelay_name\x18\x02 \x01(\t\x12\x12\n\nfederation\x18\x03 \x01(\t\x12\x34\n\x07network\x18\x04 \x01(\x0b\x32#.fedgradnorm.v1.NetworkArchitecture\"`\n\x0bRelayMember\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\t\x12\x19\n\x0cinitial_loss\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0f\n\r_initial_loss\"\x98\x02\n\x13\x41ttachRelayResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x32\n\x08settings\x18\x02 \x01(\x0b\x32 .fedgradnorm.v1.RegisterResponse\x12\x38\n\x0fhyperparameters\x18\x03 \x01(\x0b\x32\x1f.fedgradnorm.v1.Hyperparameters\x12,\n\x07members\x18\x04 \x03(\x0b\x32\x1b.fedgradnorm.v1.RelayMember\x12\x17\n\x0fmembers_version\x18\x05 \x01(\x03\x12\x1d\n\x15relay_timeout_seconds\x18\x06 \x01(\x01\"\x84\x01\n\x13RegisterNodeRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1f.fedgradnorm.v1.RegisterRequest\x12\x0c\n\x04peer\x18\x03 \x01(\t\"m\n\x15RelayHeartbeatRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x0c\n\x04seen\x18\x02 \x03(\t\x12\x17\n\x0fmembers_version\x18\x03 \x01(\x03\"\x87\x01\n\x16RelayHeartbeatResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x17\n\x0fmembers_changed\x18\x02 \x01(\x08\x12,\n\x07members\x18\x03 \x03(\x0b\x32\x1b.fedgradnorm.v1.RelayMember\x12\x17\n\x0fmembers_version\x18\x04 \x01(\x03\"r\n\x16\x46\x65tchRelayRoundRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x13\n\x0b\x61\x66ter_round\x18\x02 \x01(\x03\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"O\n\x10RelayParticipant\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x0cinitial_loss\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0f\n\r_initial_loss\"\xe7\x01\n\x10RelayRoundHeader\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.fedgradnorm.v1.RoundStatus\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x1d\n\x15\x64\x65\x61\x64line_unix_seconds\x18\x03 \x01(\x01\x12\x36\n\x0cparticipants\x18\x04 \x03(\x0b\x32 .fedgradnorm.v1.RelayParticipant\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.fedgradnorm.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\"\x86\x01\n\x17\x46\x65tchRelayRoundResponse\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .fedgradnorm.v1.RelayRoundHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.fedgradnorm.v1.TensorChunkH\x00\x42\t\n\x07payload\"\xaf\x02\n\rRelayedUpdate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x14\n\x0cinitial_loss\x18\x03 \x01(\x01\x12\x12\n\nloss_ratio\x18\x04 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x16\n\ttest_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x44\n\x0ctest_metrics\x18\x07 \x03(\x0b\x32..fedgradnorm.v1.RelayedUpdate.TestMetricsEntry\x12\x0c\n\x04norm\x18\x08 \x01(\x01\x12\x12\n\ntilde_norm\x18\t \x01(\x01\x1a\x32\n\x10TestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0c\n\n_test_loss\"\x84\x01\n\x14ReportUpdatesRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\r\n\x05round\x18\x02 \x01(\x03\x12.\n\x07updates\x18\x03 \x03(\x0b\x32\x1d.fedgradnorm.v1.RelayedUpdate\"A\n\rRefusedUpdate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"Y\n\x15ReportUpdatesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12.\n\x07refused\x18\x02 \x03(\x0b\x32\x1d.fedgradnorm.v1.RefusedUpdate\"\x80\x01\n\x13\x46\x65tchWeightsRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\rafter_attempt\x18\x03 \x01(\x05\x12\x14\n\x0cwait_seconds\x18\x04 \x01(\x01\";\n\tNodeScale\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x81\x01\n\x14\x46\x65tchWeightsResponse\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.fedgradnorm.v1.WeightsStatus\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12)\n\x06scales\x18\x03 \x03(\x0b\x32\x19.fedgradnorm.v1.NodeScale\"\xa3\x01\n\x10PartialSumHeader\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12+\n\x07tensors\x18\x04 \x03(\x0b\x32\x1a.fedgradnorm.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\"\x86\x01\n\x17SubmitPartialSumRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .fedgradnorm.v1.PartialSumHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.fedgradnorm.v1.TensorChunkH\x00\x42\t\n\x07payload\"=\n\x18SubmitPartialSumResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t*\x80\x01\n\rWeightsStatus\x12\x1e\n\x1aWEIGHTS_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14WEIGHTS_STATUS_READY\x10\x01\x12\x1a\n\x16WEIGHTS_STATUS_NOT_YET\x10\x02\x12\x19\n\x15WEIGHTS_STATUS_CLOSED\x10\x03\x32\xa0\x05\n\x06Uplink\x12V\n\x0b\x41ttachRelay\x12\".fedgradnorm.v1.AttachRelayRequest\x1a#.fedgradnorm.v1.AttachRelayResponse\x12U\n\x0cRegisterNode\x12#.fedgradnorm.v1.RegisterNodeRequest\x1a .fedgradnorm.v1.RegisterResponse\x12_\n\x0eRelayHeartbeat\x12%.fedgradnorm.v1.RelayHeartbeatRequest\x1a&.fedgradnorm.v1.RelayHeartbeatResponse\x12\x64\n\x0f\x46\x65tchRelayRound\x12&.fedgradnorm.v1.FetchRelayRoundRequest\x1a\'.fedgradnorm.v1.FetchRelayRoundResponse0\x01\x12\\\n\rReportUpdates\x12$.fedgradnorm.v1.ReportUpdatesRequest\x1a%.fedgradnorm.v1.ReportUpdatesResponse\x12Y\n\x0c\x46\x65tchWeights\x12#.fedgradnorm.v1.FetchWeightsRequest\x1a$.fedgradnorm.v1.FetchWeightsResponse\x12g\n\x10SubmitPartialSum\x12\'.fedgradnorm.v1.SubmitPartialSumRequest\x1a(.fedgradnorm.v1.SubmitPartialSumResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64gradnorm/v1/relay.proto\x12\x0e\x66\x65\x64gradnorm.v1\x1a\x1f\x66\x65\x64gradnorm/v1/aggregator.proto\x1a\x1b\x66\x65\x64gradnorm/v1/tensor.proto\"7\n\x0cRelaySession\x12\x10\n\x08relay_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\x8c\x01\n\x12\x41ttachRelayRequest\x12\x18\n\x10\x65nrollment_token\x18\x01 \x01(\t\x12\x12\n\nrelay_name\x18\x02 \x01(\t\x12\x12\n\nfederation\x18\x03 \x01(\t\x12\x34\n\x07network\x18\x04 \x01(\x0b\x32#.fedgradnorm.v1.NetworkArchitecture\"`\n\x0bRelayMember\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\t\x12\x19\n\x0cinitial_loss\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x0f\n\r_initial_loss\"\x98\x02\n\x13\x41ttachRelayResponse\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x32\n\x08settings\x18\x02 \x01(\x0b\x32 .fedgradnorm.v1.RegisterResponse\x12\x38\n\x0fhyperparameters\x18\x03 \x01(\x0b\x32\x1f.fedgradnorm.v1.Hyperparameters\x12,\n\x07members\x18\x04 \x03(\x0b\x32\x1b.fedgradnorm.v1.RelayMember\x12\x17\n\x0fmembers_version\x18\x05 \x01(\x03\x12\x1d\n\x15relay_timeout_seconds\x18\x06 \x01(\x01\"\x84\x01\n\x13RegisterNodeRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1f.fedgradnorm.v1.RegisterRequest\x12\x0c\n\x04peer\x18\x03 \x01(\t\"m\n\x15RelayHeartbeatRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x0c\n\x04seen\x18\x02 \x03(\t\x12\x17\n\x0fmembers_version\x18\x03 \x01(\x03\"\x87\x01\n\x16RelayHeartbeatResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x17\n\x0fmembers_changed\x18\x02 \x01(\x08\x12,\n\x07members\x18\x03 \x03(\x0b\x32\x1b.fedgradnorm.v1.RelayMember\x12\x17\n\x0fmembers_version\x18\x04 \x01(\x03\"t\n\x16\x46\x65tchRelayRoundRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x15\n\rafter_opening\x18\x02 \x01(\x03\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"O\n\x10RelayParticipant\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x19\n\x0cinitial_loss\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0f\n\r_initial_loss\"\xf8\x01\n\x10RelayRoundHeader\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.fedgradnorm.v1.RoundStatus\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x1d\n\x15\x64\x65\x61\x64line_unix_seconds\x18\x03 \x01(\x01\x12\x36\n\x0cparticipants\x18\x04 \x03(\x0b\x32 .fedgradnorm.v1.RelayParticipant\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.fedgradnorm.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07opening\x18\x07 \x01(\x03\"\x86\x01\n\x17\x46\x65tchRelayRoundResponse\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .fedgradnorm.v1.RelayRoundHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.fedgradnorm.v1.TensorChunkH\x00\x42\t\n\x07payload\"\xaf\x02\n\rRelayedUpdate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x14\n\x0cinitial_loss\x18\x03 \x01(\x01\x12\x12\n\nloss_ratio\x18\x04 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x16\n\ttest_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x44\n\x0ctest_metrics\x18\x07 \x03(\x0b\x32..fedgradnorm.v1.RelayedUpdate.TestMetricsEntry\x12\x0c\n\x04norm\x18\x08 \x01(\x01\x12\x12\n\ntilde_norm\x18\t \x01(\x01\x1a\x32\n\x10TestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0c\n\n_test_loss\"\x84\x01\n\x14ReportUpdatesRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\r\n\x05round\x18\x02 \x01(\x03\x12.\n\x07updates\x18\x03 \x03(\x0b\x32\x1d.fedgradnorm.v1.RelayedUpdate\"A\n\rRefusedUpdate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"Y\n\x15ReportUpdatesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12.\n\x07refused\x18\x02 \x03(\x0b\x32\x1d.fedgradnorm.v1.RefusedUpdate\"\x82\x01\n\x13\x46\x65tchWeightsRequest\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x0f\n\x07opening\x18\x02 \x01(\x03\x12\x15\n\rafter_attempt\x18\x03 \x01(\x05\x12\x14\n\x0cwait_seconds\x18\x04 \x01(\x01\";\n\tNodeScale\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x81\x01\n\x14\x46\x65tchWeightsResponse\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.fedgradnorm.v1.WeightsStatus\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12)\n\x06scales\x18\x03 \x03(\x0b\x32\x19.fedgradnorm.v1.NodeScale\"\xa5\x01\n\x10PartialSumHeader\x12-\n\x07session\x18\x01 \x01(\x0b\x32\x1c.fedgradnorm.v1.RelaySession\x12\x0f\n\x07opening\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12+\n\x07tensors\x18\x04 \x03(\x0b\x32\x1a.fedgradnorm.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\"\x86\x01\n\x17SubmitPartialSumRequest\x12\x32\n\x06header\x18\x01 \x01(\x0b\x32 .fedgradnorm.v1.PartialSumHeaderH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.fedgradnorm.v1.TensorChunkH\x00\x42\t\n\x07payload\"=\n\x18SubmitPartialSumResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t*\x80\x01\n\rWeightsStatus\x12\x1e\n\x1aWEIGHTS_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14WEIGHTS_STATUS_READY\x10\x01\x12\x1a\n\x16WEIGHTS_STATUS_NOT_YET\x10\x02\x12\x19\n\x15WEIGHTS_STATUS_CLOSED\x10\x03\x32\xa0\x05\n\x06Uplink\x12V\n\x0b\x41ttachRelay\x12\".fedgradnorm.v1.AttachRelayRequest\x1a#.fedgradnorm.v1.AttachRelayResponse\x12U\n\x0cRegisterNode\x12#.fedgradnorm.v1.RegisterNodeRequest\x1a .fedgradnorm.v1.RegisterResponse\x12_\n\x0eRelayHeartbeat\x12%.fedgradnorm.v1.RelayHeartbeatRequest\x1a&.fedgradnorm.v1.RelayHeartbeatResponse\x12\x64\n\x0f\x46\x65tchRelayRound\x12&.fedgradnorm.v1.FetchRelayRoundRequest\x1a\'.fedgradnorm.v1.FetchRelayRoundResponse0\x01\x12\\\n\rReportUpdates\x12$.fedgradnorm.v1.ReportUpdatesRequest\x1a%.fedgradnorm.v1.ReportUpdatesResponse\x12Y\n\x0c\x46\x65tchWeights\x12#.fedgradnorm.v1.FetchWeightsRequest\x1a$.fedgradnorm.v1.FetchWeightsResponse\x12g\n\x10SubmitPartialSum\x12\'.fedgradnorm.v1.SubmitPartialSumRequest\x1a(.fedgradnorm.v1.SubmitPartialSumResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RELAYEDUPDATE_TESTMETRICSENTRY']._loaded_options = None
   _globals['_RELAYEDUPDATE_TESTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_WEIGHTSSTATUS']._serialized_start=2931
-  _globals['_WEIGHTSSTATUS']._serialized_end=3059
+  _globals['_WEIGHTSSTATUS']._serialized_start=2954
+  _globals['_WEIGHTSSTATUS']._serialized_end=3082
   _globals['_RELAYSESSION']._serialized_start=108
   _globals['_RELAYSESSION']._serialized_end=163
   _globals['_ATTACHRELAYREQUEST']._serialized_start=166
@@ -52,35 +52,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELAYHEARTBEATRESPONSE']._serialized_start=936
   _globals['_RELAYHEARTBEATRESPONSE']._serialized_end=1071
   _globals['_FETCHRELAYROUNDREQUEST']._serialized_start=1073
-  _globals['_FETCHRELAYROUNDREQUEST']._serialized_end=1187
-  _globals['_RELAYPARTICIPANT']._serialized_start=1189
-  _globals['_RELAYPARTICIPANT']._serialized_end=1268
-  _globals['_RELAYROUNDHEADER']._serialized_start=1271
-  _globals['_RELAYROUNDHEADER']._serialized_end=1502
-  _globals['_FETCHRELAYROUNDRESPONSE']._serialized_start=1505
-  _globals['_FETCHRELAYROUNDRESPONSE']._serialized_end=1639
-  _globals['_RELAYEDUPDATE']._serialized_start=1642
-  _globals['_RELAYEDUPDATE']._serialized_end=1945
-  _globals['_RELAYEDUPDATE_TESTMETRICSENTRY']._serialized_start=1881
-  _globals['_RELAYEDUPDATE_TESTMETRICSENTRY']._serialized_end=1931
-  _globals['_REPORTUPDATESREQUEST']._serialized_start=1948
-  _globals['_REPORTUPDATESREQUEST']._serialized_end=2080
-  _globals['_REFUSEDUPDATE']._serialized_start=2082
-  _globals['_REFUSEDUPDATE']._serialized_end=2147
-  _globals['_REPORTUPDATESRESPONSE']._serialized_start=2149
-  _globals['_REPORTUPDATESRESPONSE']._serialized_end=2238
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=2241
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=2369
-  _globals['_NODESCALE']._serialized_start=2371
-  _globals['_NODESCALE']._serialized_end=2430
-  _globals['_FETCHWEIGHTSRESPONSE']._serialized_start=2433
-  _globals['_FETCHWEIGHTSRESPONSE']._serialized_end=2562
-  _globals['_PARTIALSUMHEADER']._serialized_start=2565
-  _globals['_PARTIALSUMHEADER']._serialized_end=2728
-  _globals['_SUBMITPARTIALSUMREQUEST']._serialized_start=2731
-  _globals['_SUBMITPARTIALSUMREQUEST']._serialized_end=2865
-  _globals['_SUBMITPARTIALSUMRESPONSE']._serialized_start=2867
-  _globals['_SUBMITPARTIALSUMRESPONSE']._serialized_end=2928
-  _globals['_UPLINK']._serialized_start=3062
-  _globals['_UPLINK']._serialized_end=3734
+  _globals['_FETCHRELAYROUNDREQUEST']._serialized_end=1189
+  _globals['_RELAYPARTICIPANT']._serialized_start=1191
+  _globals['_RELAYPARTICIPANT']._serialized_end=1270
+  _globals['_RELAYROUNDHEADER']._serialized_start=1273
+  _globals['_RELAYROUNDHEADER']._serialized_end=1521
+  _globals['_FETCHRELAYROUNDRESPONSE']._serialized_start=1524
+  _globals['_FETCHRELAYROUNDRESPONSE']._serialized_end=1658
+  _globals['_RELAYEDUPDATE']._serialized_start=1661
+  _globals['_RELAYEDUPDATE']._serialized_end=1964
+  _globals['_RELAYEDUPDATE_TESTMETRICSENTRY']._serialized_start=1900
+  _globals['_RELAYEDUPDATE_TESTMETRICSENTRY']._serialized_end=1950
+  _globals['_REPORTUPDATESREQUEST']._serialized_start=1967
+  _globals['_REPORTUPDATESREQUEST']._serialized_end=2099
+  _globals['_REFUSEDUPDATE']._serialized_start=2101
+  _globals['_REFUSEDUPDATE']._serialized_end=2166
+  _globals['_REPORTUPDATESRESPONSE']._serialized_start=2168
+  _globals['_REPORTUPDATESRESPONSE']._serialized_end=2257
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=2260
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=2390
+  _globals['_NODESCALE']._serialized_start=2392
+  _globals['_NODESCALE']._serialized_end=2451
+  _globals['_FETCHWEIGHTSRESPONSE']._serialized_start=2454
+  _globals['_FETCHWEIGHTSRESPONSE']._serialized_end=2583
+  _globals['_PARTIALSUMHEADER']._serialized_start=2586
+  _globals['_PARTIALSUMHEADER']._serialized_end=2751
+  _globals['_SUBMITPARTIALSUMREQUEST']._serialized_start=2754
+  _globals['_SUBMITPARTIALSUMREQUEST']._serialized_end=2888
+  _globals['_SUBMITPARTIALSUMRESPONSE']._serialized_start=2890
+  _globals['_SUBMITPARTIALSUMRESPONSE']._serialized_end=2951
+  _globals['_UPLINK']._serialized_start=3085
+  _globals['_UPLINK']._serialized_end=3757
 # @@protoc_insertion_point(module_scope)

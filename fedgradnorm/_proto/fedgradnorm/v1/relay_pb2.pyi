@@ -99,14 +99,14 @@ class RelayHeartbeatResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., members_changed: _Optional[bool] = ..., members: _Optional[_Iterable[_Union[RelayMember, _Mapping]]] = ..., members_version: _Optional[int] = ...) -> None: ...
 
 class FetchRelayRoundRequest(_message.Message):
-    __slots__ = ("session", "after_round", "wait_seconds")
+    __slots__ = ("session", "after_opening", "wait_seconds")
     SESSION_FIELD_NUMBER: _ClassVar[int]
-    AFTER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    AFTER_OPENING_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session: RelaySession
-    after_round: int
+    after_opening: int
     wait_seconds: float
-    def __init__(self, session: _Optional[_Union[RelaySession, _Mapping]] = ..., after_round: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, session: _Optional[_Union[RelaySession, _Mapping]] = ..., after_opening: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class RelayParticipant(_message.Message):
     __slots__ = ("node_id", "initial_loss")
@@ -117,20 +117,22 @@ class RelayParticipant(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., initial_loss: _Optional[float] = ...) -> None: ...
 
 class RelayRoundHeader(_message.Message):
-    __slots__ = ("status", "round", "deadline_unix_seconds", "participants", "tensors", "total_bytes")
+    __slots__ = ("status", "round", "deadline_unix_seconds", "participants", "tensors", "total_bytes", "opening")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPENING_FIELD_NUMBER: _ClassVar[int]
     status: _aggregator_pb2.RoundStatus
     round: int
     deadline_unix_seconds: float
     participants: _containers.RepeatedCompositeFieldContainer[RelayParticipant]
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     total_bytes: int
-    def __init__(self, status: _Optional[_Union[_aggregator_pb2.RoundStatus, str]] = ..., round: _Optional[int] = ..., deadline_unix_seconds: _Optional[float] = ..., participants: _Optional[_Iterable[_Union[RelayParticipant, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    opening: int
+    def __init__(self, status: _Optional[_Union[_aggregator_pb2.RoundStatus, str]] = ..., round: _Optional[int] = ..., deadline_unix_seconds: _Optional[float] = ..., participants: _Optional[_Iterable[_Union[RelayParticipant, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., opening: _Optional[int] = ...) -> None: ...
 
 class FetchRelayRoundResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -198,16 +200,16 @@ class ReportUpdatesResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[RefusedUpdate, _Mapping]]] = ...) -> None: ...
 
 class FetchWeightsRequest(_message.Message):
-    __slots__ = ("session", "round", "after_attempt", "wait_seconds")
+    __slots__ = ("session", "opening", "after_attempt", "wait_seconds")
     SESSION_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
+    OPENING_FIELD_NUMBER: _ClassVar[int]
     AFTER_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session: RelaySession
-    round: int
+    opening: int
     after_attempt: int
     wait_seconds: float
-    def __init__(self, session: _Optional[_Union[RelaySession, _Mapping]] = ..., round: _Optional[int] = ..., after_attempt: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, session: _Optional[_Union[RelaySession, _Mapping]] = ..., opening: _Optional[int] = ..., after_attempt: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class NodeScale(_message.Message):
     __slots__ = ("node_id", "scale", "weight")
@@ -230,18 +232,18 @@ class FetchWeightsResponse(_message.Message):
     def __init__(self, status: _Optional[_Union[WeightsStatus, str]] = ..., attempt: _Optional[int] = ..., scales: _Optional[_Iterable[_Union[NodeScale, _Mapping]]] = ...) -> None: ...
 
 class PartialSumHeader(_message.Message):
-    __slots__ = ("session", "round", "attempt", "tensors", "total_bytes")
+    __slots__ = ("session", "opening", "attempt", "tensors", "total_bytes")
     SESSION_FIELD_NUMBER: _ClassVar[int]
-    ROUND_FIELD_NUMBER: _ClassVar[int]
+    OPENING_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     session: RelaySession
-    round: int
+    opening: int
     attempt: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     total_bytes: int
-    def __init__(self, session: _Optional[_Union[RelaySession, _Mapping]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, session: _Optional[_Union[RelaySession, _Mapping]] = ..., opening: _Optional[int] = ..., attempt: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class SubmitPartialSumRequest(_message.Message):
     __slots__ = ("header", "chunk")

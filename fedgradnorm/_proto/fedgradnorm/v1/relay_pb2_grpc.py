@@ -91,7 +91,7 @@ class UplinkServicer:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')
 
     def FetchRelayRound(self, request, context):
-        """Wait for an open round after after_round with participants behind the relay, then stream
+        """Wait for a round opened after after_opening with participants behind the relay, then stream
         omega_k (float32): a RelayRoundHeader first, then TensorChunk messages.
         """
         context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')
