@@ -26,6 +26,7 @@ from fedgradnorm.services.aggregator.membership import MAX_SAMPLES, NAME_RE
 from fedgradnorm.services.domain import Submission
 
 LOSS_RATIO_RTOL = 1e-4
+FLOAT32_MAX = 3.4028234663852886e38
 MAX_TEST_METRICS = 8
 
 
@@ -70,11 +71,20 @@ def admit(sub: Submission, omega: Mapping[str, torch.Tensor], omega_tilde: Seque
     return replace(sub, norm=update_norm(sub.gradient), tilde_norm=grad_norm(sub.gradient, omega_tilde))
 
 
-def admit_relayed(sub: Submission) -> Submission:
-    """An update a relay validated and holds (no gradient here): its scalars and its two norms."""
+def max_norm(shapes: Mapping[str, Sequence[int]]) -> float:
+    """The largest l2 norm a finite float32 tensor of these shapes can have."""
+    return math.sqrt(sum(math.prod(s) for s in shapes.values())) * FLOAT32_MAX
+
+
+def admit_relayed(sub: Submission, bound: float) -> Submission:
+    """An update a relay validated and holds (no gradient here): its scalars and its two norms,
+    which cannot exceed ``bound`` (:func:`max_norm` of omega: what a finite gradient can have)."""
     check_numbers(sub)
-    _finite("norm", sub.norm)
-    _finite("tilde_norm", sub.tilde_norm)
+    for name, value in (("norm", sub.norm), ("tilde_norm", sub.tilde_norm)):
+        if not (math.isfinite(value) and 0 <= value <= bound):
+            raise InvalidArgument(
+                f"{name} {value} is not the norm of a finite float32 gradient (0 to {bound:.3g})", Reason.BAD_VALUE
+            )
     if sub.tilde_norm > sub.norm * (1 + 1e-9):
         raise InvalidArgument(
             f"tilde_norm {sub.tilde_norm} is above the update's norm {sub.norm}: not the norms of one update",

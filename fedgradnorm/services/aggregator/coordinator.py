@@ -47,7 +47,7 @@ from fedgradnorm.algorithm import (
 from fedgradnorm.finite import all_finite
 from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
-from fedgradnorm.services.aggregator.admission import admit, admit_relayed, check_initial_loss
+from fedgradnorm.services.aggregator.admission import admit, admit_relayed, check_initial_loss, max_norm
 from fedgradnorm.services.aggregator.commit import CommitPipeline
 from fedgradnorm.services.aggregator.config import CoordinatorConfig
 from fedgradnorm.services.aggregator.errors import (
@@ -149,6 +149,7 @@ class RoundCoordinator:
         self._server_config = self.config.server_config(self._state.omega)
         self._expected = {k: tuple(v.shape) for k, v in self._state.omega.items()}
         self._omega_tilde = self._server_config.omega_tilde
+        self._max_norm = max_norm(self._expected)
         missing = [n for n in self._server_config.omega_tilde if n not in self._expected]
         if missing:
             raise ValueError(f"omega_tilde names {missing} are not parameters of {self.config.network}")
@@ -461,7 +462,7 @@ class RoundCoordinator:
         checked: list[Submission | tuple[str, CoordinatorError]] = []
         for sub in subs:  # the numbers first, without the lock
             try:
-                checked.append(admit_relayed(replace(sub, relay=relay_id, gradient={})))
+                checked.append(admit_relayed(replace(sub, relay=relay_id, gradient={}), self._max_norm))
             except CoordinatorError as e:
                 checked.append((sub.node_id, e))
         refused: list[tuple[str, CoordinatorError]] = []

@@ -3,6 +3,8 @@ check the caller's relay role, call the coordinator, map domain errors to status
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -28,6 +30,7 @@ log = structlog.get_logger("fedgradnorm.aggregator")
 
 MAX_SEEN = 100_000
 MAX_REPORTS = 10_000
+MAX_CALLS = 4  # calls of one kind a relay session may have in flight (each holds a worker thread)
 # The chunk messages of FetchRelayRound are byte for byte those of FetchRound (same field number),
 # so the relays and the nodes share one serialization of each round's omega.
 assert (
@@ -56,6 +59,34 @@ class UplinkServicer(rpb_grpc.UplinkServicer):  # type: ignore[misc]  # the gene
         self.coord = coordinator
         self.metrics = nodes.metrics
         self.mutual_tls = mutual_tls
+        self._lock = threading.Lock()
+        self._in_flight: dict[tuple[str, str], int] = {}
+
+    @contextlib.contextmanager
+    def _bounded(self, relay_id: str, kind: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """At most MAX_CALLS calls of ``kind`` in flight per relay: one relay cannot hold the
+        server's worker threads however many streams it opens."""
+        key = (relay_id[:64], kind)
+        with self._lock:
+            if self._in_flight.get(key, 0) >= MAX_CALLS:
+                busy = True
+            else:
+                busy = False
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        if busy:
+            refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                Reason.BUSY,
+                f"busy: relay {relay_id[:64]!r} has {MAX_CALLS} {kind} calls in flight",
+            )
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight[key] -= 1
+                if not self._in_flight[key]:
+                    del self._in_flight[key]
 
     def _enter(self, context: grpc.ServicerContext) -> None:
         _require_loaded(self.coord, context)
@@ -124,12 +155,13 @@ class UplinkServicer(rpb_grpc.UplinkServicer):  # type: ignore[misc]  # the gene
         self._enter(context)
         s = request.session
         wait = min(max(request.wait_seconds, 0.0), self.nodes.config.max_fetch_wait)
-        try:
-            ticket = self.coord.fetch_relay_round(
-                s.relay_id, s.session_token, request.after_opening, wait, alive=context.is_active
-            )
-        except CoordinatorError as e:
-            _abort(context, e)
+        with self._bounded(s.relay_id, "FetchRelayRound", context):
+            try:
+                ticket = self.coord.fetch_relay_round(
+                    s.relay_id, s.session_token, request.after_opening, wait, alive=context.is_active
+                )
+            except CoordinatorError as e:
+                _abort(context, e)
         if ticket is None:
             yield rpb.FetchRelayRoundResponse(
                 header=rpb.RelayRoundHeader(status=pb.ROUND_STATUS_NOT_YET, round=self.coord.round)
@@ -182,12 +214,13 @@ class UplinkServicer(rpb_grpc.UplinkServicer):  # type: ignore[misc]  # the gene
         self._enter(context)
         s = request.session
         wait = min(max(request.wait_seconds, 0.0), self.nodes.config.max_fetch_wait)
-        try:
-            offer = self.coord.fetch_weights(
-                s.relay_id, s.session_token, request.opening, request.after_attempt, wait, alive=context.is_active
-            )
-        except CoordinatorError as e:
-            _abort(context, e)
+        with self._bounded(s.relay_id, "FetchWeights", context):
+            try:
+                offer = self.coord.fetch_weights(
+                    s.relay_id, s.session_token, request.opening, request.after_attempt, wait, alive=context.is_active
+                )
+            except CoordinatorError as e:
+                _abort(context, e)
         return serde.weights_response(offer)
 
     def SubmitPartialSum(
@@ -203,25 +236,28 @@ class UplinkServicer(rpb_grpc.UplinkServicer):  # type: ignore[misc]  # the gene
                 )
             h = first.header
             s = h.session
-            self.coord.check_partial_sum(s.relay_id, s.session_token, h.opening, h.attempt)  # before any payload
-            asm = wire.TensorAssembler.from_header(
-                h,
-                self.coord.expected_shapes(),
-                max_bytes=self.coord.model_bytes(),
-                allowed_dtypes=(DType.DTYPE_FLOAT32,),
-            )
-            chunk_bytes = self.nodes.config.chunk_bytes
-            for msg in request_iterator:
-                if msg.WhichOneof("payload") != "chunk":
-                    raise InvalidArgument("only TensorChunk messages may follow the header", reason=Reason.BAD_STREAM)
-                if len(msg.chunk.data) > chunk_bytes:
-                    raise InvalidArgument(
-                        f"a chunk of {len(msg.chunk.data)} bytes is above max_chunk_bytes {chunk_bytes}",
-                        reason=Reason.CHUNK_TOO_LARGE,
-                    )
-                asm.feed(msg.chunk.data)
-                received += len(msg.chunk.data)
-            self.coord.submit_partial_sum(s.relay_id, s.session_token, h.opening, h.attempt, asm.finish())
+            with self._bounded(s.relay_id, "SubmitPartialSum", context):
+                self.coord.check_partial_sum(s.relay_id, s.session_token, h.opening, h.attempt)  # before any payload
+                asm = wire.TensorAssembler.from_header(
+                    h,
+                    self.coord.expected_shapes(),
+                    max_bytes=self.coord.model_bytes(),
+                    allowed_dtypes=(DType.DTYPE_FLOAT32,),
+                )
+                chunk_bytes = self.nodes.config.chunk_bytes
+                for msg in request_iterator:
+                    if msg.WhichOneof("payload") != "chunk":
+                        raise InvalidArgument(
+                            "only TensorChunk messages may follow the header", reason=Reason.BAD_STREAM
+                        )
+                    if len(msg.chunk.data) > chunk_bytes:
+                        raise InvalidArgument(
+                            f"a chunk of {len(msg.chunk.data)} bytes is above max_chunk_bytes {chunk_bytes}",
+                            reason=Reason.CHUNK_TOO_LARGE,
+                        )
+                    asm.feed(msg.chunk.data)
+                    received += len(msg.chunk.data)
+                self.coord.submit_partial_sum(s.relay_id, s.session_token, h.opening, h.attempt, asm.finish())
         except CoordinatorError as e:
             _abort(context, e)
         except wire.WireError as e:
