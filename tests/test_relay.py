@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 import torch
 
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm.federation import load_federation
 from fedgradnorm.launch import start_relay
+from fedgradnorm.services.refusals import reason_of
 from tests.faults_helpers import Processes, aggregator_process
 from tests.grpc_client import RawNode, connect, register
 
@@ -169,6 +171,7 @@ def wait_metric(metrics_port: int, name: str, labels: str, timeout: float = 10.0
     return value
 
 
+@pytest.mark.long  # about 40 s of real rounds and timeouts: `make test-faults`
 def test_a_relay_that_dies_mid_round_costs_only_its_nodes(tmp_path: Path) -> None:
     """Relay 'south' is frozen after its node's update reached the aggregator but before its
     partial sum: after --relay-timeout the round closes with the other nodes' updates (the weights
@@ -226,6 +229,57 @@ def test_a_relay_that_dies_mid_round_costs_only_its_nodes(tmp_path: Path) -> Non
             time.sleep(0.2)
             rows = weights_by_round(tmp_path / "state")
         assert sorted(rows[round_ + 1]) == ["n-a", "n-b", "n-c"]
+    finally:
+        for c in channels:
+            c.close()
+        procs.stop_all()
+
+
+def test_a_relay_refuses_what_the_aggregator_refuses(tmp_path: Path) -> None:
+    """Towards its nodes a relay is the aggregator: the same statuses and reasons for bad sessions
+    and bad updates, and GetState is the aggregator's (with each node's relay)."""
+
+    procs = Processes()
+    channels: list[grpc.Channel] = []
+    try:
+        ready = aggregator(procs, tmp_path, "--round-timeout", "30")
+        port = int(ready["grpc_port"])
+        site = relay(procs, tmp_path, port, "north", "--max-nodes", "8")
+        via_ch, via = connect(site)
+        direct_ch, direct = connect(port)
+        channels += [via_ch, direct_ch]
+        nodes = {
+            name: register(via if name in ("n-a", "n-b") else direct, name, task, FEDERATION)
+            for name, task in NODES.items()
+        }
+        a = nodes["n-a"]
+
+        def code(call: Callable[[], object]) -> tuple[str, str | None]:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            reason = reason_of(info.value)
+            return info.value.code().name, reason.value if reason else None
+
+        forged = RawNode(via, a.node_id, "forged", a.task)
+        ghost = RawNode(via, "ghost", a.token, a.task)
+        assert code(lambda: forged.fetch(wait=0)) == ("UNAUTHENTICATED", "bad_token")
+        assert code(lambda: ghost.fetch(wait=0)) == ("NOT_FOUND", "unknown_node")
+        headers = {n: node.fetch(wait=20)[0] for n, node in nodes.items()}
+        r = headers["n-a"].round
+        assert all(h.status == pb.ROUND_STATUS_OPEN and h.round == r for h in headers.values())
+        good = gradient("n-a", r)
+        nan = {k: torch.full_like(v, float("nan")) for k, v in good.items()}
+        assert code(lambda: a.submit(r, nan, **losses("n-a", r)))[0] == "INVALID_ARGUMENT"
+        assert code(lambda: a.submit(r + 1, good, **losses("n-a", r))) == ("FAILED_PRECONDITION", "wrong_round")
+        assert code(lambda: a.submit(r, good, loss=2.0, initial_loss=1.0, loss_ratio=2.0)) == (
+            "INVALID_ARGUMENT",
+            "bad_value",
+        )
+        assert a.submit(r, good, **losses("n-a", r)).accepted
+        assert code(lambda: a.submit(r, good, **losses("n-a", r))) == ("ALREADY_EXISTS", "duplicate")
+        seen = {n.node_id: n.relay for n in via.GetState(pb.GetStateRequest(), timeout=10).nodes}
+        assert seen == {"n-a": "north", "n-b": "north", "n-c": "", "n-d": ""}
+        assert a.heartbeat().registered
     finally:
         for c in channels:
             c.close()
