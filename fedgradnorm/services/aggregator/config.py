@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,8 @@ if TYPE_CHECKING:  # torch is loaded when a config is used, not when --help list
     from fedgradnorm.federation import Federation
 
 WIRE_DTYPES = tuple(DTYPE_BY_NAME)
+# A node's or a relay's name (also its id): a DNS-label-like word, at most 63 characters.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 # Enrolment tokens known to the world: the placeholder the Kubernetes manifests shipped until they
 # stopped shipping the Secret (commit 38f06f2), and its common spellings. The aggregator refuses
