@@ -120,7 +120,9 @@ class RoundCoordinator:
         self.refused_rounds = 0  # rounds whose step would have made the state non-finite
         self.dropped_updates = 0  # accepted updates left out at the close by the norm bound
         self.relays = RelaySessions()
-        self._openings = 0
+        # Openings are numbered from the start time in milliseconds, so that they keep increasing
+        # across restarts: a relay waits for an opening after the last one it served.
+        self._openings = int(wall_clock() * 1000)
         self._offer: Offer | None = None  # the weights offered to relays while a round closes
         self.lost_relay_updates = 0  # relayed updates left out because their relay's partial sum never came
 
