@@ -553,3 +553,31 @@ def test_participation_counts(participation: str, live: int, expected: int) -> N
 def test_participation_refuses_nonsense(bad: str) -> None:
     with pytest.raises(ValueError, match="participation must be"):
         config(participation=bad)
+
+
+def test_not_loaded_until_every_derived_field_is_set() -> None:
+    """While the first state is being written, RPCs must still be told 'loading': the state exists
+    then but the server settings (omega_tilde, shapes) the replies need do not yet (a Register in
+    that window once failed with an AssertionError, UNKNOWN at the node)."""
+
+    class SlowFirstWrite(MemoryStateStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writing, self.release = threading.Event(), threading.Event()
+
+        def save(self, snapshot: Snapshot) -> None:
+            self.writing.set()
+            assert self.release.wait(10)
+            super().save(snapshot)
+
+    slow = SlowFirstWrite()
+    c = RoundCoordinator(config(), slow)
+    loader = threading.Thread(target=c.load)
+    loader.start()
+    try:
+        assert slow.writing.wait(10)
+        assert not c.loaded
+    finally:
+        slow.release.set()
+        loader.join(10)
+    assert c.loaded and c.server_config.omega_tilde

@@ -108,6 +108,7 @@ class RoundCoordinator:
         self._cond = threading.Condition()
         self._phase = Phase.WAITING
         self._state: ServerState | None = None
+        self._loaded = False
         self.members = Membership(config, wall_clock)
         self._commits = CommitPipeline(store, list(listeners or []), self._wake)
         self._open: _OpenRound | None = None
@@ -157,6 +158,7 @@ class RoundCoordinator:
             raise ValueError(f"omega_tilde names {missing} are not parameters of {self.config.network}")
         if self.config.rounds and self._state.round >= self.config.rounds:
             self._phase = Phase.DONE
+        self._loaded = True  # last: RPCs are served only once every field above is set
 
     def start(self) -> None:
         if self._state is None:
@@ -179,7 +181,8 @@ class RoundCoordinator:
 
     @property
     def loaded(self) -> bool:
-        return self._state is not None
+        """The state is loaded and everything derived from it is set: RPCs may be served."""
+        return self._loaded
 
     @property
     def running(self) -> bool:

@@ -147,9 +147,9 @@ class RelayCoordinator:
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        self.upstream.close()  # cancels the long-polls in flight, so the loops see the stop at once
         for t in self._threads:
             t.join(timeout=10)
-        self.upstream.close()
 
     def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
