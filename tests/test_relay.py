@@ -63,8 +63,10 @@ def drive(node: RawNode, done: dict[str, Any], stop: threading.Event) -> None:
 
 
 def weights_by_round(state_dir: Path) -> dict[int, dict[str, float]]:
+    """p of every node in every closed round (metrics.jsonl; empty before the first)."""
     out: dict[int, dict[str, float]] = {}
-    for line in (state_dir / "metrics.jsonl").read_text().splitlines():
+    path = state_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
         row = json.loads(line)
         out.setdefault(row["round"], {})[row["client"]] = row["weight"]
     return out
@@ -209,8 +211,7 @@ def test_a_relay_that_dies_mid_round_costs_only_its_nodes(tmp_path: Path) -> Non
         while round_ not in rows:
             assert time.monotonic() - t0 < 30, "the round did not close"
             time.sleep(0.1)
-            if (tmp_path / "state" / "metrics.jsonl").exists():
-                rows = weights_by_round(tmp_path / "state")
+            rows = weights_by_round(tmp_path / "state")
         closed_after = time.monotonic() - t0
         assert sorted(rows[round_]) == ["n-a", "n-b", "n-c"], rows[round_]
         assert abs(sum(rows[round_].values()) - 3.0) < 1e-9, "p renormalised over the three that counted"
@@ -281,6 +282,70 @@ def test_a_relay_refuses_what_the_aggregator_refuses(tmp_path: Path) -> None:
         assert seen == {"n-a": "north", "n-b": "north", "n-c": "", "n-d": ""}
         assert a.heartbeat().registered
     finally:
+        for c in channels:
+            c.close()
+        procs.stop_all()
+
+
+def patient(node: RawNode, rounds_done: dict[str, set[int]], stop: threading.Event) -> None:
+    """A node that rides out an aggregator restart: retries while its relay or aggregator is away."""
+    while not stop.is_set():
+        try:
+            header, _ = node.fetch(wait=2)
+            if header.status == pb.ROUND_STATUS_FINISHED:
+                return
+            if header.status == pb.ROUND_STATUS_OPEN:
+                r = header.round
+                if node.submit(r, gradient(node.node_id, r), **losses(node.node_id, r)).accepted:
+                    rounds_done.setdefault(node.node_id, set()).add(r)
+        except grpc.RpcError:
+            stop.wait(0.3)
+
+
+@pytest.mark.long  # an aggregator killed and restarted under a relay: `make test-faults`
+def test_a_relay_reattaches_after_the_aggregator_restarts(tmp_path: Path) -> None:
+    """SIGKILL the aggregator mid-run and start it again on the same port and state: the relay
+    attaches again (its session was in the old process's memory), its nodes keep their sessions
+    (those are in the committed state) and take part in the rounds after the restart."""
+    from tests.faults_helpers import free_port
+
+    port = free_port()
+    flags = ("--listen", f"127.0.0.1:{port}", "--round-timeout", "10", "--relay-timeout", "3")
+    procs = Processes()
+    stop = threading.Event()
+    channels: list[grpc.Channel] = []
+    try:
+        aggregator(procs, tmp_path, *flags)
+        site = relay(procs, tmp_path, port, "north", "--max-backoff", "0.5")
+        done: dict[str, set[int]] = {}
+        for name, task in NODES.items():
+            channel, stub = connect(site if name != "n-a" else port)
+            channels.append(channel)
+            node = register(stub, name, task, FEDERATION)
+            threading.Thread(target=patient, args=(node, done, stop), daemon=True).start()
+        deadline = time.monotonic() + 60
+        while (
+            len(weights_by_round(tmp_path / "state")) < 2 if (tmp_path / "state" / "metrics.jsonl").exists() else True
+        ):
+            assert time.monotonic() < deadline, "two rounds before the restart"
+            time.sleep(0.2)
+        first = procs.procs[0]
+        os.kill(first.pid, signal.SIGKILL)
+        first.proc.wait(10)  # type: ignore[union-attr]
+        before = max(weights_by_round(tmp_path / "state"))
+        aggregator(procs, tmp_path, *flags)
+        deadline = time.monotonic() + 90
+        while True:
+            rows = weights_by_round(tmp_path / "state")
+            after = [r for r in rows if r > before + 1 and sorted(rows[r]) == sorted(NODES)]
+            if after:
+                break
+            assert time.monotonic() < deadline, f"no full round after the restart: {sorted(rows)}"
+            time.sleep(0.3)
+        log = (tmp_path / "relay-north.log").read_text()
+        assert log.count('"relay.attached"') >= 2, "the relay attached again"
+    finally:
+        stop.set()
         for c in channels:
             c.close()
         procs.stop_all()
