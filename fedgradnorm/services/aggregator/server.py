@@ -30,7 +30,7 @@ from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceCon
 from fedgradnorm.services.aggregator.coordinator import RoundCoordinator
 from fedgradnorm.services.aggregator.metrics import AggregatorMetrics
 from fedgradnorm.services.aggregator.roundlog import RoundLog
-from fedgradnorm.services.aggregator.servicer import AggregatorServicer
+from fedgradnorm.services.aggregator.servicer import AggregatorServicer, own_state
 from fedgradnorm.services.aggregator.store import FileStateStore
 from fedgradnorm.services.aggregator.uplink import UplinkServicer
 from fedgradnorm.services.domain import Phase
@@ -125,7 +125,7 @@ def start_aggregator(service: ServiceConfig, rounds: CoordinatorConfig) -> Runni
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS, interceptors=[WireCodec()]
     )
-    servicer = AggregatorServicer(coordinator, service, metrics)
+    servicer = AggregatorServicer(coordinator, service, metrics, own_state(coordinator))
     pb_grpc.add_AggregatorServicer_to_server(servicer, server)
     uplink = UplinkServicer(coordinator, servicer, mutual_tls=bool(service.tls_client_ca))
     rpb_grpc.add_UplinkServicer_to_server(uplink, server)

@@ -144,7 +144,28 @@ class NodeCoordinator(Protocol):
     def submit(self, token: str, sub: Submission) -> None: ...
     def deregister(self, node_id: str, token: str) -> None: ...
     def heartbeat(self, node_id: str, token: str) -> int: ...
+
+
+class StateSource(Protocol):
+    """What answers GetState: the aggregator's own state, or (at a relay) the aggregator's, asked."""
+
+    def __call__(self, request: pb.GetStateRequest) -> pb.GetStateResponse: ...
+
+
+class ViewsState(Protocol):
+    @property
+    def config(self) -> CoordinatorConfig: ...
+
     def view(self, page_size: int = ..., after: str = "") -> StateView: ...
+
+
+def own_state(coord: ViewsState) -> StateSource:
+    """GetState from a coordinator that holds the state (the aggregator's)."""
+
+    def answer(request: pb.GetStateRequest) -> pb.GetStateResponse:
+        return serde.state_response(coord.view(request.page_size, request.page_token), coord.config)
+
+    return answer
 
 
 def _require_loaded(coord: NodeCoordinator, context: grpc.ServicerContext) -> None:
@@ -155,8 +176,11 @@ def _require_loaded(coord: NodeCoordinator, context: grpc.ServicerContext) -> No
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # the generated base is untyped
-    def __init__(self, coordinator: NodeCoordinator, config: ServingSettings, metrics: NodeTrafficMetrics) -> None:
+    def __init__(
+        self, coordinator: NodeCoordinator, config: ServingSettings, metrics: NodeTrafficMetrics, state: StateSource
+    ) -> None:
         self.coord = coordinator
+        self.state = state
         self.config = config
         self.metrics = metrics
         self.wire_dtype = wire.DTYPE_BY_NAME[config.wire_dtype]
@@ -345,4 +369,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
                 Reason.BAD_VALUE,
                 "bad_page_token: not a token of a GetState reply",
             )
-        return serde.state_response(self.coord.view(request.page_size, after), self.coord.config)
+        try:
+            return self.state(request)
+        except CoordinatorError as e:
+            _abort(context, e)

@@ -48,7 +48,7 @@ from fedgradnorm.services.aggregator.errors import (
 )
 from fedgradnorm.services.aggregator.membership import hash_token
 from fedgradnorm.services.aggregator.servicer import STATUS
-from fedgradnorm.services.domain import Registration, RelayTicket, RoundTicket, StateView, Submission
+from fedgradnorm.services.domain import Registration, RelayTicket, RoundTicket, Submission
 from fedgradnorm.services.refusals import reason_of
 from fedgradnorm.services.relay.config import RelayConfig
 from fedgradnorm.services.relay.upstream import Attachment, Stopped, Upstream
@@ -197,10 +197,8 @@ class RelayCoordinator:
         with self._cond:
             return len(self._members)
 
-    def view(self, page_size: int = 0, after: str = "") -> StateView:
-        raise NotImplementedError("a relay passes GetState on to the aggregator (RelayServicer.GetState)")
-
     def get_state(self, request: pb.GetStateRequest) -> pb.GetStateResponse:
+        """GetState at a relay: the aggregator's answer (the state lives there)."""
         try:
             return self.upstream.get_state(request)
         except grpc.RpcError as e:

@@ -1,5 +1,6 @@
 """Assemble and run a relay process: the Aggregator service for its site's nodes (the aggregator's
-own servicer over a RelayCoordinator), health, metrics, and the uplink to the aggregator."""
+own servicer over a RelayCoordinator, GetState asked of the aggregator), health, metrics, and the
+uplink to the aggregator."""
 
 from __future__ import annotations
 
@@ -19,15 +20,13 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge, start_http_server
 
-from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.errors import FatalError
 from fedgradnorm.services.aggregator.codec import WireCodec
-from fedgradnorm.services.aggregator.errors import CoordinatorError
 from fedgradnorm.services.aggregator.metrics import NodeTrafficMetrics
 from fedgradnorm.services.aggregator.server import GRPC_OPTIONS, SERVICE_NAME, _bind, _cannot_listen, _split_host_port
-from fedgradnorm.services.aggregator.servicer import AggregatorServicer, _abort
+from fedgradnorm.services.aggregator.servicer import AggregatorServicer
 from fedgradnorm.services.relay.config import RelayConfig
 from fedgradnorm.services.relay.coordinator import RelayCoordinator
 
@@ -75,23 +74,11 @@ class RelayMetrics(NodeTrafficMetrics):
                 self._synced[key] = total
 
 
-class RelayServicer(AggregatorServicer):
-    """The aggregator's servicer, with GetState passed on to the aggregator (the state is there)."""
-
-    relay: RelayCoordinator
-
-    def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
-        try:
-            return self.relay.get_state(request)
-        except CoordinatorError as e:
-            _abort(context, e)
-
-
 @dataclass
 class RunningRelay:
     server: grpc.Server
     relay: RelayCoordinator
-    servicer: RelayServicer
+    servicer: AggregatorServicer
     health: health.HealthServicer
     metrics: RelayMetrics
     grpc_port: int
@@ -126,8 +113,7 @@ def start_relay(config: RelayConfig) -> RunningRelay:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS, interceptors=[WireCodec()]
     )
-    servicer = RelayServicer(relay, config, metrics)
-    servicer.relay = relay
+    servicer = AggregatorServicer(relay, config, metrics, relay.get_state)  # GetState: the aggregator's
     pb_grpc.add_AggregatorServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     creds = config.server_tls().credentials()
