@@ -492,15 +492,19 @@ def derive(work: Path, address: str) -> dict[str, Any]:
 
 
 def state(address: str, tls: list[str]) -> dict[str, Any] | None:
-    """`fedgradnorm state` from the host, as a user would run it (mutual TLS); None while unreachable."""
-    res = subprocess.run(
-        fedgradnorm("state", "--aggregator", address, *tls, "--timeout", "5"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=fedgradnorm_env(),
-        cwd=ROOT,
-    )
+    """`fedgradnorm state` from the host, as a user would run it (mutual TLS); None while unreachable
+    (or while the machine is too busy to answer within a minute: the callers poll until their deadline)."""
+    try:
+        res = subprocess.run(
+            fedgradnorm("state", "--aggregator", address, *tls, "--timeout", "5"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=fedgradnorm_env(),
+            cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        return None
     if res.returncode != 0:
         return None
     return json.loads(res.stdout)  # every field, numbers as numbers (fedgradnorm.cli.services.plain)
