@@ -21,8 +21,9 @@ from fedgradnorm.algorithm import (
     validate_update,
 )
 from fedgradnorm.reasons import Reason
+from fedgradnorm.services.aggregator.config import NAME_RE
 from fedgradnorm.services.aggregator.errors import InvalidArgument
-from fedgradnorm.services.aggregator.membership import MAX_SAMPLES, NAME_RE
+from fedgradnorm.services.aggregator.membership import MAX_SAMPLES
 from fedgradnorm.services.domain import Submission
 
 LOSS_RATIO_RTOL = 1e-4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ if TYPE_CHECKING:  # torch is loaded when a config is used, not when --help list
 
 WIRE_DTYPES = tuple(DTYPE_BY_NAME)
 
+# A node's or a relay's name (the relay's config checks it too, so it lives here, away from torch).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Enrolment tokens known to the world: the placeholder the Kubernetes manifests shipped until they
 # stopped shipping the Secret (commit 38f06f2), and its common spellings. The aggregator refuses
 # them (no override: a deployment that forgot to set the Secret must not start open to anyone).

@@ -49,14 +49,14 @@ from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services.aggregator.admission import admit, admit_relayed, check_initial_loss
 from fedgradnorm.services.aggregator.commit import CommitPipeline
-from fedgradnorm.services.aggregator.config import CoordinatorConfig
+from fedgradnorm.services.aggregator.config import NAME_RE, CoordinatorConfig
 from fedgradnorm.services.aggregator.errors import (
     AlreadyExists,
     CoordinatorError,
     FailedPrecondition,
     InvalidArgument,
 )
-from fedgradnorm.services.aggregator.membership import NAME_RE, Membership
+from fedgradnorm.services.aggregator.membership import Membership
 from fedgradnorm.services.aggregator.relays import Offer, RelaySessions
 from fedgradnorm.services.aggregator.roundlog import round_records
 from fedgradnorm.services.aggregator.store import MemberRecord, Snapshot, StateError, StateStore

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 import threading
 import time
@@ -18,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
-from fedgradnorm.services.aggregator.config import CoordinatorConfig
+from fedgradnorm.services.aggregator.config import NAME_RE, CoordinatorConfig
 from fedgradnorm.services.aggregator.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -29,7 +28,6 @@ from fedgradnorm.services.aggregator.errors import (
 )
 from fedgradnorm.services.aggregator.store import MemberRecord
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_SAMPLES = 1_000_000_000
 MAX_FIELD = 256  # longest federation, task, node id or peer string kept or echoed before it is checked
 MAX_PARAMETERS = 4096  # most parameter tensors a node may declare for its shared network

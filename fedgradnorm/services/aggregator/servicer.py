@@ -22,7 +22,7 @@ from fedgradnorm.algorithm import ServerConfig
 from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services import serde
-from fedgradnorm.services.aggregator.config import CoordinatorConfig
+from fedgradnorm.services.aggregator.config import NAME_RE, CoordinatorConfig
 from fedgradnorm.services.aggregator.errors import (
     AlreadyExists,
     CoordinatorError,
@@ -34,7 +34,6 @@ from fedgradnorm.services.aggregator.errors import (
     Unauthenticated,
     Unavailable,
 )
-from fedgradnorm.services.aggregator.membership import NAME_RE
 from fedgradnorm.services.aggregator.metrics import NodeTrafficMetrics
 from fedgradnorm.services.aggregator.streams import StreamBusy, StreamGuard
 from fedgradnorm.services.domain import Registration, RoundTicket, StateView, Submission

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedgradnorm.config import setting
-from fedgradnorm.services.aggregator.membership import NAME_RE
+from fedgradnorm.services.aggregator.config import NAME_RE
 from fedgradnorm.services.netcheck import check_host_port
 from fedgradnorm.services.tls import ClientTLS, ServerTLS
 from fedgradnorm.wire_format import DEFAULT_CHUNK_BYTES, DTYPE_BY_NAME
