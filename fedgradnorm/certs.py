@@ -1,17 +1,19 @@
 """A development certificate authority and the certificates mutual TLS needs.
 
 ``fedgradnorm certs --out DIR`` writes ``ca.pem`` (and ``ca.key``), ``server.pem``/``server.key``
-for the aggregator (with the DNS names and IP addresses it is reached by) and
-``client.pem``/``client.key`` for edge nodes. ``--k8s-secrets FILE`` writes the same material as
-the two Kubernetes Secrets the manifests of deploy/k8s mount (:data:`AGGREGATOR_SECRET`,
-:data:`EDGE_NODE_SECRET`); with ``--development`` the certificates carry
+for the aggregator (with the DNS names and IP addresses it is reached by), ``client.pem``/``client.key``
+for edge nodes and ``relay.pem``/``relay.key`` for the relays of deploy/k8s (the relay role, with
+the in-cluster names of their Services). ``--k8s-secrets FILE`` writes the same material as the three
+Kubernetes Secrets the manifests of deploy/k8s mount (:data:`AGGREGATOR_SECRET`,
+:data:`EDGE_NODE_SECRET`, :data:`RELAY_SECRET`); with ``--development`` the certificates carry
 :data:`DEVELOPMENT_ORGANIZATION`, the mark of the development PKI committed to git, which the
 services warn about (``tls.development_pki``). For production, use your own PKI: the services only
 need PEM files.
 
 ``--san NAME`` (repeatable) adds names to the server certificate, such as the external name edge
 devices outside the cluster dial (:func:`server_names`); ``--client NAME --ca-dir DIR`` issues one
-more client certificate from the CA that ``--out DIR`` wrote, one per device (:func:`issue_client`).
+more client certificate from the CA that ``--out DIR`` wrote, one per device (:func:`issue_client`),
+and ``--relay NAME --ca-dir DIR`` one more relay certificate, for a site of its own (:func:`issue_relay`).
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ RELAY_ROLE = "relay"
 # The Organization of every certificate of the development PKI in deploy/k8s (its private keys are in git).
 DEVELOPMENT_ORGANIZATION = "fedgradnorm development PKI (private keys in git: replace)"
 
-# Kubernetes: the namespace and the aggregators' gRPC Services of deploy/k8s, and the Secrets' names.
+# Kubernetes: the namespace, the aggregators' and the relays' gRPC Services of deploy/k8s, the Secrets' names.
 K8S_NAMESPACE = "fedgradnorm"
 K8S_AGGREGATOR_SERVICES = ("radcom-aggregator", "mtfl-aggregator")
+K8S_RELAY_SERVICES = ("radcom-relay-site-a",)
 AGGREGATOR_SECRET = "fedgradnorm-aggregator-tls"  # tls.crt/tls.key: server certificate; ca.crt: trusted client CA
 EDGE_NODE_SECRET = "fedgradnorm-edge-node-tls"  # tls.crt/tls.key: client certificate; ca.crt: the aggregators' CA
+# tls.crt/tls.key: relay certificate (server to its nodes, client to the aggregator); ca.crt: the CA of both
+RELAY_SECRET = "fedgradnorm-relay-tls"
 SECRET_KEYS = ("tls.crt", "tls.key", "ca.crt")
 
 
@@ -62,6 +67,13 @@ DEFAULT_SERVER_NAMES = (
     "127.0.0.1",
     "aggregator",
     *(n for s in K8S_AGGREGATOR_SERVICES for n in k8s_service_names(s)),
+)
+# The relay certificate of --out and --k8s-secrets: loopback and every in-cluster name of deploy/k8s's
+# relay Services (its edge nodes dial the Service of their site).
+DEFAULT_RELAY_NAMES = (
+    "localhost",
+    "127.0.0.1",
+    *(n for s in K8S_RELAY_SERVICES for n in k8s_service_names(s)),
 )
 
 
@@ -163,7 +175,7 @@ def _leaf(
 
 @dataclass(frozen=True)
 class Certificates:
-    """PEM bytes of a CA, a server (aggregator) certificate and a client (edge node) certificate."""
+    """PEM bytes of a CA, a server (aggregator), a client (edge node) and a relay certificate."""
 
     ca: bytes
     ca_key: bytes
@@ -171,6 +183,8 @@ class Certificates:
     server_key: bytes
     client_cert: bytes
     client_key: bytes
+    relay_cert: bytes
+    relay_key: bytes
     not_after: dt.datetime
 
 
@@ -179,10 +193,11 @@ def issue(
     days: int = 365,
     client_name: str = "edge-node",
     organization: str = ORGANIZATION,
+    relay_names: Sequence[str] = DEFAULT_RELAY_NAMES,
 ) -> Certificates:
-    """A fresh CA and the two leaf certificates it signs, all valid for ``days`` days."""
-    if not server_names:
-        raise ValueError("at least one server name is needed")
+    """A fresh CA and the three leaf certificates it signs, all valid for ``days`` days."""
+    if not server_names or not relay_names:
+        raise ValueError("at least one server name and one relay name are needed")
     if days < 1:
         raise ValueError("days must be at least 1")
     now = dt.datetime.now(dt.UTC)
@@ -218,12 +233,15 @@ def issue(
     )
 
     def leaf(
-        common: str, usage: x509.ObjectIdentifier, sans: Sequence[str]
+        common: str, usage: x509.ObjectIdentifier | Sequence[x509.ObjectIdentifier], sans: Sequence[str], unit: str = ""
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        return _leaf(ca, ca_key, common, organization, usage, sans, now, not_after)
+        return _leaf(ca, ca_key, common, organization, usage, sans, now, not_after, unit=unit)
 
     server, server_key = leaf(server_names[0], ExtendedKeyUsageOID.SERVER_AUTH, server_names)
     client, client_key = leaf(client_name, ExtendedKeyUsageOID.CLIENT_AUTH, [client_name])
+    # A relay is a server to its site's nodes and a client of the aggregator (the relay role: OU relay).
+    relay_usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    relay, relay_key = leaf(RELAY_ROLE, relay_usages, relay_names, unit=RELAY_ROLE)
     pem = serialization.Encoding.PEM
     return Certificates(
         ca=ca.public_bytes(pem),
@@ -232,12 +250,14 @@ def issue(
         server_key=_pem_key(server_key),
         client_cert=client.public_bytes(pem),
         client_key=_pem_key(client_key),
+        relay_cert=relay.public_bytes(pem),
+        relay_key=_pem_key(relay_key),
         not_after=not_after,
     )
 
 
 def write_certificates(certs: Certificates, out: str | Path) -> dict[str, Path]:
-    """Write ``certs`` as ca.pem/ca.key, server.pem/.key and client.pem/.key into ``out``."""
+    """Write ``certs`` as ca.pem/ca.key, server.pem/.key, client.pem/.key and relay.pem/.key into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -247,6 +267,8 @@ def write_certificates(certs: Certificates, out: str | Path) -> dict[str, Path]:
         "server_key": out / "server.key",
         "client_cert": out / "client.pem",
         "client_key": out / "client.key",
+        "relay_cert": out / "relay.pem",
+        "relay_key": out / "relay.key",
     }
     _write(paths["ca"], certs.ca)
     _write(paths["ca_key"], certs.ca_key, private=True)
@@ -254,6 +276,8 @@ def write_certificates(certs: Certificates, out: str | Path) -> dict[str, Path]:
     _write(paths["server_key"], certs.server_key, private=True)
     _write(paths["client_cert"], certs.client_cert)
     _write(paths["client_key"], certs.client_key, private=True)
+    _write(paths["relay_cert"], certs.relay_cert)
+    _write(paths["relay_key"], certs.relay_key, private=True)
     return paths
 
 
@@ -264,7 +288,7 @@ def make_certificates(
     client_name: str = "edge-node",
     organization: str = ORGANIZATION,
 ) -> dict[str, Path]:
-    """Write a CA, a server certificate for ``server_names`` and a client certificate."""
+    """Write a CA, a server certificate for ``server_names``, a client and a relay certificate."""
     return write_certificates(issue(server_names, days, client_name, organization), out)
 
 
@@ -338,12 +362,12 @@ def issue_client(ca_dir: str | Path, name: str, days: int = 365, out: str | Path
 # --- Kubernetes Secrets ----------------------------------------------------------------------------
 
 _DEVELOPMENT_HEADER = """\
-# DEVELOPMENT ONLY: a development PKI for mutual TLS between edge nodes and aggregators, so that
-# `kubectl apply -f deploy/k8s` works out of the box. Its PRIVATE KEYS ARE PUBLIC (they are in git):
-# anyone can pose as an aggregator or an edge node of a cluster that uses them. REPLACE BOTH SECRETS
-# BEFORE A REAL DEPLOYMENT. Every certificate here carries the Organization
+# DEVELOPMENT ONLY: a development PKI for mutual TLS between edge nodes, relays and aggregators, so
+# that `kubectl apply -f deploy/k8s` works out of the box. Its PRIVATE KEYS ARE PUBLIC (they are in
+# git): anyone can pose as an aggregator, a relay or an edge node of a cluster that uses them. REPLACE
+# ALL THREE SECRETS BEFORE A REAL DEPLOYMENT. Every certificate here carries the Organization
 #   "{org}"
-# and the aggregators and the edge nodes log the warning tls.development_pki at start while they use it.
+# and the services log the warning tls.development_pki at start while they use it.
 #
 # Generated (`make k8s-secrets`) by
 #   {command}
@@ -351,8 +375,8 @@ _DEVELOPMENT_HEADER = """\
 """
 
 _HEADER = """\
-# TLS material for mutual TLS between edge nodes and aggregators, with PRIVATE KEYS: keep this file
-# out of git. Apply it with `kubectl apply -f FILE`, then restart as below. Generated by
+# TLS material for mutual TLS between edge nodes, relays and aggregators, with PRIVATE KEYS: keep this
+# file out of git. Apply it with `kubectl apply -f FILE`, then restart as below. Generated by
 #   {command}
 # valid until {not_after}.
 """
@@ -362,14 +386,21 @@ _COMMON = """\
 # {aggregator}: mounted by the aggregators at /etc/fedgradnorm/tls: their server
 #   certificate (tls.crt, tls.key) and the CA whose client certificates they accept (ca.crt).
 # {edge}: mounted by the edge nodes at /etc/fedgradnorm/tls: their client certificate
-#   (tls.crt, tls.key) and the CA that signed the aggregators' certificate (ca.crt).
+#   (tls.crt, tls.key) and the CA that signed the aggregators' and the relays' certificates (ca.crt).
+# {relay}: mounted by the relays at /etc/fedgradnorm/tls: their certificate (tls.crt,
+#   tls.key; Organizational Unit "relay", which the aggregators require of a relay; a server
+#   certificate to the site's edge nodes and a client certificate to the aggregator) and the CA of
+#   both the edge nodes' and the aggregators' certificates (ca.crt).
 # The server certificate's names:
 {names}
+# The relay certificate's names:
+{relay_names}
 #
 # Replace them with certificates of your own PKI, or with a fresh set whose CA key stays with you
 # (by default `fedgradnorm certs` puts loopback and the in-cluster names of radcom-aggregator and
-# mtfl-aggregator in the server certificate; add external names with --san NAME, or choose others
-# with --server-names):
+# mtfl-aggregator in the server certificate, and those of the relay Services of deploy/k8s in the
+# relay certificate; add external names with --san NAME, or choose others with --server-names; a
+# relay of another site: `fedgradnorm certs --relay NAME --ca-dir certs --server-names ...`):
 #
 #   fedgradnorm certs --out certs --days 365
 #   kubectl -n {namespace} create secret generic {aggregator} --type=kubernetes.io/tls \\
@@ -378,14 +409,18 @@ _COMMON = """\
 #   kubectl -n {namespace} create secret generic {edge} --type=kubernetes.io/tls \\
 #     --from-file=tls.crt=certs/client.pem --from-file=tls.key=certs/client.key --from-file=ca.crt=certs/ca.pem \\
 #     --dry-run=client -o yaml | kubectl apply -f -
+#   kubectl -n {namespace} create secret generic {relay} --type=kubernetes.io/tls \\
+#     --from-file=tls.crt=certs/relay.pem --from-file=tls.key=certs/relay.key --from-file=ca.crt=certs/ca.pem \\
+#     --dry-run=client -o yaml | kubectl apply -f -
 #   kubectl -n {namespace} rollout restart statefulset -l app.kubernetes.io/component=aggregator
+#   kubectl -n {namespace} rollout restart deployment -l app.kubernetes.io/component=relay
 #   kubectl -n {namespace} rollout restart statefulset -l app.kubernetes.io/component=edge-node
 #
 # and drop this file from your copy of deploy/k8s (a later `kubectl apply -f deploy/k8s` would put it
 # back). Rotate the same way before the certificates expire: the services read the files at start only,
-# so restart them after replacing the Secrets, aggregators first. A new CA without a pause: put the old
-# and the new CA certificate together into both ca.crt first and restart, then swap the certificates
-# and keys and restart, then drop the old CA. See docs/operations.md, "Transport security".
+# so restart them after replacing the Secrets, aggregators first, then relays. A new CA without a pause:
+# put the old and the new CA certificate together into every ca.crt first and restart, then swap the
+# certificates and keys and restart, then drop the old CA. See docs/operations.md, "Transport security".
 """
 
 
@@ -414,17 +449,26 @@ def k8s_secrets_yaml(
     command: str,
     development: bool,
     namespace: str = K8S_NAMESPACE,
+    relay_names: Sequence[str] = DEFAULT_RELAY_NAMES,
 ) -> str:
-    """The aggregators' and the edge nodes' Secrets (``type: kubernetes.io/tls``) as one YAML stream."""
-    names = textwrap.wrap(", ".join(server_names), width=96, break_long_words=False, break_on_hyphens=False)
+    """The aggregators', the edge nodes' and the relays' Secrets (``type: kubernetes.io/tls``) as one YAML stream.
+
+    ``relay_names``: the names the relay certificate of ``certs`` holds (for the header)."""
+
+    def wrapped(names: Sequence[str]) -> str:
+        lines = textwrap.wrap(", ".join(names), width=96, break_long_words=False, break_on_hyphens=False)
+        return "\n".join("#   " + line for line in lines)
+
     fmt = {
         "org": DEVELOPMENT_ORGANIZATION,
         "command": command,
         "not_after": certs.not_after.strftime("%Y-%m-%d"),
         "aggregator": AGGREGATOR_SECRET,
         "edge": EDGE_NODE_SECRET,
+        "relay": RELAY_SECRET,
         "namespace": namespace,
-        "names": "\n".join("#   " + line for line in names),
+        "names": wrapped(server_names),
+        "relay_names": wrapped(relay_names),
     }
     header = (_DEVELOPMENT_HEADER if development else _HEADER).format(**fmt) + _COMMON.format(**fmt)
     aggregator = _secret(
@@ -439,7 +483,13 @@ def k8s_secrets_yaml(
         namespace,
         {"tls.crt": certs.client_cert, "tls.key": certs.client_key, "ca.crt": certs.ca},
     )
-    return header + aggregator + "---\n" + edge
+    relay = _secret(
+        RELAY_SECRET,
+        "relay",
+        namespace,
+        {"tls.crt": certs.relay_cert, "tls.key": certs.relay_key, "ca.crt": certs.ca},
+    )
+    return header + aggregator + "---\n" + edge + "---\n" + relay
 
 
 def write_k8s_secrets(
@@ -449,7 +499,7 @@ def write_k8s_secrets(
     development: bool = False,
     command: str = "fedgradnorm certs --k8s-secrets FILE",
 ) -> Path:
-    """Write ``certs`` to ``path`` as the two Secrets; without ``development`` readable by the owner only."""
+    """Write ``certs`` to ``path`` as the three Secrets; without ``development`` readable by the owner only."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = k8s_secrets_yaml(certs, server_names, command, development)

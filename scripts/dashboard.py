@@ -349,6 +349,83 @@ ROWS: list[tuple[str, list[Panel]]] = [
             ),
         ],
     ),
+    (
+        # A site's relay serves the aggregator's service to the site's nodes and sends one partial sum per
+        # round upstream. The aggregator's series carry the relay's name as the label relay; the relays'
+        # own (fedgradnorm_relay_* of their pods) carry pod and site. The aggregator and the relays both
+        # export fedgradnorm_relay_partial_sums_total: relay!="" picks the aggregator's.
+        "Relays",
+        [
+            Panel(
+                "Relays attached",
+                "Relays attached to the aggregator (each serves one site's edge nodes); 0 where every node "
+                "dials the aggregator.",
+                q(f"sum(fedgradnorm_relays{{{FED}}})", "relays"),
+                kind="stat",
+                width=4,
+                thresholds=((None, "blue"),),
+            ),
+            Panel(
+                "Nodes per relay",
+                "Registered edge nodes behind each relay, as the aggregator counts them (nodes that dial the "
+                "aggregator are on no line).",
+                q(f"sum by (relay) (fedgradnorm_relay_nodes{{{FED}}})", "{{relay}}"),
+                width=10,
+                soft_min=0,
+            ),
+            Panel(
+                "Partial sums per relay",
+                "Partial sums the aggregator accepted from each relay: one per round in which the site had "
+                "participants (the site's weighted gradients, summed at the relay).",
+                q(
+                    f'sum by (relay) (increase(fedgradnorm_relay_partial_sums_total{{{FED}, relay!=""}}'
+                    "[$__rate_interval]))",
+                    "{{relay}}",
+                ),
+                width=10,
+                kind="bars",
+            ),
+            Panel(
+                "Rounds lost per relay",
+                "Rounds whose partial sum from the relay did not arrive within the aggregator's relay timeout "
+                "(FEDGRADNORM_RELAY_TIMEOUT, 10 s): the round closed without the site's updates (relay_lost in "
+                "Refused updates by reason).",
+                q(
+                    f"sum by (relay) (increase(fedgradnorm_relay_lost_rounds_total{{{FED}}}[$__rate_interval]))",
+                    "{{relay}}",
+                ),
+                width=8,
+                kind="bars",
+            ),
+            Panel(
+                "Relay connected to the aggregator",
+                "1 while the aggregator answers the relay; its site's nodes keep their connection to the relay "
+                "meanwhile.",
+                q(f"fedgradnorm_relay_upstream_connected{{{FED}}}", "{{pod}}"),
+                width=8,
+                soft_min=0,
+            ),
+            Panel(
+                "Relay traffic: site and uplink",
+                "Payload bytes per second of each relay with its site's nodes (omega to each node, gradients from "
+                "each) and with the aggregator (omega once, one partial sum): the fan-in the relay saves the "
+                "aggregator.",
+                (
+                    Query(
+                        f"sum by (pod, direction) (rate(fedgradnorm_relay_bytes_total{{{FED}}}[$__rate_interval]))",
+                        "{{pod}} site {{direction}}",
+                    ),
+                    Query(
+                        "sum by (pod, direction) "
+                        f"(rate(fedgradnorm_relay_uplink_bytes_total{{{FED}}}[$__rate_interval]))",
+                        "{{pod}} uplink {{direction}}",
+                    ),
+                ),
+                unit="Bps",
+                width=8,
+            ),
+        ],
+    ),
 ]
 
 
@@ -428,7 +505,7 @@ def build() -> dict:
         .uid("fedgradnorm")
         .description(
             "Personalized federated multi-task learning with dynamic loss weighting: the per-task weights p "
-            "the aggregator learns (paper Fig. 2f/3d, live), the losses behind them, rounds and edge nodes."
+            "the aggregator learns (paper Fig. 2f/3d, live), the losses behind them, rounds, edge nodes and relays."
         )
         .tags(["fedgradnorm", "federated-learning"])
         .editable()

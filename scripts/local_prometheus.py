@@ -3,16 +3,18 @@
     python3 scripts/local_prometheus.py                      # make prometheus
     python3 scripts/local_prometheus.py --edge-node modulation=127.0.0.1:9465 \\
         --edge-node signal=127.0.0.1:9466 --edge-node anomaly=127.0.0.1:9467
+    python3 scripts/local_prometheus.py --relay site-a=127.0.0.1:9470 --edge-node ...   # and a relay
 
 Runs Debian's ``prometheus`` (``apt-get install prometheus``) in the foreground on 127.0.0.1:9090
 (Ctrl-C stops it), with its configuration and data under ``runs/prometheus``. It scrapes the
 aggregator's metrics port (``--aggregator``, default 127.0.0.1:9464, the aggregator's default
-``--metrics-listen``) and each ``--edge-node [NAME=]HOST:PORT`` (edge nodes export metrics only
-when started with ``--metrics-listen``), and loads deploy/prometheus/fedgradnorm-rules.yml plus a
+``--metrics-listen``), each ``--relay [NAME=]HOST:PORT`` (a relay's ``--metrics-listen``, default
+127.0.0.1:9466) and each ``--edge-node [NAME=]HOST:PORT`` (edge nodes export metrics only when
+started with ``--metrics-listen``), and loads deploy/prometheus/fedgradnorm-rules.yml plus a
 small settings file of its own: the ``--min-nodes`` and ``--rounds`` the aggregator was started
 with, which the alerts compare against. Alerts show at http://127.0.0.1:9090/alerts.
 
-The targets get the labels job="fedgradnorm", component (aggregator or edge-node) and pod (the
+The targets get the labels job="fedgradnorm", component (aggregator, relay or edge-node) and pod (the
 NAME, else the address), but no federation or namespace label: the Grafana dashboard and the rules
 accept series without them. Needs only Python's standard library (the configuration is written as
 JSON, which Prometheus reads as YAML).
@@ -57,7 +59,11 @@ def settings_rules(min_nodes: int, rounds: int) -> dict[str, Any]:
 
 
 def config(
-    aggregators: list[str], edge_nodes: list[str], rule_files: list[str], interval: str = "5s"
+    aggregators: list[str],
+    edge_nodes: list[str],
+    rule_files: list[str],
+    interval: str = "5s",
+    relays: list[str] | None = None,
 ) -> dict[str, Any]:
     return {
         "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
@@ -66,6 +72,7 @@ def config(
             {
                 "job_name": JOB,
                 "static_configs": [target(a, "aggregator") for a in aggregators]
+                + [target(r, "relay") for r in relays or []]
                 + [target(e, "edge-node") for e in edge_nodes],
             }
         ],
@@ -78,7 +85,9 @@ def write(workdir: Path, args: argparse.Namespace) -> Path:
     settings = workdir / "local-settings.yml"
     settings.write_text(json.dumps(settings_rules(args.min_nodes, args.rounds), indent=2) + "\n")
     conf = workdir / "prometheus.yml"
-    body = config(args.aggregator or ["127.0.0.1:9464"], args.edge_node, [str(RULES), str(settings)], args.interval)
+    body = config(
+        args.aggregator or ["127.0.0.1:9464"], args.edge_node, [str(RULES), str(settings)], args.interval, args.relay
+    )
     conf.write_text(json.dumps(body, indent=2) + "\n")
     return conf
 
@@ -91,6 +100,13 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         metavar="[NAME=]HOST:PORT",
         help="an aggregator's metrics address (default 127.0.0.1:9464); repeatable",
+    )
+    p.add_argument(
+        "--relay",
+        action="append",
+        default=[],
+        metavar="[NAME=]HOST:PORT",
+        help="a relay's --metrics-listen address (its default: 127.0.0.1:9466); repeatable",
     )
     p.add_argument(
         "--edge-node",

@@ -35,7 +35,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "fedgradnorm.json"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node  # noqa: E402
+from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node, start_relay  # noqa: E402
 
 
 def free_port() -> int:
@@ -213,16 +213,27 @@ class Prometheus:
             self._log = None
 
 
+# Site site-a of deploy/k8s (13-radcom-site-a.yaml): its relay's Deployment, and a name for its pod.
+RELAY_NAME = "site-a"
+RELAY_WORKLOAD = "radcom-relay-site-a"
+RELAY_POD = "radcom-relay-site-a-5f7b9c8d6-q2x7k"
+
+
 @dataclass
 class Federation:
-    """A RadCom aggregator and its edge nodes as real processes on loopback (fedgradnorm.launch)."""
+    """A RadCom aggregator and its edge nodes as real processes on loopback (fedgradnorm.launch); with
+    ``relayed`` tasks, a relay for site site-a as well, which those tasks' nodes dial instead of the
+    aggregator (as the site's pods of deploy/k8s do)."""
 
     workdir: Path
     aggregator_flags: Sequence[str]
     node_flags: Sequence[str]
     tasks: Sequence[str] = ("modulation", "signal", "anomaly")
+    relayed: Sequence[str] = ()
     ready: dict[str, Any] = field(default_factory=dict)
+    relay_ready: dict[str, Any] = field(default_factory=dict)
     processes: list[ServiceProcess] = field(default_factory=list)
+    relays: list[ServiceProcess] = field(default_factory=list)
     metrics_targets: dict[str, tuple[str, str]] = field(default_factory=dict)  # pod -> (workload, address)
 
     def start(self) -> Federation:
@@ -240,16 +251,30 @@ class Federation:
         )
         self.processes.append(agg)
         self.metrics_targets["radcom-aggregator-0"] = ("radcom-aggregator", f"127.0.0.1:{self.ready['metrics_port']}")
+        if self.relayed:
+            relay, self.relay_ready = start_relay(
+                self.workdir,
+                self.grpc_address,
+                RELAY_NAME,
+                ["--federation", "radcom", "--torch-threads", "1"],
+            )
+            self.relays.append(relay)
+            self.metrics_targets[RELAY_POD] = (RELAY_WORKLOAD, f"127.0.0.1:{self.relay_ready['metrics_port']}")
         for task in self.tasks:
             self.add_node(task)
         return self
 
+    @property
+    def relay_pods(self) -> list[str]:
+        return [pod for pod, (workload, _) in self.metrics_targets.items() if workload == RELAY_WORKLOAD]
+
     def add_node(self, task: str, name: str | None = None) -> ServiceProcess:
+        """An edge node for ``task``; it dials the relay when ``task`` is one of ``relayed``."""
         name = name or f"radcom-{task}-0"
         port = free_port()
         node = start_edge_node(
             self.workdir,
-            self.ready["grpc_port"],
+            self.relay_ready["grpc_port"] if task in self.relayed else self.ready["grpc_port"],
             task,
             ["--federation", "radcom", "--metrics-listen", f"127.0.0.1:{port}", *self.node_flags],
             name=name,
@@ -264,19 +289,20 @@ class Federation:
         return f"127.0.0.1:{self.ready['grpc_port']}"
 
     def check_alive(self) -> None:
-        for p in self.processes:
+        for p in [*self.processes, *self.relays]:
             if not p.alive():
                 raise RuntimeError(
                     f"{p.name} exited with {p.proc.returncode if p.proc else '?'}:\n{p.log_text()[-3000:]}"
                 )
 
     def stop(self) -> None:
-        """Edge nodes first (all signalled at once; they deregister), then the aggregator; all reaped."""
+        """Edge nodes first (all signalled at once; they deregister), then the relay, then the aggregator;
+        all reaped."""
         nodes, aggregator = self.processes[1:], self.processes[:1]
         for p in nodes:
             if p.alive() and p.proc is not None:
                 p.proc.send_signal(signal.SIGTERM)
-        for p in [*nodes, *aggregator]:
+        for p in [*nodes, *self.relays, *aggregator]:
             p.stop(timeout=15)
 
 

@@ -3,8 +3,9 @@
     python scripts/render_dashboard.py --out docs/img/dashboard.png     # make dashboard-png
 
 No Grafana server is installable here, so this is the dashboard's stand-in for the docs: it runs a
-RadCom aggregator and three edge nodes on loopback (scripts/promharness.py), adds a fourth node
-part-way through (as `kubectl scale` would), has one update refused, then runs every query of
+RadCom aggregator, the relay of site site-a and three edge nodes on loopback, two of them behind the
+relay as in deploy/k8s (scripts/promharness.py), adds a fourth node to the site part-way through (as
+`kubectl scale statefulset/radcom-signal` would), has one update refused, then runs every query of
 deploy/grafana/fedgradnorm.json over the run with Prometheus's query_range API and lays the panels
 out as their gridPos says.
 """
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         work,
         aggregator_flags=["--tau-h", "2", "--tau-omega", "2", "--batch-size", "32", "--seed", "0"],
         node_flags=["--synthetic-size", "10", "--seed", "0", "--torch-threads", "1", "--fetch-wait", "2"],
+        relayed=("signal", "anomaly"),
     )
     prom = None
     try:
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(max(0.0, start + args.join_after * (end - start) - time.time()))
         node = promharness.start_edge_node(
             work,
-            fed.ready["grpc_port"],
+            fed.relay_ready["grpc_port"],  # radcom-signal's pods belong to site site-a: they dial its relay
             "signal",
             ["--federation", "radcom", "--metrics-listen", f"127.0.0.1:{port}", *fed.node_flags],
             name=joiner,

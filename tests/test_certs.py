@@ -100,3 +100,28 @@ def test_a_device_certificate_of_the_same_ca_is_accepted_under_the_external_name
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop(grace=0.2)
+
+
+def test_out_and_k8s_secrets_hold_a_relay_certificate_for_the_relay_services(tmp_path: Path) -> None:
+    """`--out` writes relay.pem/.key and `--k8s-secrets` the Secret fedgradnorm-relay-tls: the relay role
+    (OU relay), server and client usages, the in-cluster names of deploy/k8s's relay Services."""
+    import yaml
+    from cryptography.x509.oid import NameOID
+
+    from fedgradnorm.certs import DEFAULT_RELAY_NAMES, RELAY_ROLE, RELAY_SECRET
+
+    secrets_file = tmp_path / "secrets.yaml"
+    assert certs("--out", str(tmp_path), "--k8s-secrets", str(secrets_file)) == 0
+    relay = x509.load_pem_x509_certificate((tmp_path / "relay.pem").read_bytes())
+    relay.verify_directly_issued_by(x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes()))
+    assert [a.value for a in relay.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)] == [RELAY_ROLE]
+    eku = relay.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert sorted(sans(tmp_path / "relay.pem")) == sorted(DEFAULT_RELAY_NAMES)
+    assert "radcom-relay-site-a.fedgradnorm.svc" in DEFAULT_RELAY_NAMES
+    assert (tmp_path / "relay.key").stat().st_mode & 0o077 == 0, "the relay key is private"
+    docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(secrets_file.read_text())}
+    secret = docs[RELAY_SECRET]
+    assert secret["metadata"]["labels"]["app.kubernetes.io/component"] == "relay"
+    assert x509.load_pem_x509_certificate(secret["stringData"]["tls.crt"].encode()).subject == relay.subject
+    assert "# The relay certificate's names:" in secrets_file.read_text()

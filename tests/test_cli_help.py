@@ -21,7 +21,9 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("command", ["simulate", "compare", "aggregator", "edge-node", "state", "demo", "certs"])
+@pytest.mark.parametrize(
+    "command", ["simulate", "compare", "aggregator", "relay", "edge-node", "state", "demo", "certs"]
+)
 def test_every_flag_has_a_sentence(command: str) -> None:
     for action in subcommands()[command]._actions:
         if action.help == argparse.SUPPRESS or not action.option_strings or action.dest == "help":
@@ -63,7 +65,7 @@ def test_help_loads_no_torch() -> None:
         "import sys\n"
         "from fedgradnorm.cli import build_parser\n"
         "parser = build_parser()\n"
-        "for command in ('simulate', 'aggregator', 'edge-node', 'state', 'demo'):\n"
+        "for command in ('simulate', 'aggregator', 'relay', 'edge-node', 'state', 'demo'):\n"
         "    try:\n"
         "        parser.parse_args([command, '--help'])\n"
         "    except SystemExit:\n"

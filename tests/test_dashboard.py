@@ -117,9 +117,24 @@ def test_the_panels_the_operators_need_are_there(board: dict[str, Any]) -> None:
         "Registered nodes": "fedgradnorm_registered_nodes",
         "Refused updates by reason": "fedgradnorm_updates_total",
     }
-    for title, metric in wanted.items():
+    relays = {
+        "Relays attached": "fedgradnorm_relays",
+        "Nodes per relay": "fedgradnorm_relay_nodes",
+        "Partial sums per relay": "fedgradnorm_relay_partial_sums_total",
+        "Rounds lost per relay": "fedgradnorm_relay_lost_rounds_total",
+        "Relay connected to the aggregator": "fedgradnorm_relay_upstream_connected",
+        "Relay traffic: site and uplink": "fedgradnorm_relay_uplink_bytes_total",
+    }
+    for title, metric in {**wanted, **relays}.items():
         assert metric in exprs.get(title, ""), f"panel {title!r} should chart {metric}"
     assert "avg by (task)" in exprs["Task weight p"], "one line per task"
+    # The Relays row, last (panel ids stay stable): one line per relay, from the aggregator's series.
+    rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    assert rows[-1] == "Relays"
+    for title in ("Nodes per relay", "Partial sums per relay", "Rounds lost per relay"):
+        assert "by (relay)" in exprs[title], title
+    # A relay exports fedgradnorm_relay_partial_sums_total too (without the label relay): left out.
+    assert 'relay!=""' in exprs["Partial sums per relay"]
     assert (
         'outcome!="accepted"' in exprs["Refused updates by reason"]
         and "by (outcome)" in exprs["Refused updates by reason"]
@@ -144,7 +159,7 @@ def test_test_metrics_get_a_panel_each(board: dict[str, Any]) -> None:
 
 def test_stat_panels_have_thresholds(board: dict[str, Any]) -> None:
     stats = {p["title"]: p for p in board["panels"] if p["type"] == "stat"}
-    assert len(stats) == 6
+    assert len(stats) == 7
     for title, panel in stats.items():
         steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
         assert steps and steps[0]["value"] is None, title  # the base colour
@@ -173,12 +188,13 @@ def test_the_table_is_the_dashboard() -> None:
 
 
 def registered_metric_names() -> set[str]:
-    """The names the aggregator and the edge node really register (with _bucket/_sum/_count, _total)."""
+    """The names the aggregator, the relay and the edge node really register (with _bucket/_sum/_count, _total)."""
     from fedgradnorm.services.aggregator.metrics import AggregatorMetrics
     from fedgradnorm.services.edge_node.node import NodeMetrics
+    from fedgradnorm.services.relay.server import RelayMetrics
 
     names = set()
-    for registry in (AggregatorMetrics().registry, NodeMetrics().registry):
+    for registry in (AggregatorMetrics().registry, NodeMetrics().registry, RelayMetrics().registry):
         for family in registry.collect():
             names.add(family.name)
             for sample in family.samples:

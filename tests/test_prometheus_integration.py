@@ -1,4 +1,5 @@
-"""A real Prometheus (Debian package ``prometheus``) scrapes a real loopback RadCom federation.
+"""A real Prometheus (Debian package ``prometheus``) scrapes a real loopback RadCom federation, with
+a relay (site site-a of deploy/k8s) between the aggregator and two of its three edge nodes.
 
 The scrape configuration is the one shipped in deploy/k8s/30-prometheus.yaml, with the pod
 discovery replaced by static targets that carry the discovery labels of the manifests' pods
@@ -36,6 +37,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb  # noqa: E402
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc  # noqa: E402
 
 TASKS = ("modulation", "signal", "anomaly")
+RELAYED = ("signal", "anomaly")  # behind the relay of site site-a, as in deploy/k8s/13-radcom-site-a.yaml
 VARIABLES = {"federation": "radcom", "task": ".*", "metric": "accuracy", "__rate_interval": "30s"}
 # A local Prometheus has no federation label: Grafana's "All" (.*), or any federation chosen, must show it.
 LOCAL_VARIABLES = {"All": {**VARIABLES, "federation": ".*"}, "radcom": VARIABLES}
@@ -58,13 +60,19 @@ class Scraped(NamedTuple):
 def start_local_prometheus(work: Path, fed: promharness.Federation) -> tuple[promharness.Prometheus, str]:
     down = f"127.0.0.1:{promharness.free_port()}"  # nothing listens here
     aggregator = fed.metrics_targets["radcom-aggregator-0"][1]
-    nodes = [f"{pod}={address}" for pod, (workload, address) in fed.metrics_targets.items() if address != aggregator]
+    relays = [f"{pod}={fed.metrics_targets[pod][1]}" for pod in fed.relay_pods]
+    nodes = [
+        f"{pod}={address}"
+        for pod, (workload, address) in fed.metrics_targets.items()
+        if address != aggregator and pod not in fed.relay_pods
+    ]
     settings = local_prometheus.settings_rules(min_nodes=len(TASKS), rounds=0)
     config = local_prometheus.config(
         [f"aggregator={aggregator}", f"gone={down}"],
         nodes,
         [str(local_prometheus.RULES), "local-settings.yml"],
         interval="1s",
+        relays=relays,
     )
     files = {"local-settings.yml": promharness.yaml.safe_dump(settings)}
     return promharness.Prometheus(work / "local-prometheus", config, files=files).start(), down
@@ -72,13 +80,15 @@ def start_local_prometheus(work: Path, fed: promharness.Federation) -> tuple[pro
 
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
-    """Three RadCom edge nodes training against an aggregator, scraped every second twice."""
+    """Three RadCom edge nodes training against an aggregator, two of them through a relay, scraped
+    every second twice."""
     work = tmp_path_factory.mktemp("prometheus-federation")
     fed = promharness.Federation(
         work,
         aggregator_flags=["--tau-h", "1", "--tau-omega", "1", "--batch-size", "16", "--rounds", "0", "--seed", "0"],
         node_flags=["--synthetic-size", "4", "--seed", "0", "--torch-threads", "1", "--fetch-wait", "2"],
         tasks=TASKS,
+        relayed=RELAYED,
     )
     prom: promharness.Prometheus | None = None
     local: promharness.Prometheus | None = None
@@ -138,7 +148,28 @@ def test_task_weights_exist_per_task_and_sum_to_the_active_nodes(scraped) -> Non
     assert all(s["metric"]["component"] == "edge-node" and float(s["value"][1]) == 1 for s in edge)
     assert {s["metric"]["outcome"] for s in prom.query("fedgradnorm_updates_total")} >= {"accepted", "unknown_node"}
     up = prom.query("up")
-    assert len(up) == 1 + len(TASKS) and all(s["value"][1] == "1" for s in up)
+    assert len(up) == 1 + 1 + len(TASKS) and all(s["value"][1] == "1" for s in up)
+
+
+@needs_prometheus
+def test_the_relay_and_the_aggregator_report_the_site(scraped) -> None:
+    """The relay's pod is scraped with the labels of its Deployment's pods (component relay, site
+    site-a); the aggregator counts the site's nodes and the partial sums under relay="site-a"."""
+    prom = scraped.prom
+    (attached,) = prom.query('fedgradnorm_relays{federation="radcom"}')
+    assert float(attached["value"][1]) == 1
+    (nodes,) = prom.query('fedgradnorm_relay_nodes{federation="radcom"}')
+    assert nodes["metric"]["relay"] == promharness.RELAY_NAME and float(nodes["value"][1]) == len(RELAYED)
+    (sums,) = prom.query('fedgradnorm_relay_partial_sums_total{component="aggregator"}')
+    assert sums["metric"]["relay"] == promharness.RELAY_NAME and float(sums["value"][1]) >= 1
+    (connected,) = prom.query("fedgradnorm_relay_upstream_connected")
+    labels = connected["metric"]
+    assert (labels["component"], labels["site"], labels["pod"]) == ("relay", "site-a", promharness.RELAY_POD)
+    assert float(connected["value"][1]) == 1
+    (registered,) = prom.query("fedgradnorm_relay_registered_nodes")
+    assert float(registered["value"][1]) == len(RELAYED)
+    edge = {s["metric"]["task"]: s["metric"].get("site") for s in prom.query("fedgradnorm_edge_connected")}
+    assert edge == {task: "site-a" if task in RELAYED else None for task in TASKS}
 
 
 def assert_every_dashboard_query_returns_data(prom: promharness.Prometheus, variables: dict[str, dict[str, str]]):

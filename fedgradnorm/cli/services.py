@@ -209,20 +209,21 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def register_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from fedgradnorm.certs import AGGREGATOR_SECRET, EDGE_NODE_SECRET
+    from fedgradnorm.certs import AGGREGATOR_SECRET, EDGE_NODE_SECRET, RELAY_SECRET
 
     p = sub.add_parser(
         "certs",
-        help="make a development CA, an aggregator certificate and an edge-node certificate",
+        help="make a development CA, an aggregator, an edge-node and a relay certificate",
         description="A fresh CA (its key is written with --out only) signing a server certificate for the "
-        "aggregator and one client certificate for the edge nodes.",
+        "aggregator, one client certificate for the edge nodes and one relay certificate (role OU=relay) for "
+        "the relays of deploy/k8s.",
     )
-    p.add_argument("--out", default="", help="folder for ca.pem/.key, server.pem/.key, client.pem/.key")
+    p.add_argument("--out", default="", help="folder for ca.pem/.key, server.pem/.key, client.pem/.key, relay.pem/.key")
     p.add_argument(
         "--k8s-secrets",
         default="",
         metavar="FILE",
-        help=f"write the Kubernetes Secrets {AGGREGATOR_SECRET} and {EDGE_NODE_SECRET} "
+        help=f"write the Kubernetes Secrets {AGGREGATOR_SECRET}, {EDGE_NODE_SECRET} and {RELAY_SECRET} "
         "(type kubernetes.io/tls: tls.crt, tls.key, ca.crt) that deploy/k8s mounts",
     )
     p.add_argument(

@@ -8,12 +8,15 @@
    podman cannot express changes); makes a fresh PKI as an operator does (`fedgradnorm certs --out
    --k8s-secrets --san`, the Secrets the own-pki component leaves to the operator) and one client
    certificate of its CA for a device outside the cluster (`fedgradnorm certs --client --ca-dir`);
-3. plays the aggregator, then the three edge nodes, and waits for rounds to advance, asking the
-   aggregator from the host with `fedgradnorm state` (mutual TLS, with the edge nodes' certificate
-   of the Secret) and the standard gRPC health service (on the plaintext health port the kubelet
-   probes); checks that the gRPC port refuses plaintext, clients without a certificate and, at the
-   TLS handshake, a client certificate of another CA, and that the aggregator does not warn about
-   the development PKI (the own-pki component left it out);
+3. plays the aggregator, then the relay of site site-a (a Deployment), then the three edge nodes,
+   two of which (the site's) dial the relay, and waits for rounds to advance, asking the aggregator
+   from the host with `fedgradnorm state` (mutual TLS, with the edge nodes' certificate of the
+   Secret) and the standard gRPC health service (on the plaintext health ports the kubelet probes);
+   checks that the gRPC port refuses plaintext, clients without a certificate and, at the TLS
+   handshake, a client certificate of another CA, and that the aggregator does not warn about the
+   development PKI (the own-pki component left it out); checks that the relay's gRPC port speaks
+   mutual TLS too, that the site's nodes are listed with the relay and their updates counted round
+   after round, and the relay's and the aggregator's relay metrics;
 4. plays one more edge-node manifest (deploy/examples/edge-node.yaml) and, at the same time, starts
    `fedgradnorm edge-node` as a plain process in a network namespace of its own (``ip netns`` and a
    veth pair: a device outside the pod network, dialling the aggregator's published address with its
@@ -22,8 +25,11 @@
    it deregistered; recreates an edge-node pod on its claim and checks that it resumes as the same
    node (its identity and personal model are on the claim, not on an emptyDir);
 5. copies the state file out of the aggregator (as `kubectl cp` does for a backup), recreates the
-   aggregator pod on its claim and checks that it resumes where it was and rounds go on;
-6. always tears everything down (the outside node, its network namespace, `podman kube down`, pods,
+   aggregator pod on its claim and checks that it resumes where it was and rounds go on, the site's
+   nodes among the participants again (the relay attaches again);
+6. takes the relay away (`podman kube down`): the rounds close without the site's nodes; plays it
+   again and checks that the site's nodes take part again;
+7. always tears everything down (the outside node, its network namespace, `podman kube down`, pods,
    volumes, the secrets), even on failure.
 
 Exit status 0 on success, 1 on failure. Needs root, podman, runc, catatonit, debootstrap, iproute2
@@ -52,6 +58,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVICE_NAME = "fedgradnorm.v1.Aggregator"  # the service the readiness probes check
 # deploy/overlays/kind with the local image (tests/deploy/overlay/kustomization.yaml): what is played.
 OVERLAY = ROOT / "tests" / "deploy" / "overlay"
 EXAMPLE = ROOT / "deploy" / "examples" / "edge-node.yaml"
@@ -59,12 +66,17 @@ CACHE = Path(os.environ.get("DEPLOY_CACHE", "/var/tmp/fedgradnorm-deploy"))
 BIN = Path(sys.executable).parent
 FEDERATION = "radcom"
 EDGE_WORKLOADS = ("radcom-modulation", "radcom-signal", "radcom-anomaly")
+# Site site-a (deploy/k8s/13-radcom-site-a.yaml): its relay's Deployment and ConfigMap, the ConfigMap its
+# edge nodes read after the shared one (it points them at the relay), and the relay's name.
+RELAY_WORKLOAD = f"{FEDERATION}-relay-site-a"
+SITE_EDGE_CONFIG = f"{FEDERATION}-site-a-edge-node"
+RELAY_NAME = "site-a"
 ROUNDS_BEFORE_JOIN = 2
 # Created by the operator (docs/operations.md, "Deploy"), not shipped: a fresh random token, as the docs do it.
 ENROLLMENT_SECRET = "fedgradnorm-enrollment"
 ENROLLMENT_KEY = "FEDGRADNORM_ENROLLMENT_TOKEN"
 # The TLS Secrets the own-pki component leaves out of the render (the operator creates them).
-TLS_SECRETS = ("fedgradnorm-aggregator-tls", "fedgradnorm-edge-node-tls")
+TLS_SECRETS = ("fedgradnorm-aggregator-tls", "fedgradnorm-edge-node-tls", "fedgradnorm-relay-tls")
 # The device outside the pod network: its name (and client certificate), its task, and the external
 # name the aggregator's certificate gets with --san (what it dials through a NodePort or a load balancer).
 EXTERNAL_NODE = "lab-1"
@@ -74,7 +86,7 @@ EXTERNAL_NAME = "radcom.fedgradnorm.test"
 VERSION = "0.1.0"
 OVERLAY_IMAGE = f"localhost/fedgradnorm:{VERSION}"
 LOCAL_IMAGE = os.environ.get("IMAGE", OVERLAY_IMAGE)
-TIMEOUT = float(os.environ.get("TEST_DEPLOY_TIMEOUT", "480"))  # seconds for everything after the build
+TIMEOUT = float(os.environ.get("TEST_DEPLOY_TIMEOUT", "600"))  # seconds for everything after the build
 
 
 def log(message: str) -> None:
@@ -148,9 +160,11 @@ def check_render(docs: list[dict[str, Any]]) -> None:
     external = find(docs, "Service", f"{FEDERATION}-aggregator-external")
     assert external["spec"]["type"] == "NodePort", external["spec"]
     assert ("NetworkPolicy", f"{FEDERATION}-aggregator-external") in kinds
-    for sts in (d for d in docs if d["kind"] == "StatefulSet"):
+    assert ("Deployment", RELAY_WORKLOAD) in kinds and ("ConfigMap", SITE_EDGE_CONFIG) in kinds, "no site-a"
+    for sts in (d for d in docs if d["kind"] in ("StatefulSet", "Deployment")):
         for c in sts["spec"]["template"]["spec"]["containers"]:
-            assert (c["image"], c["imagePullPolicy"]) == (LOCAL_IMAGE, "Never"), f"{sts['metadata']['name']}: {c}"
+            if c["image"].rpartition(":")[0].endswith("/fedgradnorm"):
+                assert (c["image"], c["imagePullPolicy"]) == (LOCAL_IMAGE, "Never"), f"{sts['metadata']['name']}: {c}"
 
 
 # --- the operator's PKI ----------------------------------------------------------------------------
@@ -160,7 +174,8 @@ def make_pki(work: Path) -> dict[str, Any]:
     """A fresh PKI with the external name, its two Secrets, a device's certificate, and a foreign CA.
 
     As docs/operations.md ("Edge nodes outside the cluster") does it: `fedgradnorm certs --out DIR
-    --k8s-secrets FILE --san NAME`, then `fedgradnorm certs --ca-dir DIR --client NAME` per device.
+    --k8s-secrets FILE --san NAME` (its three Secrets: the aggregators', the edge nodes', the relays'),
+    then `fedgradnorm certs --ca-dir DIR --client NAME` per device.
     The foreign set (another CA) holds a client certificate the aggregator must refuse.
     """
     pki, foreign = work / "pki", work / "foreign-pki"
@@ -193,17 +208,24 @@ local image; everything else is as `kubectl apply -k` would apply it):
     <address>:<port> instead of the Service radcom-aggregator:50051, where <address> is the host's end
     of a veth pair to the outside device's network namespace: the aggregator's published address,
     as NodePort 30051 of the Service radcom-aggregator-external is for devices outside a cluster;
+    the relay's FEDGRADNORM_UPSTREAM is that address too, and site-a's nodes dial the relay on
+    127.0.0.1:<port> (ConfigMap radcom-site-a-edge-node) instead of the Service
+    radcom-relay-site-a:50061, an address the outside device cannot reach, as it cannot reach a
+    ClusterIP Service;
   - on the shared host network every listener gets a free port instead of 0.0.0.0:50051, :50052,
-    :9464 and :9465 (FEDGRADNORM_LISTEN on <address>; FEDGRADNORM_HEALTH_LISTEN and
+    :9464, :9465 and the relay's :50061, :50062, :9466 (the aggregator's FEDGRADNORM_LISTEN on
+    <address>, the relay's on 127.0.0.1; FEDGRADNORM_HEALTH_LISTEN and
     FEDGRADNORM_METRICS_LISTEN on 127.0.0.1; for the edge nodes an env entry per node replaces the
     shared ConfigMap's entry, because podman 4.3 lets envFrom win over env); the containers' ports lists
     are dropped (podman 4.3 refuses port mappings with host networking); the edge nodes still check the
-    name FEDGRADNORM_TLS_SERVER_NAME in the aggregator's certificate, as they do behind the Service;
+    name FEDGRADNORM_TLS_SERVER_NAME in the aggregator's (at site-a the relay's) certificate, as they do
+    behind the Service;
   - IMAGE, when set, replaces the overlay's localhost/fedgradnorm:<version> (a generated kustomization
     with an `images:` entry on top of tests/deploy/overlay); deploy/examples/edge-node.yaml, which is
     applied with `kubectl apply -f`, gets the same image and imagePullPolicy Never here;
   - each StatefulSet (the aggregator and every edge node) becomes a Pod named <statefulset>-0 with its
     volumeClaimTemplate as a PersistentVolumeClaim state-<statefulset>-0 (podman 4.3 plays no StatefulSet);
+    the relay's Deployment is played as it is (podman names its pod <deployment>-pod-0);
   - each Secret becomes a podman secret of the same name and keys (podman 4.3 reads Secrets that way):
     the enrollment token (an env secretKeyRef; the operator creates it: here a fresh random token)
     as a JSON map of base64 values, each TLS Secret (a secret volume; here the ones
@@ -356,6 +378,25 @@ def derive(work: Path, address: str) -> dict[str, Any]:
     edge_cm["data"]["FEDGRADNORM_AGGREGATOR"] = f"{address}:{grpc_port}"
     edge_port = port_of(edge_cm["data"].pop("FEDGRADNORM_METRICS_LISTEN"))  # set per node below
 
+    # Site site-a: the relay on loopback, its upstream the aggregator's address; the site's nodes dial it.
+    relay_grpc, relay_health, relay_metrics = free_port(), free_port(), free_port()
+    relay_cm_name = next(
+        s["configMapRef"]["name"]
+        for s in find(docs, "Deployment", RELAY_WORKLOAD)["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    )
+    relay_cm = find(docs, "ConfigMap", relay_cm_name)
+    relay_shipped = {port_of(relay_cm["data"][k]) for k in LISTENERS}
+    relay_cm["data"]["FEDGRADNORM_UPSTREAM"] = f"{address}:{grpc_port}"
+    relay_cm["data"]["FEDGRADNORM_LISTEN"] = f"127.0.0.1:{relay_grpc}"
+    relay_cm["data"]["FEDGRADNORM_HEALTH_LISTEN"] = f"127.0.0.1:{relay_health}"
+    relay_cm["data"]["FEDGRADNORM_METRICS_LISTEN"] = f"127.0.0.1:{relay_metrics}"
+    relay_dep = find(docs, "Deployment", RELAY_WORKLOAD)
+    podman_pod_spec(relay_dep, relay_shipped, {})
+    relay_file = work / "relay.yaml"
+    relay_file.write_text(yaml.safe_dump_all([relay_cm, relay_dep], sort_keys=False))
+    site_cm = find(docs, "ConfigMap", SITE_EDGE_CONFIG)
+    site_cm["data"]["FEDGRADNORM_AGGREGATOR"] = f"127.0.0.1:{relay_grpc}"
+
     sts = find(docs, "StatefulSet", f"{FEDERATION}-aggregator")
     podman_pod_spec(
         sts, {port_of(find(docs, "ConfigMap", f"{FEDERATION}-aggregator")["data"][k]) for k in LISTENERS}, {}
@@ -369,9 +410,12 @@ def derive(work: Path, address: str) -> dict[str, Any]:
     (work / "aggregator-again.yaml").write_text(yaml.safe_dump_all([agg_cm, pod], sort_keys=False))
 
     edge_metrics: dict[str, int] = {}
-    edges, edge_pvcs = [], []
+    edges, edge_pvcs, site_pods = [], [], []
     for name in EDGE_WORKLOADS:
         sts = find(docs, "StatefulSet", name)
+        sources = [s["configMapRef"]["name"] for s in sts["spec"]["template"]["spec"]["containers"][0]["envFrom"]]
+        if SITE_EDGE_CONFIG in sources:
+            site_pods.append(f"{name}-0")
         edge_metrics[name] = port = free_port()
         podman_pod_spec(sts, {edge_port}, {"FEDGRADNORM_METRICS_LISTEN": f"127.0.0.1:{port}"})
         edge_pod, pvcs = statefulset_as_pod(sts)
@@ -379,9 +423,10 @@ def derive(work: Path, address: str) -> dict[str, Any]:
         edge_pvcs += pvcs
         # One node alone again on its claim: what the StatefulSet does when the pod is deleted.
         if name == EDGE_WORKLOADS[0]:
-            (work / "edge-again.yaml").write_text(yaml.safe_dump_all([edge_cm, edge_pod], sort_keys=False))
+            (work / "edge-again.yaml").write_text(yaml.safe_dump_all([edge_cm, site_cm, edge_pod], sort_keys=False))
+    assert site_pods and len(site_pods) < len(EDGE_WORKLOADS), f"site-a's nodes: {site_pods}"
     edge_file = work / "edge-nodes.yaml"
-    edge_file.write_text(yaml.safe_dump_all([edge_cm, *edge_pvcs, *edges], sort_keys=False))
+    edge_file.write_text(yaml.safe_dump_all([edge_cm, site_cm, *edge_pvcs, *edges], sort_keys=False))
 
     (extra_sts,) = [d for d in load(EXAMPLE) if d["kind"] == "StatefulSet"]
     edge_metrics[extra_sts["metadata"]["name"]] = port = free_port()
@@ -399,7 +444,7 @@ def derive(work: Path, address: str) -> dict[str, Any]:
         "stringData": {ENROLLMENT_KEY: token_value},
     }
     podman_secrets = {ENROLLMENT_SECRET: podman_secret(work, token, for_volume=False)}
-    specs = [pod["spec"]] + [d["spec"] for d in (*edges, extra)]
+    specs = [pod["spec"], relay_dep["spec"]["template"]["spec"]] + [d["spec"] for d in (*edges, extra)]
     tls_secrets = sorted(
         {v["secret"]["secretName"] for spec in specs for v in spec.get("volumes", []) if "secret" in v}
     )
@@ -415,7 +460,20 @@ def derive(work: Path, address: str) -> dict[str, Any]:
         "edge_config": edge_cm["data"],
         "token": token_value,
         "pki": pki,
-        "files": [aggregator_file, work / "aggregator-again.yaml", edge_file, work / "edge-again.yaml", extra_file],
+        "files": [
+            aggregator_file,
+            work / "aggregator-again.yaml",
+            relay_file,
+            edge_file,
+            work / "edge-again.yaml",
+            extra_file,
+        ],
+        "relay_file": relay_file,
+        "relay_address": f"127.0.0.1:{relay_grpc}",
+        "relay_health_port": relay_health,
+        "relay_metrics_port": relay_metrics,
+        "relay_server_name": site_cm["data"]["FEDGRADNORM_TLS_SERVER_NAME"],
+        "site_pods": site_pods,
         "extra_file": extra_file,
         "extra_pod": extra["metadata"]["name"],
         "edge_again": work / "edge-again.yaml",
@@ -434,15 +492,19 @@ def derive(work: Path, address: str) -> dict[str, Any]:
 
 
 def state(address: str, tls: list[str]) -> dict[str, Any] | None:
-    """`fedgradnorm state` from the host, as a user would run it (mutual TLS); None while unreachable."""
-    res = subprocess.run(
-        fedgradnorm("state", "--aggregator", address, *tls, "--timeout", "5"),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=fedgradnorm_env(),
-        cwd=ROOT,
-    )
+    """`fedgradnorm state` from the host, as a user would run it (mutual TLS); None while unreachable
+    (or while the machine is too busy to answer within a minute: the callers poll until their deadline)."""
+    try:
+        res = subprocess.run(
+            fedgradnorm("state", "--aggregator", address, *tls, "--timeout", "5"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=fedgradnorm_env(),
+            cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        return None
     if res.returncode != 0:
         return None
     return json.loads(res.stdout)  # every field, numbers as numbers (fedgradnorm.cli.services.plain)
@@ -513,6 +575,84 @@ def check_transport(info: dict[str, Any]) -> None:
         f"certificate refused ({foreign.removeprefix('refused: ')}); mutual TLS served to the edge nodes' "
         f"and {EXTERNAL_NODE}'s certificates; no tls.development_pki warning (own PKI)"
     )
+
+
+def site_tls(info: dict[str, Any]) -> list[str]:
+    """The edge nodes' TLS flags as a node of site-a uses them: the relay's name to check."""
+    tls = list(info["client_tls"])
+    tls[tls.index("--tls-server-name") + 1] = info["relay_server_name"]
+    return tls
+
+
+def check_relay(info: dict[str, Any]) -> None:
+    """The relay's gRPC port speaks mutual TLS only, under its Service's name, and passes GetState on to
+    the aggregator; the aggregator counts the relay attached."""
+    relay, tls = info["relay_address"], site_tls(info)
+    plaintext = health(relay, "")
+    assert plaintext == "UNAVAILABLE", f"a plaintext health check on the relay's TLS port got {plaintext}"
+    through = state(relay, tls)
+    assert through is not None, "fedgradnorm state through the relay, with the edge nodes' certificate, failed"
+    ca_only = [tls[i + k] for i, flag in enumerate(tls) if flag in ("--tls-ca", "--tls-server-name") for k in (0, 1)]
+    assert state(relay, ca_only) is None, "the relay served a client without a certificate"
+    assert metric(info["metrics_port"], "fedgradnorm_relays") == 1.0, "the aggregator counts no relay attached"
+    assert metric(info["relay_metrics_port"], "fedgradnorm_relay_upstream_connected") == 1.0
+    log(
+        f"relay {RELAY_NAME}: attached (fedgradnorm_relays 1); its gRPC port refuses plaintext and clients "
+        f"without a certificate and serves the edge nodes' certificate under {info['relay_server_name']}, "
+        f"passing GetState on to the aggregator (round {through['round']})"
+    )
+
+
+def site_nodes(s: dict[str, Any], info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n["node_name"]: n for n in s.get("nodes", []) if n["node_name"] in info["site_pods"]}
+
+
+def check_site(info: dict[str, Any], address: str, tls: list[str], deadline: float) -> dict[str, Any]:
+    """GetState lists the site's nodes with the relay and the others without; the site's updates are
+    counted round after round (their last_round advances, all three nodes participate); the relay's
+    and the aggregator's metrics agree."""
+    s = state(address, tls)
+    assert s is not None
+    for node in active_nodes(s):
+        expected = RELAY_NAME if node["node_name"] in info["site_pods"] else ""
+        assert node["relay"] == expected, f"{node['node_name']}: relay {node['relay']!r}, expected {expected!r}"
+    before = {name: node["last_round"] for name, node in site_nodes(s, info).items()}
+    s = wait(
+        f"the nodes of {RELAY_NAME} to submit to a later round",
+        lambda: (
+            (x := state(address, tls))
+            and all(n["active"] and n["last_round"] > before[name] for name, n in site_nodes(x, info).items())
+            and x
+        ),
+        deadline,
+    )
+    after = {name: node["last_round"] for name, node in site_nodes(s, info).items()}
+    wait(
+        "a round with all three nodes among its participants",
+        lambda: metric(info["metrics_port"], "fedgradnorm_round_participants") == 3.0,
+        deadline,
+        1,
+    )
+    relay_metrics = {
+        name: metric(info["relay_metrics_port"], name)
+        for name in (
+            "fedgradnorm_relay_registered_nodes",
+            "fedgradnorm_relay_partial_sums_total",
+            "fedgradnorm_relay_rounds_total",
+            "fedgradnorm_relay_round",
+        )
+    }
+    assert relay_metrics["fedgradnorm_relay_registered_nodes"] == len(info["site_pods"]), relay_metrics
+    assert (relay_metrics["fedgradnorm_relay_partial_sums_total"] or 0) >= 1, relay_metrics
+    nodes = metric(info["metrics_port"], f'fedgradnorm_relay_nodes{{relay="{RELAY_NAME}"}}')
+    sums = metric(info["metrics_port"], f'fedgradnorm_relay_partial_sums_total{{relay="{RELAY_NAME}"}}')
+    assert nodes == len(info["site_pods"]) and (sums or 0) >= 1, (nodes, sums)
+    log(
+        f"{RELAY_NAME}'s nodes {sorted(after)} listed with relay {RELAY_NAME!r}, the others with none; their last "
+        f"rounds {before} -> {after}; a round with 3 participants; relay metrics {relay_metrics}; the aggregator "
+        f"counts {nodes:.0f} nodes and {sums:.0f} partial sums from {RELAY_NAME}"
+    )
+    return s
 
 
 # --- the device outside the pod network -----------------------------------------------------------
@@ -648,7 +788,7 @@ def metric(port: int, name: str) -> float | None:
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(name + " ") or ("{" not in name and line.startswith(name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return None
 
@@ -683,7 +823,7 @@ def check_backup(path: Path) -> int:
 def check_containers_hardened() -> None:
     """The manifests' security context reached the containers: uid 10001, read-only root, no capabilities."""
     names = [n for n in pods_running().split() if n.startswith(f"{FEDERATION}-") and not n.endswith("-infra")]
-    names = [n for n in names if n.endswith(("-aggregator", "-edge-node"))]
+    names = [n for n in names if n.endswith(("-aggregator", "-edge-node", "-relay"))]
     assert names, "no containers found"
     for name in names:
         (info,) = json.loads(run("podman", "inspect", name, quiet=True).stdout)
@@ -766,7 +906,16 @@ def main() -> int:
         assert net.reaches(address), f"{net.name} does not reach the aggregator at {address}"
         assert not net.reaches(haddress), f"{net.name} reaches the host's loopback: not a network of its own"
 
-        log("podman kube play edge-nodes.yaml")
+        # Site site-a's relay (a Deployment): it attaches to the aggregator before it reports SERVING.
+        log(f"podman kube play relay.yaml (the relay of {RELAY_NAME}, Deployment {RELAY_WORKLOAD})")
+        run("podman", "kube", "play", str(info["relay_file"]))
+        rhealth = f"127.0.0.1:{info['relay_health_port']}"
+        wait("relay health SERVING (attached)", lambda: health(rhealth, "") == "SERVING", deadline, 1)
+        log(f"relay health: ''={health(rhealth, '')} fedgradnorm.v1.Aggregator={health(rhealth, SERVICE_NAME)}")
+        check_relay(info)
+        assert not net.reaches(info["relay_address"]), f"{net.name} reaches the relay: it is in-cluster only"
+
+        log(f"podman kube play edge-nodes.yaml ({', '.join(info['site_pods'])} dial the relay)")
         run("podman", "kube", "play", str(work / "edge-nodes.yaml"))
         s = wait(
             f"round {ROUNDS_BEFORE_JOIN} with 3 nodes",
@@ -783,6 +932,7 @@ def main() -> int:
         for name, mport in info["edge_metrics"].items():
             if name in EDGE_WORKLOADS:
                 assert metric(mport, "fedgradnorm_edge_connected") == 1.0, f"{name}: not connected"
+        s = check_site(info, address, tls, deadline)
 
         check_containers_hardened()
         joined_at = s["round"]
@@ -852,11 +1002,21 @@ def main() -> int:
         resumed = state(address, tls)
         assert resumed and resumed["round"] >= before, f"state lost: round {resumed and resumed['round']} < {before}"
         s = wait(
-            "a round after the restart with all 4 nodes",
-            lambda: (x := state(address, tls)) and x["round"] > resumed["round"] and len(active_nodes(x)) == 4 and x,
+            "a round after the restart with all 4 nodes, the site's through the relay",
+            lambda: (
+                (x := state(address, tls))
+                and x["round"] > resumed["round"]
+                and len(active_nodes(x)) == 4
+                and all(n["last_round"] >= resumed["round"] for n in site_nodes(x, info).values())
+                and x
+            ),
             deadline,
         )
-        log(f"aggregator resumed at round {resumed['round']} (was {before}); now round {s['round']} with 4 nodes")
+        log(
+            f"aggregator resumed at round {resumed['round']} (was {before}); now round {s['round']} with 4 nodes; "
+            f"the relay attached again: {RELAY_NAME}'s nodes submitted to rounds "
+            f"{ {k: n['last_round'] for k, n in site_nodes(s, info).items()} }"
+        )
         log(f"health: fedgradnorm.v1.Aggregator={health(haddress, 'fedgradnorm.v1.Aggregator')}")
 
         # An edge-node pod deleted and made again by its StatefulSet: same name, same claim, same node.
@@ -887,6 +1047,50 @@ def main() -> int:
         assert after_node["node_id"] == before_node["node_id"], f"{edge} came back as a new node: {after_node}"
         log(
             f"{edge} resumed as node {after_node['node_id']} (identity on its claim), submitted to round {after_node['last_round']}"
+        )
+
+        # The relay goes away (its pod deleted, nothing to replace it): the round in progress closes without
+        # the site's nodes (they are left out; the relay's session ends after the heartbeat timeout), then
+        # the relay comes back and its nodes take part again.
+        down_at = s["round"]
+        log(f"podman kube down relay.yaml at round {down_at} (the relay of {RELAY_NAME} goes away)")
+        run("podman", "kube", "down", str(info["relay_file"]), quiet=True, timeout=120)
+        gone_at = time.monotonic()
+        s = wait(
+            f"a round closed without {RELAY_NAME}'s nodes",
+            lambda: (
+                (x := state(address, tls))
+                and x["round"] > down_at
+                and not any(n["active"] for n in site_nodes(x, info).values())
+                and any(n["last_round"] >= down_at for n in active_nodes(x))
+                and x
+            ),
+            deadline,
+        )
+        stale = {k: n["last_round"] for k, n in site_nodes(s, info).items()}
+        lost = metric(info["metrics_port"], f'fedgradnorm_relay_lost_rounds_total{{relay="{RELAY_NAME}"}}')
+        log(
+            f"{time.monotonic() - gone_at:.0f} s after the relay left: round {s['round']} ({s['phase']}), "
+            f"{RELAY_NAME}'s nodes inactive at last rounds {stale}, the others "
+            f"{ {n['node_name']: n['last_round'] for n in active_nodes(s)} }; lost rounds counted: {lost}"
+        )
+        log("podman kube play relay.yaml (the relay comes back)")
+        run("podman", "kube", "play", str(info["relay_file"]))
+        wait("relay health SERVING again", lambda: health(rhealth, "") == "SERVING", deadline, 1)
+        back_at = s["round"]
+        s = wait(
+            f"{RELAY_NAME}'s nodes to take part again",
+            lambda: (
+                (x := state(address, tls))
+                # back_at: the round the aggregator waits to open (its number is the next round's)
+                and all(n["active"] and n["last_round"] >= back_at for n in site_nodes(x, info).values())
+                and x
+            ),
+            deadline,
+        )
+        log(
+            f"the relay attached again; {RELAY_NAME}'s nodes submitted to rounds "
+            f"{ {k: n['last_round'] for k, n in site_nodes(s, info).items()} } (round {s['round']})"
         )
         ok = True
     except Exception as e:

@@ -25,6 +25,8 @@ WIRE_DTYPES = tuple(DTYPE_BY_NAME)
 # A node's or a relay's name (also its id): a DNS-label-like word, at most 63 characters.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
+# A node's or a relay's name (the relay's config checks it too, so it lives here, away from torch).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # Enrolment tokens known to the world: the placeholder the Kubernetes manifests shipped until they
 # stopped shipping the Secret (commit 38f06f2), and its common spellings. The aggregator refuses
 # them (no override: a deployment that forgot to set the Secret must not start open to anyone).

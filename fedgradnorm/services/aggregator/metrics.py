@@ -164,9 +164,11 @@ class AggregatorMetrics(NodeTrafficMetrics):
                 ("sums", self.relay_partial_sums, sums),
                 ("lost", self.relay_lost_rounds, lost),
             ):
+                # The relay's series exist from its attach on, at 0, so increase() sees its first lost round.
+                child = counter.labels(relay)
                 delta = total - self._relay_synced.get((relay, key), 0)
                 if delta > 0:
-                    counter.labels(relay).inc(delta)
+                    child.inc(delta)
                 self._relay_synced[(relay, key)] = total
         for (relay, _), _total in list(self._relay_synced.items()):
             if relay not in stats:
