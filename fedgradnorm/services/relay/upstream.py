@@ -70,7 +70,9 @@ class Upstream:
             PARTIAL_METHOD, request_serializer=bytes, response_deserializer=rpb.SubmitPartialSumResponse.FromString
         )
         self._lock = threading.Lock()
+        self._attaching = threading.Lock()  # one re-attach at a time (see _reattach)
         self.session = rpb.RelaySession()
+        self.generation = 0  # sessions attached so far
         self.connected = False
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -98,6 +100,7 @@ class Upstream:
         )
         with self._lock:
             self.session = resp.session
+            self.generation += 1
         attachment = Attachment(
             settings=resp.settings,
             hyperparameters=resp.hyperparameters,
@@ -109,6 +112,18 @@ class Upstream:
         self.on_attach(attachment)
         return attachment
 
+    def _reattach(self, generation: int, what: str, details: str | None) -> None:
+        """The aggregator no longer knows the session a call presented: attach again, unless another
+        loop already did since that call began (``generation``). Without this, the round loop, the
+        reporter and the heartbeat, which all lose the session at once, would each attach, and each
+        new session would void the others' tokens (a cascade of attaches and BAD_TOKEN refusals)."""
+        with self._attaching:
+            with self._lock:
+                if self.generation != generation:
+                    return
+            log.warning("relay.session_lost", call=what, details=details)
+            self.attach()
+
     def _session(self) -> rpb.RelaySession:
         with self._lock:
             return rpb.RelaySession(relay_id=self.session.relay_id, session_token=self.session.session_token)
@@ -118,6 +133,8 @@ class Upstream:
         while True:
             if self.stop.is_set():
                 raise Stopped(what)
+            with self._lock:
+                generation = self.generation  # the session this call presents, or a later one
             try:
                 result = call()
                 self.connected = True
@@ -125,8 +142,7 @@ class Upstream:
             except grpc.RpcError as e:
                 code, reason = e.code(), reason_of(e)
                 if attach_on_loss and reason in REATTACH:
-                    log.warning("relay.session_lost", call=what, details=e.details())
-                    self.attach()
+                    self._reattach(generation, what, e.details())
                     continue
                 if code == grpc.StatusCode.PERMISSION_DENIED or reason in {
                     Reason.BAD_ENROLLMENT,
