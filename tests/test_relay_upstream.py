@@ -1,5 +1,6 @@
 """The relay's client of the Uplink service (fedgradnorm.services.relay.upstream) against a fake
-aggregator: how it re-attaches when the aggregator no longer knows its session."""
+aggregator: how it re-attaches when the aggregator no longer knows its session, and what its
+nodes are told meanwhile."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from typing import Any
 import grpc
 import pytest
 
+from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import relay_pb2 as rpb
 from fedgradnorm.reasons import REASON_KEY, Reason
+from fedgradnorm.services.aggregator.errors import NotFound, Unavailable
 from fedgradnorm.services.relay.config import RelayConfig
+from fedgradnorm.services.relay.coordinator import upstream_error
 from fedgradnorm.services.relay.upstream import Upstream
 
 
@@ -119,3 +123,52 @@ def test_loops_that_lose_the_session_together_attach_once(upstream: Upstream) ->
     assert fake.attaches == 2, f"{fake.attaches - 1} re-attaches for one lost session"
     assert fake.bad_tokens == 0
     assert upstream.generation == 2
+
+
+class FakeRegistrar(FakeUplink):
+    """RegisterNode checks the relay's token; ``replace_once`` makes another loop attach again
+    while the first call is on its way (its token is void when it arrives)."""
+
+    def __init__(self, upstream: Upstream, replace_once: bool) -> None:
+        super().__init__(callers=1)
+        self.upstream = upstream
+        self.replace_once = replace_once
+        self.calls = 0
+
+    def RegisterNode(self, request: rpb.RegisterNodeRequest, timeout: float) -> pb.RegisterResponse:
+        self.calls += 1
+        if self.replace_once:
+            self.replace_once = False
+            self.upstream.attach()
+        with self.lock:
+            if request.session.session_token != self.token:
+                raise Refusal(grpc.StatusCode.UNAUTHENTICATED, Reason.BAD_TOKEN, "token does not belong to relay")
+        if request.request.session_token == "stolen":
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, Reason.BAD_TOKEN, "token does not belong to node")
+        return pb.RegisterResponse(node_id=request.request.node_name, session_token="s")
+
+
+def test_a_node_registering_while_the_relay_attaches_again_is_registered(upstream: Upstream) -> None:
+    fake = FakeRegistrar(upstream, replace_once=True)
+    upstream.uplink = fake
+    upstream.attach()
+    resp = upstream.register_node(pb.RegisterRequest(node_name="n1"), peer="")
+    assert resp.node_id == "n1" and fake.calls == 2 and fake.attaches == 2
+
+
+def test_a_node_presenting_a_wrong_token_is_refused_once(upstream: Upstream) -> None:
+    fake = FakeRegistrar(upstream, replace_once=False)
+    upstream.uplink = fake
+    upstream.attach()
+    with pytest.raises(grpc.RpcError) as refused:
+        upstream.register_node(pb.RegisterRequest(node_name="n1", node_id="n1", session_token="stolen"), peer="")
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and fake.calls == 1
+
+
+def test_a_lost_relay_session_is_unavailable_to_the_node_not_an_unknown_identity() -> None:
+    """Passed on as NOT_FOUND, the aggregator's 'unknown relay' made a registering node drop its
+    identity and enrol afresh (a second member, its F_0 lost); UNAVAILABLE makes it retry."""
+    lost = upstream_error(Refusal(grpc.StatusCode.NOT_FOUND, Reason.UNKNOWN_RELAY, "unknown relay 'x'"))
+    assert isinstance(lost, Unavailable) and lost.reason is Reason.UPSTREAM
+    unknown = upstream_error(Refusal(grpc.StatusCode.NOT_FOUND, Reason.UNKNOWN_NODE, "unknown node id 'n1'"))
+    assert isinstance(unknown, NotFound) and unknown.reason is Reason.UNKNOWN_NODE

@@ -59,8 +59,13 @@ CODE_ERRORS = {code: kind for kind, code in STATUS.items()}
 
 
 def upstream_error(e: grpc.RpcError) -> CoordinatorError:
-    """The aggregator's refusal of a node's call, as the relay passes it on (same code and reason)."""
+    """The aggregator's refusal of a node's call, as the relay passes it on (same code and reason).
+    A refusal of the relay's own session (UNKNOWN_RELAY: the aggregator restarted, or the relay was
+    cut off beyond heartbeat_timeout) is not the node's: it is UNAVAILABLE (the node retries while the
+    relay attaches again), never the NOT_FOUND on which a node drops its identity and enrols afresh."""
     code = e.code()
+    if reason_of(e) is Reason.UNKNOWN_RELAY:
+        return Unavailable(f"the relay is attaching to the aggregator again: {e.details()}", Reason.UPSTREAM)
     kind = CODE_ERRORS.get(code, Unavailable)
     reason = reason_of(e) or (Reason.UPSTREAM if kind is Unavailable else Reason.BAD_VALUE)
     details = e.details() or code.name

@@ -179,11 +179,24 @@ class Upstream:
     # -- calls --------------------------------------------------------------------------------
 
     def register_node(self, request: pb.RegisterRequest, peer: str) -> pb.RegisterResponse:
-        """One attempt (the node retries itself); the aggregator's refusal passes through."""
-        resp: pb.RegisterResponse = self.uplink.RegisterNode(
-            rpb.RegisterNodeRequest(session=self._session(), request=request, peer=peer), timeout=30
-        )
-        return resp
+        """One attempt (the node retries itself); the aggregator's refusal passes through. If the
+        relay's token was replaced while the call was on its way (another loop attached again), the
+        call is made once more with the new one: that refusal was the relay's, not the node's."""
+        for last in (False, True):
+            with self._lock:
+                generation = self.generation
+            try:
+                resp: pb.RegisterResponse = self.uplink.RegisterNode(
+                    rpb.RegisterNodeRequest(session=self._session(), request=request, peer=peer), timeout=30
+                )
+                return resp
+            except grpc.RpcError as e:
+                if last or reason_of(e) is not Reason.BAD_TOKEN:
+                    raise
+                with self._lock:
+                    if self.generation == generation:
+                        raise  # the node's token (its resume), or the relay's current one: passed on
+        raise AssertionError("unreachable")
 
     def deregister_node(self, node_id: str, token: str) -> None:
         self.aggregator.Deregister(pb.DeregisterRequest(node_id=node_id, session_token=token), timeout=30)
