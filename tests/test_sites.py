@@ -50,6 +50,7 @@ RELAY_TIMEOUT = 3.0
 HEARTBEAT_TIMEOUT = 10.0  # above a node's start-up (register to first heartbeat) on a busy machine
 PARTITION = 20.0  # at least: beyond heartbeat_timeout, so the aggregator ends relay B's session too
 SLACK = 3.0  # a step, a commit and scheduling on a busy 2-core machine
+STARTUP = 240.0  # seven processes importing torch at once: 25 s here, minutes when the machine is swamped
 AGGREGATOR = [
     "--federation", "radcom", "--tau-h", "2", "--tau-omega", "2", "--batch-size", "8", "--seed", "0",
     "--min-nodes", "2", "--round-timeout", str(ROUND_TIMEOUT), "--relay-timeout", str(RELAY_TIMEOUT),
@@ -238,6 +239,7 @@ def test_partitioned_site_costs_only_its_nodes_and_rejoins_after_the_partition_h
                 RELAY,
                 listen=f"127.0.0.1:{RELAY_PORT}",
                 wrap=sites.wrap(site),
+                timeout=STARTUP,
             )
             for site in SITE_NODES
         }
@@ -264,7 +266,7 @@ def test_partitioned_site_costs_only_its_nodes_and_rejoins_after_the_partition_h
     channel, stub = connect(port, host=sites.aggregator_from("root"))  # over the test's own link
     try:
         # Every node takes part, through its site's relay.
-        until(lambda: a_nodes | b_nodes in full_rounds(state_dir), 120, "a round with every node")
+        until(lambda: a_nodes | b_nodes in full_rounds(state_dir), STARTUP, "a round with every node")
         members = nodes_of(stub)
         assert {n: m.relay for n, m in members.items()} == {
             **dict.fromkeys(a_nodes, "site-a"),
