@@ -123,23 +123,29 @@ def start_aggregator(
     name: str = "aggregator",
     env: dict[str, str] | None = None,
     certs: Path | None = None,
+    wrap: Sequence[str] = (),
 ) -> tuple[ServiceProcess, dict[str, Any]]:
+    """An aggregator process on 127.0.0.1:0 (``flags`` may name another --listen: the last one
+    counts); returns once it serves. ``wrap`` prefixes the command (e.g. ``ip netns exec NS``)."""
     ready = workdir / f"{name}.ready.json"
     if ready.exists():
         ready.unlink()
     proc = ServiceProcess(
         name,
-        cli(
-            "aggregator",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--ready-file",
-            str(ready),
-            *server_tls_flags(certs),
-            *flags,
-        ),
+        [
+            *wrap,
+            *cli(
+                "aggregator",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(ready),
+                *server_tls_flags(certs),
+                *flags,
+            ),
+        ],
         workdir / f"{name}.log",
         env=env or {},
     ).start()
@@ -158,23 +164,29 @@ def start_edge_node(
     name: str | None = None,
     env: dict[str, str] | None = None,
     certs: Path | None = None,
+    wrap: Sequence[str] = (),
 ) -> ServiceProcess:
+    """An edge node of ``task`` dialling 127.0.0.1:``port`` (an aggregator or a relay). ``wrap``
+    prefixes the command (e.g. ``ip netns exec NS``)."""
     name = name or task
     return ServiceProcess(
         name,
-        cli(
-            "edge-node",
-            "--aggregator",
-            f"127.0.0.1:{port}",
-            "--task",
-            task,
-            "--name",
-            name,
-            "--state-dir",
-            str(workdir / f"node-{name}"),
-            *client_tls_flags(certs),
-            *flags,
-        ),
+        [
+            *wrap,
+            *cli(
+                "edge-node",
+                "--aggregator",
+                f"127.0.0.1:{port}",
+                "--task",
+                task,
+                "--name",
+                name,
+                "--state-dir",
+                str(workdir / f"node-{name}"),
+                *client_tls_flags(certs),
+                *flags,
+            ),
+        ],
         workdir / f"node-{name}.log",
         env=env or {},
     ).start()

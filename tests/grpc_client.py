@@ -87,8 +87,8 @@ class RawNode:
         self.stub.Deregister(pb.DeregisterRequest(node_id=self.node_id, session_token=self.token), timeout=10)
 
 
-def connect(port: int) -> tuple[grpc.Channel, pb_grpc.AggregatorStub]:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
+def connect(port: int, host: str = "127.0.0.1") -> tuple[grpc.Channel, pb_grpc.AggregatorStub]:
+    channel = grpc.insecure_channel(f"{host}:{port}", options=OPTIONS)
     return channel, pb_grpc.AggregatorStub(channel)
 
 

@@ -59,8 +59,13 @@ CODE_ERRORS = {code: kind for kind, code in STATUS.items()}
 
 
 def upstream_error(e: grpc.RpcError) -> CoordinatorError:
-    """The aggregator's refusal of a node's call, as the relay passes it on (same code and reason)."""
+    """The aggregator's refusal of a node's call, as the relay passes it on (same code and reason).
+    A refusal of the relay's own session (UNKNOWN_RELAY: the aggregator restarted, or the relay was
+    cut off beyond heartbeat_timeout) is not the node's: it is UNAVAILABLE (the node retries while the
+    relay attaches again), never the NOT_FOUND on which a node drops its identity and enrols afresh."""
     code = e.code()
+    if reason_of(e) is Reason.UNKNOWN_RELAY:
+        return Unavailable(f"the relay is attaching to the aggregator again: {e.details()}", Reason.UPSTREAM)
     kind = CODE_ERRORS.get(code, Unavailable)
     reason = reason_of(e) or (Reason.UPSTREAM if kind is Unavailable else Reason.BAD_VALUE)
     details = e.details() or code.name
@@ -126,10 +131,23 @@ class RelayCoordinator:
                 beta=config.beta,
                 omega_tilde=tuple(s.omega_tilde),
             )
-            self._members = dict(a.members)
-            self._members_version = a.members_version
+            self._set_members_locked(dict(a.members), a.members_version)
             self.relay_timeout = a.relay_timeout
             self._cond.notify_all()
+
+    def _set_members_locked(self, members: dict[str, str], version: int) -> None:
+        """The aggregator's list of this relay's registered nodes. A participant of the open round
+        that is no longer on it (dropped: silent beyond heartbeat_timeout, or deregistered) is no
+        longer a participant there either (the aggregator discards it from the round, and resuming
+        does not put it back): it leaves this round here too, else after resuming it would fetch
+        omega, train, and send an update the aggregator can only refuse (too late, or not a
+        participant), while the node takes it for its first accepted update."""
+        self._members = members
+        self._members_version = version
+        r = self._round
+        if r is not None:
+            for node_id in [n for n in r.ticket.participants if n not in members and n not in r.submitted]:
+                del r.ticket.participants[node_id]
 
     def start(self) -> None:
         """Attach (retrying while the aggregator is away), then run the three loops."""
@@ -434,8 +452,7 @@ class RelayCoordinator:
             with self._cond:
                 self._upstream_round = max(self._upstream_round, resp.round)
                 if resp.members_changed:
-                    self._members = {**serde.members_of(resp.members), **self._recent}
-                    self._members_version = resp.members_version
+                    self._set_members_locked({**serde.members_of(resp.members), **self._recent}, resp.members_version)
                     self._cond.notify_all()
             self._stop.wait(interval)
 

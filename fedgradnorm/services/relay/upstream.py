@@ -41,6 +41,20 @@ PARTIAL_METHOD = f"/{rpb.DESCRIPTOR.services_by_name['Uplink'].full_name}/Submit
 PARTIAL_CHUNK_FIELD = rpb.SubmitPartialSumRequest.DESCRIPTOR.fields_by_name["chunk"].number
 
 
+def channel_options(config: RelayConfig) -> list[tuple[str, object]]:
+    """The edge node's channel options (message limits, keepalive), with gRPC's reconnect backoff
+    capped at max_backoff. gRPC waits 1 s, then 1.6 times longer after every failed connect, up to
+    120 s, and fails calls at once meanwhile: the relay's own retries cannot shorten it, so after a
+    partition of a few minutes the relay stayed away for up to two more minutes once the link was
+    back (a relay in a network namespace: 47 s after a 150 s partition)."""
+    cap = max(100, int(config.max_backoff * 1000))
+    return [
+        *CHANNEL_OPTIONS,
+        ("grpc.initial_reconnect_backoff_ms", min(1000, cap)),
+        ("grpc.max_reconnect_backoff_ms", cap),
+    ]
+
+
 class UpstreamRefused(FatalError):
     """The aggregator refused the relay for good (wrong token, federation or network, not a relay)."""
 
@@ -63,14 +77,16 @@ class Upstream:
         self.config = config
         self.stop = stop
         self.on_attach = on_attach
-        self.channel = config.client_tls().channel(config.upstream, CHANNEL_OPTIONS)
+        self.channel = config.client_tls().channel(config.upstream, channel_options(config))
         self.uplink = rpb_grpc.UplinkStub(self.channel)
         self.aggregator = pb_grpc.AggregatorStub(self.channel)
         self._submit_partial = self.channel.stream_unary(
             PARTIAL_METHOD, request_serializer=bytes, response_deserializer=rpb.SubmitPartialSumResponse.FromString
         )
         self._lock = threading.Lock()
+        self._attaching = threading.Lock()  # one re-attach at a time (see _reattach)
         self.session = rpb.RelaySession()
+        self.generation = 0  # sessions attached so far
         self.connected = False
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -98,6 +114,7 @@ class Upstream:
         )
         with self._lock:
             self.session = resp.session
+            self.generation += 1
         attachment = Attachment(
             settings=resp.settings,
             hyperparameters=resp.hyperparameters,
@@ -109,6 +126,18 @@ class Upstream:
         self.on_attach(attachment)
         return attachment
 
+    def _reattach(self, generation: int, what: str, details: str | None) -> None:
+        """The aggregator no longer knows the session a call presented: attach again, unless another
+        loop already did since that call began (``generation``). Without this, the round loop, the
+        reporter and the heartbeat, which all lose the session at once, would each attach, and each
+        new session would void the others' tokens (a cascade of attaches and BAD_TOKEN refusals)."""
+        with self._attaching:
+            with self._lock:
+                if self.generation != generation:
+                    return
+            log.warning("relay.session_lost", call=what, details=details)
+            self.attach()
+
     def _session(self) -> rpb.RelaySession:
         with self._lock:
             return rpb.RelaySession(relay_id=self.session.relay_id, session_token=self.session.session_token)
@@ -118,6 +147,8 @@ class Upstream:
         while True:
             if self.stop.is_set():
                 raise Stopped(what)
+            with self._lock:
+                generation = self.generation  # the session this call presents, or a later one
             try:
                 result = call()
                 self.connected = True
@@ -125,8 +156,7 @@ class Upstream:
             except grpc.RpcError as e:
                 code, reason = e.code(), reason_of(e)
                 if attach_on_loss and reason in REATTACH:
-                    log.warning("relay.session_lost", call=what, details=e.details())
-                    self.attach()
+                    self._reattach(generation, what, e.details())
                     continue
                 if code == grpc.StatusCode.PERMISSION_DENIED or reason in {
                     Reason.BAD_ENROLLMENT,
@@ -149,11 +179,24 @@ class Upstream:
     # -- calls --------------------------------------------------------------------------------
 
     def register_node(self, request: pb.RegisterRequest, peer: str) -> pb.RegisterResponse:
-        """One attempt (the node retries itself); the aggregator's refusal passes through."""
-        resp: pb.RegisterResponse = self.uplink.RegisterNode(
-            rpb.RegisterNodeRequest(session=self._session(), request=request, peer=peer), timeout=30
-        )
-        return resp
+        """One attempt (the node retries itself); the aggregator's refusal passes through. If the
+        relay's token was replaced while the call was on its way (another loop attached again), the
+        call is made once more with the new one: that refusal was the relay's, not the node's."""
+        for last in (False, True):
+            with self._lock:
+                generation = self.generation
+            try:
+                resp: pb.RegisterResponse = self.uplink.RegisterNode(
+                    rpb.RegisterNodeRequest(session=self._session(), request=request, peer=peer), timeout=30
+                )
+                return resp
+            except grpc.RpcError as e:
+                if last or reason_of(e) is not Reason.BAD_TOKEN:
+                    raise
+                with self._lock:
+                    if self.generation == generation:
+                        raise  # the node's token (its resume), or the relay's current one: passed on
+        raise AssertionError("unreachable")
 
     def deregister_node(self, node_id: str, token: str) -> None:
         self.aggregator.Deregister(pb.DeregisterRequest(node_id=node_id, session_token=token), timeout=30)
