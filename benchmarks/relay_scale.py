@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import queue
 import resource
+import signal
 import sys
 import threading
 import time
@@ -106,6 +107,7 @@ async def _drive(
     }
     stats: dict[str, list[float]] = {"Register": [], "FetchRound (model part)": [], "SubmitUpdate": []}
     errors: Counter[str] = Counter()  # "call: CODE" -> count
+    examples: dict[str, str] = {}  # "call: CODE" -> the first error's details
     register_retries: Counter[str] = Counter()
     registered_at: list[float] = []
     rounds_of: dict[int, list[int]] = {}
@@ -160,6 +162,7 @@ async def _drive(
                     rejoin.set()
             except grpc.RpcError as e:
                 errors[f"Heartbeat: {e.code().name}"] += 1
+                examples.setdefault(f"Heartbeat: {e.code().name}", str(e.details())[:200])
 
     async def node(i: int, port: int, k: int) -> None:
         stub = pb_grpc.AggregatorStub(channels[port][k % len(channels[port])])
@@ -179,7 +182,14 @@ async def _drive(
                 try:
                     if rejoin.is_set():
                         rejoin.clear()
-                        await register(stub, i, ident)
+                        try:
+                            await register(stub, i, ident)
+                        except grpc.RpcError as e:
+                            if e.code() != grpc.StatusCode.NOT_FOUND:
+                                raise
+                            fresh_reg = await register(stub, i, {})  # forgotten meanwhile: enrol afresh
+                            ident.update(node_id=fresh_reg.node_id, session_token=fresh_reg.session_token)
+                            accepted = 0  # a new F_0
                         rejoined.append(i)
                     call = "FetchRound"
                     stream = stub.FetchRound(
@@ -232,6 +242,7 @@ async def _drive(
                     done.append(header.round)
                 except grpc.RpcError as e:
                     errors[f"{call}: {e.code().name}"] += 1
+                    examples.setdefault(f"{call}: {e.code().name}", str(e.details())[:200])
                     if must_rejoin(e):
                         rejoin.set()  # dropped by the service (e.g. its heartbeat timed out): resume, as an edge node does
                     else:
@@ -265,6 +276,7 @@ async def _drive(
         "nodes": len(assignment),
         "stats": stats,
         "errors": dict(errors),
+        "error_examples": examples,
         "register_retries": dict(register_retries),
         "registered": len(registered_at),
         "registration_wall": max(registered_at, default=float("nan")),
@@ -384,18 +396,20 @@ def measure(
     load_procs: int,
     round_timeout: float,
     stall_after: float = 0.0,
+    heartbeat: tuple[float, float] | None = None,
+    min_nodes: float = 1.0,
 ) -> dict[str, Any]:
     """One aggregator (and ``relays`` relays; 0: flat), ``nodes`` light nodes, ``rounds`` rounds."""
     fresh(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     metrics = workdir / "metrics.jsonl"
-    stall_after = stall_after or round_timeout + 180  # a round closes by its timeout once it is open
+    stall_after = stall_after or round_timeout + 300  # a round closes by its timeout once it is open
     t_start = time.monotonic()
     agg_flags = [
         "--federation",
         "mtfl",
         "--min-nodes",
-        str(nodes),
+        str(max(1, math.floor(min_nodes * nodes))),
         "--max-nodes",
         str(nodes),
         "--rounds",
@@ -409,6 +423,8 @@ def measure(
         "--metrics-log",
         str(metrics),
     ]
+    if heartbeat:  # (interval, timeout); None: the aggregator's defaults
+        agg_flags += ["--heartbeat-interval", str(heartbeat[0]), "--heartbeat-timeout", str(heartbeat[1])]
     procs: list[ServiceProcess] = []
     loaders: list[Any] = []
     sampler: Sampler | None = None
@@ -440,11 +456,11 @@ def measure(
         readies, go, stop = [], ctx.Event(), ctx.Event()
         for k in range(load_procs):
             ready_k = ctx.Event()
-            p = ctx.Process(
+            loader = ctx.Process(
                 target=_load, args=(assignment[k::load_procs], ready_k, go, stop, out, time_limit), daemon=True
             )
-            p.start()
-            loaders.append(p)
+            loader.start()
+            loaders.append(loader)
             readies.append(ready_k)
         for r in readies:
             if not r.wait(180):
@@ -453,7 +469,7 @@ def measure(
         t_go = time.monotonic()
         result["loads_started"] = t_go - t_start
         go.set()
-        loads = []
+        loads: list[dict[str, Any]] = []
         size, changed = 0, t_go
         while len(loads) < len(loaders):
             with contextlib.suppress(queue.Empty):
@@ -482,6 +498,7 @@ def measure(
                 "relay.training_done" in p.log_text() for p in procs if p.name.startswith("relay-")
             ):
                 time.sleep(0.2)
+        result["finals"] = sum("relay.training_done" in p.log_text() for p in procs if p.name.startswith("relay-"))
         time.sleep(1.5)  # the services sync their counters into /metrics once a second
         result["agg_metrics"] = {k: v for k, v in scrape(agg_metrics).items() if _kept(k)}
         result["relay_metrics"] = [{k: v for k, v in scrape(port).items() if _kept(k)} for port in relay_metrics]
@@ -544,7 +561,7 @@ def summarize(r: dict[str, Any], model: int) -> dict[str, Any]:
     am = r.get("agg_metrics", {})
     sent = am.get('fedgradnorm_bytes_total{direction="sent"}', float("nan"))
     received = am.get('fedgradnorm_bytes_total{direction="received"}', float("nan"))
-    finals = relays * model  # each relay fetched the final model once; the light nodes did not
+    finals = r.get("finals", 0) * model  # each relay that saw training end fetched the final model once
     per_round = (sent - finals + received) / k if k else float("nan")
     register = [x for ld in loads for x in ld["stats"]["Register"]]
     errors: Counter[str] = Counter()
@@ -662,8 +679,9 @@ def table(results: list[dict[str, Any]], model: int, command: str) -> Table:
             f"{errs}",
         )
     t.notes.append(
-        f"Command: `{command}`. Each row is a fresh aggregator (and fresh relays) with --min-nodes = --max-nodes = "
-        "--new-node-burst = the node count and --rounds as given; every light node sends the model "
+        f"Command: `{command}`. Each row is a fresh aggregator (and fresh relays) with --max-nodes = "
+        "--new-node-burst = the node count, --min-nodes as given (default: the node count), --rounds as given; the "
+        "relays with --max-nodes = their share of the nodes; every light node sends the model "
         f"({model / MB:.2f} MB of float32, one chunk) up and gets it down once a round. Rounds per minute and the "
         "median round: close-to-close intervals after round 0 (the warm-up round, which also waits for the last "
         "registration), from the closed_unix of the aggregator's metrics.jsonl; 'rounds closed with every node' "
@@ -711,17 +729,30 @@ def run(
     load_procs: int = 0,
     round_timeout: float = 120.0,
     command: str = "python -m benchmarks.relay_scale",
+    heartbeat: tuple[float, float] | None = None,
+    topologies: tuple[str, ...] = ("flat", "relayed"),
+    min_nodes: float = 1.0,
 ) -> Table:
     """Every node count, flat then relayed; ``load_procs`` 0: one load process per 1,250 nodes (at most 4)."""
     model = model_bytes()
     results = []
     for n in node_counts:
-        for r in (0, relays):
+        for r in [0] * ("flat" in topologies) + [relays] * ("relayed" in topologies):
             procs = load_procs or max(1, min(4, math.ceil(n / 1250)))
             label = f"{n}-{'flat' if r == 0 else f'{r}-relays'}"
             print(f"-- {label}: {procs} load processes", flush=True)
             try:
-                raw = measure(workdir / label, n, r, rounds, time_limit, procs, round_timeout)
+                raw = measure(
+                    workdir / label,
+                    n,
+                    r,
+                    rounds,
+                    time_limit,
+                    procs,
+                    round_timeout,
+                    heartbeat=heartbeat,
+                    min_nodes=min_nodes,
+                )
             except Exception as e:  # a run that breaks is a result: say how
                 raw = {"nodes": n, "relays": r, "rounds": rounds, "error": f"{type(e).__name__}: {e}"}
                 print(f"   failed: {raw['error'][:2000]}", flush=True)
@@ -789,12 +820,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds the nodes of one run may take")
     parser.add_argument("--round-timeout", type=float, default=120.0, help="the aggregator's --round-timeout")
     parser.add_argument("--load-procs", type=int, default=0, help="load processes (0: one per 1,250 nodes, up to 4)")
+    parser.add_argument(
+        "--heartbeat",
+        default="",
+        help="the aggregator's --heartbeat-interval,--heartbeat-timeout in seconds, e.g. 30,180 (default: its own, 5,30)",
+    )
+    parser.add_argument(
+        "--min-nodes",
+        type=float,
+        default=1.0,
+        help="the aggregator's --min-nodes as a fraction of the nodes (default 1)",
+    )
+    parser.add_argument("--only", choices=("flat", "relayed"), help="one topology only (default: both)")
     parser.add_argument("--workdir", default="runs/bench-relay-scale")
     parser.add_argument("--doc", default="", help="write the 'Relays at scale' section of this markdown file")
     args = parser.parse_args(argv)
+    # SIGTERM (and SIGINT, which a shell's background job ignores) unwind through the finally
+    # blocks, so that every process a run started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = tuple(int(x) for x in args.nodes.split(",") if x.strip())
-    if args.rounds < 2 or args.relays < 1 or not counts:
-        parser.error("need --rounds >= 2, --relays >= 1 and at least one node count")
+    beat = tuple(float(x) for x in args.heartbeat.split(",")) if args.heartbeat else None
+    if beat is not None and len(beat) != 2:
+        parser.error("--heartbeat takes INTERVAL,TIMEOUT")
+    if args.rounds < 2 or args.relays < 1 or not counts or not 0 < args.min_nodes <= 1:
+        parser.error("need --rounds >= 2, --relays >= 1, at least one node count and --min-nodes in (0, 1]")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
@@ -810,6 +859,9 @@ def main(argv: list[str] | None = None) -> int:
         args.load_procs,
         args.round_timeout,
         command.strip(),
+        (beat[0], beat[1]) if beat else None,
+        (args.only,) if args.only else ("flat", "relayed"),
+        args.min_nodes,
     )
     print(t.text(), flush=True)
     if args.doc:
