@@ -41,25 +41,48 @@ class Scale:
     load_rounds: int = 5
     load_time_limit: float = 180.0
     load_workers: tuple[int | None, ...] = (None, 512)  # aggregator --max-workers (None: its default)
+    # Relays at scale (benchmarks/relay_scale.py): `make bench` runs up to 1,000 nodes; the full
+    # 100 / 1,000 / 5,000 run writes its own section (python -m benchmarks.relay_scale --doc ...).
+    relay_nodes: tuple[int, ...] = (100, 1000)
+    relay_relays: int = 4
+    relay_rounds: int = 4
+    relay_time_limit: float = 600.0
 
 
 PEERS_BEGIN = "<!-- peers:begin -->"
 PEERS_END = "<!-- peers:end -->"
+# Blocks of docs/benchmarks.md that other runs write and `make bench` keeps as they are, in the order
+# they follow the Headline section: Flower side by side (benchmarks/peers.py), and the full-size
+# relay-scale run (benchmarks/relay_scale.py --doc; `make bench` measures a smaller size itself).
+RELAY_BEGIN = "<!-- relay-scale:begin -->"
+RELAY_END = "<!-- relay-scale:end -->"
+KEPT_BLOCKS = ((PEERS_BEGIN, PEERS_END), (RELAY_BEGIN, RELAY_END))
 
 
-def peers_block(text: str) -> str | None:
-    """The block between the peers markers (markers included), or None."""
-    start = text.find(PEERS_BEGIN)
-    end = text.find(PEERS_END, start + 1) if start != -1 else -1
-    return text[start : end + len(PEERS_END)] if end != -1 else None
+def section(text: str, begin: str, end: str) -> str | None:
+    """The block between ``begin`` and ``end`` (markers included), or None."""
+    start = text.find(begin)
+    stop = text.find(end, start + 1) if start != -1 else -1
+    return text[start : stop + len(end)] if stop != -1 else None
 
 
-def with_block(text: str, block: str) -> str:
-    """``text`` with ``block`` in place of its peers block; without one, ``block`` goes after the
-    Headline section (before the next ``## `` heading), or at the end."""
-    old = peers_block(text)
+def write_section(text: str, block: str, begin: str, end: str) -> str:
+    """``text`` with ``block`` in place of its ``begin``...``end`` block; without one, ``block`` goes
+    after the kept blocks that come before it in KEPT_BLOCKS, else before those that come after it,
+    else after the Headline section (before the next ``## `` heading), or at the end."""
+    old = section(text, begin, end)
     if old is not None:
         return text.replace(old, block, 1)
+    order = [b for b, _ in KEPT_BLOCKS]
+    k = order.index(begin) if begin in order else len(order)
+    ends = [text.find(e) + len(e) for b, e in KEPT_BLOCKS[:k] if section(text, b, e) is not None]
+    if ends:
+        at = max(ends)
+        return text[:at] + "\n\n" + block + text[at:]
+    starts = [text.find(b) for b, e in KEPT_BLOCKS[k + 1 :] if section(text, b, e) is not None]
+    if starts:
+        at = min(starts)
+        return text[:at] + block + "\n\n" + text[at:]
     head = text.find("\n## Headline")
     following = text.find("\n## ", head + 1) if head != -1 else -1
     if following != -1:
@@ -67,10 +90,25 @@ def with_block(text: str, block: str) -> str:
     return (text.rstrip("\n") + "\n\n" if text.strip() else "") + block + "\n"
 
 
+def peers_block(text: str) -> str | None:
+    """The block between the peers markers (markers included), or None."""
+    return section(text, PEERS_BEGIN, PEERS_END)
+
+
+def with_block(text: str, block: str) -> str:
+    """``text`` with ``block`` in place of its peers block; without one, ``block`` goes after the
+    Headline section (before the next ``## `` heading), or at the end."""
+    return write_section(text, block, PEERS_BEGIN, PEERS_END)
+
+
 def write_doc(path: Path, text: str) -> None:
-    """Write the generated document, keeping the peers block the file already holds."""
-    block = peers_block(path.read_text()) if path.exists() else None
-    path.write_text(with_block(text, block) if block is not None else text)
+    """Write the generated document, keeping the blocks of KEPT_BLOCKS the file already holds."""
+    old = path.read_text() if path.exists() else ""
+    for begin, end in KEPT_BLOCKS:
+        block = section(old, begin, end)
+        if block is not None:
+            text = write_section(text, block, begin, end)
+    path.write_text(text)
 
 
 SCALES = {
@@ -89,12 +127,16 @@ SCALES = {
         load_rounds=1,
         load_time_limit=60.0,
         load_workers=(None,),
+        relay_nodes=(10,),
+        relay_relays=2,
+        relay_rounds=2,
+        relay_time_limit=60.0,
     ),
 }
 
 
 def benchmarks(scale: Scale, workdir: Path) -> list[tuple[str, Callable[[], list[Table]]]]:
-    from benchmarks import aggregator_step, edge_node, load, round_overhead, transport
+    from benchmarks import aggregator_step, edge_node, load, relay_scale, round_overhead, transport
 
     def transport_all() -> list[Table]:
         sizes = ("network2", "big") if scale.big_model else ("network2",)
@@ -127,6 +169,19 @@ def benchmarks(scale: Scale, workdir: Path) -> list[tuple[str, Callable[[], list
                 )
             ],
         ),
+        (
+            "relay scale",
+            lambda: [
+                relay_scale.run(
+                    workdir / "relay-scale",
+                    scale.relay_nodes,
+                    scale.relay_relays,
+                    scale.relay_rounds,
+                    scale.relay_time_limit,
+                    command="python -m benchmarks.run (make bench)",
+                )
+            ],
+        ),
     ]
 
 
@@ -155,6 +210,8 @@ READING = """\
   every gradient once.
 - **Edge node**: what the service wrapper (gRPC, heartbeats, metrics, state saving) costs the training loop.
 - **Load**: how GetState and health checks hold up while hundreds of nodes register, fetch and submit.
+- **Relay scale**: rounds per minute, bytes through the aggregator and peak memory with hundreds to
+  thousands of light nodes, all dialling the aggregator (flat) or behind relays.
 """
 
 
@@ -236,6 +293,19 @@ def headline(done: list[tuple[str, list[Table], float]]) -> list[str]:
                 f"{fmt_s(pct(d['idle']['GetState'], 50))}/{fmt_s(pct(d['idle']['GetState'], 99))} idle; health check "
                 f"{fmt_s(pct(d['load']['Health'], 50))}/{fmt_s(pct(d['load']['Health'], 99))} against "
                 f"{fmt_s(pct(d['idle']['Health'], 50))}/{fmt_s(pct(d['idle']['Health'], 99))}."
+            )
+    if "relay scale" in by:
+        runs = [r for r in by["relay scale"][0].data.get("runs", []) if r.get("rounds_closed")]
+        for n in sorted({r["nodes"] for r in runs}):
+            flat = next((r for r in runs if r["nodes"] == n and not r["relays"]), None)
+            relayed = next((r for r in runs if r["nodes"] == n and r["relays"]), None)
+            if flat is None or relayed is None:
+                continue
+            out.append(
+                f"- **{n:,} light nodes**, flat against behind {relayed['relays']} relays: "
+                f"{flat['bytes_per_round'] / 1e6:.1f} MB against {relayed['bytes_per_round'] / 1e6:.1f} MB through the "
+                f"aggregator per round; {flat['rounds_per_min']:.1f} against {relayed['rounds_per_min']:.1f} rounds "
+                f"per minute; aggregator peak RSS {flat['agg_rss']:.0f} MiB against {relayed['agg_rss']:.0f} MiB."
             )
     out.append("")
     return out

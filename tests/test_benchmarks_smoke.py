@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks import aggregator_step, load, transport
+from benchmarks import aggregator_step, load, relay_scale, transport
 from benchmarks.common import Table, fmt_s, loopback_copy, pct
 from benchmarks.deploy import fresh
 from benchmarks.round_overhead import commit_seconds, server_step_seconds, simulator_round
-from benchmarks.run import SCALES, headline, render
+from benchmarks.run import (
+    PEERS_BEGIN,
+    PEERS_END,
+    RELAY_BEGIN,
+    RELAY_END,
+    SCALES,
+    headline,
+    render,
+    write_doc,
+    write_section,
+)
 from fedgradnorm.machine import machine_info, torch_threads
 from fedgradnorm.simulation_config import SimulationConfig
 
@@ -39,6 +49,22 @@ def test_helpers_and_rendering() -> None:
     assert set(info) - {"date"} <= set(real) and real["nproc"] >= 1 and real["mem_gib"] > 0
 
 
+def test_kept_blocks_survive_make_bench(tmp_path: Path) -> None:
+    """`make bench` rewrites the document but keeps the peers and relay-scale blocks, in that order."""
+    doc = tmp_path / "b.md"
+    generated = "# B\n\n## Headline\n\n- x\n\n## Round overhead\n\nt\n"
+    relay = f"{RELAY_BEGIN}\n## Relays at scale\n{RELAY_END}"
+    peers = f"{PEERS_BEGIN}\n## Side by side\n{PEERS_END}"
+    doc.write_text(write_section(generated, relay, RELAY_BEGIN, RELAY_END))
+    assert doc.read_text().index(relay) < doc.read_text().index("## Round overhead")
+    doc.write_text(write_section(doc.read_text(), peers, PEERS_BEGIN, PEERS_END))
+    write_doc(doc, generated.replace("t\n", "new t\n"))
+    text = doc.read_text()
+    assert text.index("## Headline") < text.index(peers) < text.index(relay) < text.index("new t")
+    kept = relay.replace("Relays", f"Relays\n{relay_scale.BY_HAND_BEGIN}\nby hand\n{relay_scale.BY_HAND_END}")
+    assert relay_scale.by_hand(kept).endswith(relay_scale.BY_HAND_END) and "by hand" in relay_scale.by_hand(kept)
+
+
 def test_fresh_removes_an_earlier_federation(tmp_path: Path) -> None:
     for d in ("aggregator-state", "node-anomaly", "keep"):
         (tmp_path / d).mkdir()
@@ -60,6 +86,10 @@ def test_headline_reads_every_table() -> None:
     rows = [{"model": "network2", "direction": "fetch", "dtype": "float32", "seconds": 0.1, "socket": 0.02}]
     step_rows = [{"nodes": 3, "threads": 2, "seconds": 0.1, "input_bytes": 47e6, "peak_bytes": 1e6, "exact_peak": 1.0}]
     latency = {p: {"GetState": [0.001, 0.002], "Health": [0.001]} for p in ("idle", "load")}
+    relay_runs = [
+        {"nodes": 100, "relays": r, "rounds_closed": 4, "bytes_per_round": b, "rounds_per_min": 60.0, "agg_rss": 300.0}
+        for r, b in ((0, 41.2e6), (4, 1.6e6))
+    ]
     done = [
         (
             "round overhead",
@@ -70,10 +100,12 @@ def test_headline_reads_every_table() -> None:
         ("aggregator", [table({"bandwidth": {2: 5e9}, "rows": step_rows})], 1),
         ("edge node", [table({"outside": 1.0, "inside": 1.1, "samples": 640})], 1),
         ("load", [table({"probe": {"latency": latency}})], 1),
+        ("relay scale", [table({"runs": relay_runs})], 1),
     ]
     text = "\n".join(headline(done))
     assert "**meets** the 0.2 s target" in text and "**meets** the 5 % target" in text
     assert "50.0%" in text and "3 nodes" in text and "samples/s" in text and "GetState p50/p99" in text
+    assert "**100 light nodes**, flat against behind 4 relays: 41.2 MB against 1.6 MB" in text
     assert set(SCALES) == {"full", "smoke"}
 
 
@@ -108,3 +140,19 @@ def test_load_harness_is_bounded(tmp_path: Path) -> None:
     assert t.data["load"]["failed"] == 0
     assert t.data["load"]["rounds_done"] == [1, 1, 1, 1]
     assert t.data["probe"]["latency"]["load"]["GetState"]
+
+
+def test_relay_scale_harness(tmp_path: Path) -> None:
+    """20 light nodes flat, then behind 2 relays, 2 rounds each: every round uses every node, and the
+    aggregator moves the model per relay instead of per node."""
+    t = relay_scale.run(tmp_path, node_counts=(20,), relays=2, rounds=2, time_limit=60, round_timeout=30)
+    flat, relayed = t.data["runs"]
+    model = t.data["model_bytes"]
+    for s in (flat, relayed):
+        assert s["nodes_per_round"] == [20, 20] and s["rounds_full"] == 2
+        assert s["failed"] == 0 and not s["stalled"] and s["registered"] == 20
+        assert s["agg_rss"] > 0 and s["agg_threads"] > 0
+    assert flat["bytes_per_round"] == 2 * 20 * model  # omega down and a gradient up, per node
+    assert relayed["bytes_per_round"] == 2 * 2 * model  # per relay
+    assert len(relayed["relay_rss"]) == 2 and all(x > 0 for x in relayed["relay_rss"])
+    assert len(t.rows) == 2
