@@ -117,7 +117,7 @@ def test_a_failing_round_driver_halts_visibly(tmp_path: Path, monkeypatch: pytes
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("injected fault in the server step")
 
-    monkeypatch.setattr(coordinator, "server_step", broken)
+    monkeypatch.setattr(coordinator, "apply_step", broken)
     service = ServiceConfig(
         listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", state_dir=str(tmp_path / "state"), insecure=True
     )
