@@ -225,6 +225,7 @@ def full_rounds(state_dir: Path) -> list[set[str]]:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(600)  # about a minute here; start-up alone took four on a swamped machine
 def test_partitioned_site_costs_only_its_nodes_and_rejoins_after_the_partition_heals(sites: Sites) -> None:
     t_start = time.monotonic()
     work, procs = sites.workdir, sites.procs
