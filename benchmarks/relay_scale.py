@@ -562,7 +562,8 @@ def summarize(r: dict[str, Any], model: int) -> dict[str, Any]:
     sent = am.get('fedgradnorm_bytes_total{direction="sent"}', float("nan"))
     received = am.get('fedgradnorm_bytes_total{direction="received"}', float("nan"))
     finals = r.get("finals", 0) * model  # each relay that saw training end fetched the final model once
-    per_round = (sent - finals + received) / k if k else float("nan")
+    # per closed round; when not every round closed, the open one's transfers are in too (approximate)
+    per_round = (sent - finals + received) / len(log) if log else float("nan")
     register = [x for ld in loads for x in ld["stats"]["Register"]]
     errors: Counter[str] = Counter()
     retries: Counter[str] = Counter()
@@ -672,7 +673,9 @@ def table(results: list[dict[str, Any]], model: int, command: str) -> Table:
             + ("" if s["rounds_closed"] == s["rounds"] else f" ({s['rounds_closed']} closed)"),
             f"{s['rounds_per_min']:.1f}" if s["rounds_per_min"] == s["rounds_per_min"] else "-",
             fmt_s(s["round_median"]),
-            f"{s['bytes_per_round'] / MB:.1f} MB",
+            "-"
+            if not s["rounds_closed"]
+            else f"{s['bytes_per_round'] / MB:.1f} MB" + ("" if s["rounds_closed"] == s["rounds"] else " (≈)"),
             _mib([s["agg_rss"]]),
             _mib(s["relay_rss"]),
             f"{s['agg_threads']:,}",
@@ -690,8 +693,8 @@ def table(results: list[dict[str, Any]], model: int, command: str) -> Table:
     t.notes.append(
         "Payload through the aggregator per round: its fedgradnorm_bytes_total (omega sent + updates or partial sums "
         "received; tensor payload only, no gRPC framing or control calls) at the end of the run, less the final "
-        "model each relay fetches once after the last round, divided by the rounds; flat it is 2 × N × model, "
-        "relayed 2 × R × model. Peak RSS: VmHWM of the process at the end of the run (start-up included); "
+        "model each relay fetches once after the last round, divided by the rounds closed (≈: not every round "
+        "closed, so a round still open adds its transfers); flat it is 2 × N × model, relayed 2 × R × model. Peak RSS: VmHWM of the process at the end of the run (start-up included); "
         "peak threads: /proc every 0.5 s."
     )
     for s in results:
@@ -757,6 +760,7 @@ def run(
                 raw = {"nodes": n, "relays": r, "rounds": rounds, "error": f"{type(e).__name__}: {e}"}
                 print(f"   failed: {raw['error'][:2000]}", flush=True)
             s = summarize(raw, model) if "loads" in raw else _failed(raw)
+            s["label"] = label
             results.append(s)
             (workdir / f"{label}.json").write_text(json.dumps({"raw": raw, "summary": s}, default=str, indent=1))
             print(
@@ -810,7 +814,6 @@ def by_hand(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.run import write_section
     from fedgradnorm.machine import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -834,7 +837,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("flat", "relayed"), help="one topology only (default: both)")
     parser.add_argument("--workdir", default="runs/bench-relay-scale")
     parser.add_argument("--doc", default="", help="write the 'Relays at scale' section of this markdown file")
+    parser.add_argument(
+        "--render-only", action="store_true", help="write --doc again from the last run's measurements in --workdir"
+    )
     args = parser.parse_args(argv)
+    if args.render_only:
+        return render_only(Path(args.workdir), Path(args.doc or "docs/benchmarks.md"))
     # SIGTERM (and SIGINT, which a shell's background job ignores) unwind through the finally
     # blocks, so that every process a run started is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -864,12 +872,36 @@ def main(argv: list[str] | None = None) -> int:
         args.min_nodes,
     )
     print(t.text(), flush=True)
+    total, load_end = time.perf_counter() - t0, os.getloadavg()
+    meta = {"info": info, "command": command.strip(), "total": total, "load_end": load_end}
+    meta["labels"] = [r["label"] for r in t.data["runs"]]
+    (workdir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
     if args.doc:
-        doc = Path(args.doc)
-        old = doc.read_text() if doc.exists() else ""
-        text = block(t, info, command.strip(), time.perf_counter() - t0, os.getloadavg(), by_hand(old))
-        doc.write_text(write_section(old, text, BEGIN, END))
-        print(f"wrote the 'Relays at scale' section of {doc}")
+        write_block(Path(args.doc), t, info, command.strip(), total, load_end)
+    return 0
+
+
+def write_block(doc: Path, t: Table, info: dict[str, Any], command: str, total: float, load_end: Any) -> None:
+    from benchmarks.run import write_section
+
+    old = doc.read_text() if doc.exists() else ""
+    doc.write_text(write_section(old, block(t, info, command, total, tuple(load_end), by_hand(old)), BEGIN, END))
+    print(f"wrote the 'Relays at scale' section of {doc}")
+
+
+def render_only(workdir: Path, doc: Path) -> int:
+    """The section again from <workdir>/run.json and the runs' saved raw measurements."""
+    meta = json.loads((workdir / "run.json").read_text())
+    model = model_bytes()
+    results = []
+    for label in meta["labels"]:
+        raw = json.loads((workdir / f"{label}.json").read_text())["raw"]
+        s = summarize(raw, model) if "loads" in raw else _failed(raw)
+        s["label"] = label
+        results.append(s)
+    t = table(results, model, meta["command"])
+    print(t.text())
+    write_block(doc, t, meta["info"], meta["command"], meta["total"], meta["load_end"])
     return 0
 
 
