@@ -673,7 +673,9 @@ def table(results: list[dict[str, Any]], model: int, command: str) -> Table:
             + ("" if s["rounds_closed"] == s["rounds"] else f" ({s['rounds_closed']} closed)"),
             f"{s['rounds_per_min']:.1f}" if s["rounds_per_min"] == s["rounds_per_min"] else "-",
             fmt_s(s["round_median"]),
-            f"{s['bytes_per_round'] / MB:.1f} MB" + ("" if s["rounds_closed"] == s["rounds"] else " (≈)"),
+            "-"
+            if not s["rounds_closed"]
+            else f"{s['bytes_per_round'] / MB:.1f} MB" + ("" if s["rounds_closed"] == s["rounds"] else " (≈)"),
             _mib([s["agg_rss"]]),
             _mib(s["relay_rss"]),
             f"{s['agg_threads']:,}",
