@@ -120,7 +120,11 @@ class RoundCoordinator:
         self.refused_rounds = 0  # rounds whose step would have made the state non-finite
         self.dropped_updates = 0  # accepted updates left out at the close by the norm bound
         self.relays = RelaySessions()
-        self._openings = 0
+        # Openings are numbered from this process's start, in microseconds since the epoch, so that every
+        # opening of an aggregator restarted on its state comes after those of the process before it: a
+        # relay, which asks for a round opened after the last one it saw, gets the reopened round at once
+        # (counted from 0, it would wait until as many rounds had opened again).
+        self._openings = time.time_ns() // 1_000
         self._offer: Offer | None = None  # the weights offered to relays while a round closes
         self.lost_relay_updates = 0  # relayed updates left out because their relay's partial sum never came
 
