@@ -86,7 +86,7 @@ EXTERNAL_NAME = "radcom.fedgradnorm.test"
 VERSION = "0.1.0"
 OVERLAY_IMAGE = f"localhost/fedgradnorm:{VERSION}"
 LOCAL_IMAGE = os.environ.get("IMAGE", OVERLAY_IMAGE)
-TIMEOUT = float(os.environ.get("TEST_DEPLOY_TIMEOUT", "600"))  # seconds for everything after the build
+TIMEOUT = float(os.environ.get("TEST_DEPLOY_TIMEOUT", "900"))  # seconds for everything after the build
 
 
 def log(message: str) -> None:
