@@ -17,7 +17,7 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node, start_relay
 from tests.faults_helpers import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # about 2 minutes: make test-faults
 
 TOKEN = {"FEDGRADNORM_ENROLLMENT_TOKEN": "relay-restart-test-token"}
 NODE_FLAGS = ["--federation", "radcom", "--synthetic-size", "4", "--seed", "0", "--torch-threads", "1"]
