@@ -7,7 +7,7 @@ RPC thread before it takes its lock, and :func:`check_initial_loss` under it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -22,7 +22,7 @@ from fedgradnorm.algorithm import (
 )
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services.aggregator.config import NAME_RE
-from fedgradnorm.services.aggregator.errors import InvalidArgument
+from fedgradnorm.services.aggregator.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from fedgradnorm.services.aggregator.membership import MAX_SAMPLES
 from fedgradnorm.services.domain import Submission
 
@@ -92,6 +92,24 @@ def admit_relayed(sub: Submission, bound: float) -> Submission:
             Reason.BAD_VALUE,
         )
     return sub
+
+
+def check_entry(
+    node_id: str, round_: int, open_round: int | None, submitted: Container[str], participants: Container[str]
+) -> None:
+    """Whether ``node_id`` may send its update for ``round_`` to a round ``open_round`` (None: no
+    round open for submits) that has ``submitted`` and ``participants``: the aggregator's and a
+    relay's rule, one set of refusals."""
+    if open_round is None or open_round != round_:
+        current = "no round is open" if open_round is None else f"round {open_round} is open"
+        raise FailedPrecondition(f"round {round_} is not open for submits ({current})", Reason.WRONG_ROUND)
+    if node_id in submitted:
+        raise AlreadyExists(f"node {node_id!r} already submitted to round {round_}", Reason.DUPLICATE)
+    if node_id not in participants:
+        raise FailedPrecondition(
+            f"node {node_id!r} is not a participant of round {round_}; it joins the next round",
+            Reason.NOT_PARTICIPANT,
+        )
 
 
 def check_initial_loss(stored: float | None, sub: Submission) -> None:

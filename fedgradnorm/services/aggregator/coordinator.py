@@ -47,7 +47,13 @@ from fedgradnorm.algorithm import (
 from fedgradnorm.finite import all_finite
 from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
-from fedgradnorm.services.aggregator.admission import admit, admit_relayed, check_initial_loss, max_norm
+from fedgradnorm.services.aggregator.admission import (
+    admit,
+    admit_relayed,
+    check_entry,
+    check_initial_loss,
+    max_norm,
+)
 from fedgradnorm.services.aggregator.commit import CommitPipeline
 from fedgradnorm.services.aggregator.config import NAME_RE, CoordinatorConfig
 from fedgradnorm.services.aggregator.errors import (
@@ -352,17 +358,9 @@ class RoundCoordinator:
 
     def _open_round_for_locked(self, node_id: str, token: str, round_: int) -> _OpenRound:
         self._authenticate_locked(node_id, token)
-        o = self._open
-        if o is None or self._phase is not Phase.OPEN or o.number != round_:
-            current = f"round {o.number} is open" if o is not None and self._phase is Phase.OPEN else "no round is open"
-            raise FailedPrecondition(f"round {round_} is not open for submits ({current})", Reason.WRONG_ROUND)
-        if node_id in o.submitted:
-            raise AlreadyExists(f"node {node_id!r} already submitted to round {round_}", Reason.DUPLICATE)
-        if node_id not in o.participants:
-            raise FailedPrecondition(
-                f"node {node_id!r} is not a participant of round {round_}; it joins the next round",
-                Reason.NOT_PARTICIPANT,
-            )
+        o = self._open if self._phase is Phase.OPEN else None
+        check_entry(node_id, round_, o.number if o else None, o.submitted if o else (), o.participants if o else ())
+        assert o is not None
         return o
 
     def submit(self, token: str, sub: Submission) -> None:
@@ -371,12 +369,15 @@ class RoundCoordinator:
         sub = admit(sub, self._state.omega, self._omega_tilde)  # without the lock (the expensive part)
         with self._cond:
             o = self._open_round_for_locked(sub.node_id, token, sub.round)
-            member = self.members.records[sub.node_id]
-            check_initial_loss(member.initial_loss, sub)
-            if member.initial_loss is None:
-                member.initial_loss = sub.initial_loss  # F_0 as the aggregator first accepted it
-            o.submitted[sub.node_id] = sub
+            self._deposit_locked(o, self.members.records[sub.node_id], sub)
             self._cond.notify_all()
+
+    def _deposit_locked(self, o: _OpenRound, member: MemberRecord, sub: Submission) -> None:
+        """File an admitted update (direct or relayed) in the open round, checking its F_0."""
+        check_initial_loss(member.initial_loss, sub)
+        if member.initial_loss is None:
+            member.initial_loss = sub.initial_loss  # F_0 as the aggregator first accepted it
+        o.submitted[sub.node_id] = sub
 
     # -- relay calls (the Uplink service) ----------------------------------------------------
 
@@ -467,7 +468,7 @@ class RoundCoordinator:
         checked: list[Submission | tuple[str, CoordinatorError]] = []
         for sub in subs:  # the numbers first, without the lock
             try:
-                checked.append(admit_relayed(replace(sub, relay=relay_id, gradient={}), self._max_norm))
+                checked.append(admit_relayed(replace(sub, relay=relay_id), self._max_norm))
             except CoordinatorError as e:
                 checked.append((sub.node_id, e))
         refused: list[tuple[str, CoordinatorError]] = []
@@ -501,10 +502,7 @@ class RoundCoordinator:
         member = self.members.records.get(sub.node_id)
         if member is None or not member.registered:
             raise FailedPrecondition(f"node {sub.node_id!r} is not registered", Reason.DEREGISTERED)
-        check_initial_loss(member.initial_loss, sub)
-        if member.initial_loss is None:
-            member.initial_loss = sub.initial_loss
-        o.submitted[sub.node_id] = sub
+        self._deposit_locked(o, member, sub)
 
     def fetch_weights(
         self,

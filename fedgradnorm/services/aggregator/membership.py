@@ -62,6 +62,19 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def verify_token(owner: str, ident: str, token: str, expected_sha256: str | None, hint: str) -> None:
+    """Raise unless ``token`` is the session of ``owner`` ``ident`` ("node", "relay"), whose token
+    hash is ``expected_sha256`` (None: no such id). The same work on the unknown-id path, so timing
+    does not tell which ids exist."""
+    presented = hash_token(token or "")
+    if expected_sha256 is None:
+        hmac.compare_digest(presented, "0" * 64)
+        unknown = Reason.UNKNOWN_RELAY if owner == "relay" else Reason.UNKNOWN_NODE
+        raise NotFound(f"unknown {owner} id {ident[:64]!r}; {hint}", unknown)
+    if not hmac.compare_digest(presented, expected_sha256):
+        raise Unauthenticated(f"session token does not belong to {owner} {ident[:64]!r}", Reason.BAD_TOKEN)
+
+
 class Membership:
     def __init__(self, config: CoordinatorConfig, wall_clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -216,13 +229,8 @@ class Membership:
         """A node may act only as itself: the token must be the one issued to ``node_id``. Marks
         the node seen; returns its record and whether this call made it live."""
         member = self.records.get(node_id)
-        presented = hash_token(token or "")
-        if member is None:
-            # Same work on the unknown-id path, so timing does not tell which ids exist.
-            hmac.compare_digest(presented, "0" * 64)
-            raise NotFound(f"unknown node id {node_id!r}; register first", Reason.UNKNOWN_NODE)
-        if not hmac.compare_digest(presented, member.token_sha256):
-            raise Unauthenticated(f"session token does not belong to node {node_id!r}", Reason.BAD_TOKEN)
+        verify_token("node", node_id, token, member.token_sha256 if member else None, "register first")
+        assert member is not None
         if not member.registered:
             raise FailedPrecondition(f"node {node_id!r} is deregistered; register again", Reason.DEREGISTERED)
         self._last_seen[node_id] = time.monotonic()

@@ -20,6 +20,24 @@ UPDATE_OUTCOMES = ("accepted", *Reason)
 REGISTRATION_OUTCOMES = ("registered", "resumed", *Reason)
 
 
+class Totals:
+    """Counters that mirror totals kept as plain numbers elsewhere (the coordinator's, a stream
+    guard's, a relay's): each sync adds what a total grew by since the last one. A total that went
+    down (its owner started over, e.g. a relay's new session) is taken as the new starting point."""
+
+    def __init__(self) -> None:
+        self._seen: dict[object, float] = {}
+
+    def advance(self, key: object, counter: Counter, total: float) -> None:
+        delta = total - self._seen.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+        self._seen[key] = total
+
+    def seen(self) -> list[object]:
+        return list(self._seen)
+
+
 class NodeTrafficMetrics:
     """What a node-facing servicer counts (the aggregator's, and a relay's under its own prefix)."""
 
@@ -101,14 +119,13 @@ class AggregatorMetrics(NodeTrafficMetrics):
         self.relay_partial_sums = Counter(
             "fedgradnorm_relay_partial_sums_total", "Partial sums accepted from each relay", ("relay",), registry=r
         )
+        self._totals = Totals()
         self.relay_lost_rounds = Counter(
             "fedgradnorm_relay_lost_rounds_total",
             "Rounds whose partial sum from the relay did not arrive within relay_timeout (its nodes left out)",
             ("relay",),
             registry=r,
         )
-        self._relay_synced: dict[tuple[str, str], int] = {}
-        self._synced: dict[str, int] = {}
         for phase in ROUND_PHASES:
             self.round_phase.labels(phase)
         for reason in ("replaced", "deadline"):
@@ -150,30 +167,20 @@ class AggregatorMetrics(NodeTrafficMetrics):
             "streams_deadline": self.streams_cancelled.labels("deadline"),
         }
         for key, total in counts.items():
-            delta = total - self._synced.get(key, 0)
-            if delta > 0:
-                targets[key].inc(delta)
-                self._synced[key] = total
+            self._totals.advance(key, targets[key], total)
 
     def sync_relays(self, stats: dict[str, tuple[int, int, int]]) -> None:
         """Per relay (attached now): (nodes behind it, partial sums accepted, rounds lost) as totals."""
         self.relays.set(len(stats))
         for relay, (nodes, sums, lost) in stats.items():
             self.relay_nodes.labels(relay).set(nodes)
-            for key, counter, total in (
-                ("sums", self.relay_partial_sums, sums),
-                ("lost", self.relay_lost_rounds, lost),
-            ):
-                # The relay's series exist from its attach on, at 0, so increase() sees its first lost round.
-                child = counter.labels(relay)
-                delta = total - self._relay_synced.get((relay, key), 0)
-                if delta > 0:
-                    child.inc(delta)
-                self._relay_synced[(relay, key)] = total
-        for (relay, _), _total in list(self._relay_synced.items()):
-            if relay not in stats:
+            # The relay's series exist from its attach on, at 0, so increase() sees its first lost round.
+            self._totals.advance((relay, "sums"), self.relay_partial_sums.labels(relay), sums)
+            self._totals.advance((relay, "lost"), self.relay_lost_rounds.labels(relay), lost)
+        for key in self._totals.seen():
+            if isinstance(key, tuple) and key[0] not in stats:
                 with contextlib.suppress(KeyError):
-                    self.relay_nodes.remove(relay)
+                    self.relay_nodes.remove(key[0])
 
     def forget(self, node: str) -> None:
         """Remove a departed node's series."""

@@ -7,15 +7,14 @@ aggregator restart a relay attaches again (its nodes' records, p and F_0 are in 
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
 
 from fedgradnorm.algorithm import TensorDict
 from fedgradnorm.reasons import Reason
-from fedgradnorm.services.aggregator.errors import NotFound, ResourceExhausted, Unauthenticated
-from fedgradnorm.services.aggregator.membership import hash_token
+from fedgradnorm.services.aggregator.errors import ResourceExhausted
+from fedgradnorm.services.aggregator.membership import hash_token, verify_token
 
 MAX_RELAYS = 256
 
@@ -60,12 +59,8 @@ class RelaySessions:
 
     def authenticate(self, relay_id: str, token: str) -> RelaySession:
         session = self.sessions.get(relay_id)
-        presented = hash_token(token or "")
-        if session is None:
-            hmac.compare_digest(presented, "0" * 64)
-            raise NotFound(f"unknown relay {relay_id[:64]!r}; attach first", Reason.UNKNOWN_RELAY)
-        if not hmac.compare_digest(presented, session.token_sha256):
-            raise Unauthenticated(f"session token does not belong to relay {relay_id!r}", Reason.BAD_TOKEN)
+        verify_token("relay", relay_id, token, session.token_sha256 if session else None, "attach first")
+        assert session is not None
         session.last_seen = time.monotonic()
         return session
 

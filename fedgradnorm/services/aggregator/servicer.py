@@ -5,10 +5,11 @@ No FedGradNorm logic lives here; every decision is the coordinator's, every numb
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import grpc
 import structlog
@@ -17,7 +18,7 @@ import torch
 from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
-from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
+from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType, TensorChunk
 from fedgradnorm.algorithm import ServerConfig
 from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
@@ -168,6 +169,37 @@ def own_state(coord: ViewsState) -> StateSource:
     return answer
 
 
+class _Streamed(Protocol):
+    """A message of a client-streamed payload: a header first, then TensorChunk messages."""
+
+    def WhichOneof(self, name: str) -> str | None: ...
+    @property
+    def header(self) -> Any: ...
+    @property
+    def chunk(self) -> TensorChunk: ...
+
+
+def payload_header(messages: Iterator[_Streamed], method: str, header: str) -> Any:
+    """The header that must open a client-streamed payload (SubmitUpdate, SubmitPartialSum)."""
+    first = next(messages, None)
+    if first is None or first.WhichOneof("payload") != "header":
+        raise InvalidArgument(f"the first message of {method} must be a {header}", reason=Reason.BAD_STREAM)
+    return first.header
+
+
+def feed_chunks(asm: wire.TensorAssembler, messages: Iterator[_Streamed], chunk_bytes: int) -> None:
+    """Feed the chunks that follow a header into ``asm`` (``asm.received`` counts their bytes)."""
+    for msg in messages:
+        if msg.WhichOneof("payload") != "chunk":
+            raise InvalidArgument("only TensorChunk messages may follow the header", reason=Reason.BAD_STREAM)
+        if len(msg.chunk.data) > chunk_bytes:
+            raise InvalidArgument(
+                f"a chunk of {len(msg.chunk.data)} bytes is above max_chunk_bytes {chunk_bytes}",
+                reason=Reason.CHUNK_TOO_LARGE,
+            )
+        asm.feed(msg.chunk.data)
+
+
 def _require_loaded(coord: NodeCoordinator, context: grpc.ServicerContext) -> None:
     if not coord.loaded:
         refuse(
@@ -288,35 +320,16 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
         _require_loaded(self.coord, context)
-        received = 0
+        asm: wire.TensorAssembler | None = None
         try:
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("payload") != "header":
-                raise InvalidArgument(
-                    "the first message of SubmitUpdate must be a SubmitHeader", reason=Reason.BAD_STREAM
-                )
-            h = first.header
+            h = payload_header(request_iterator, "SubmitUpdate", "SubmitHeader")
             deadline = self.coord.check_submit(h.node_id, h.session_token, h.round)  # before any payload
             with self.streams.submit(h.node_id, context, deadline, STREAM_GRACE) as stream:
                 asm = wire.TensorAssembler.from_header(
                     h, self.coord.expected_shapes(), max_bytes=self.coord.model_bytes(), allowed_dtypes=self.accepted
                 )
-                try:
-                    for msg in request_iterator:
-                        if msg.WhichOneof("payload") != "chunk":
-                            raise InvalidArgument(
-                                "only TensorChunk messages may follow the header", reason=Reason.BAD_STREAM
-                            )
-                        if len(msg.chunk.data) > self.config.chunk_bytes:
-                            raise InvalidArgument(
-                                f"a chunk of {len(msg.chunk.data)} bytes is above max_chunk_bytes "
-                                f"{self.config.chunk_bytes}",
-                                reason=Reason.CHUNK_TOO_LARGE,
-                            )
-                        asm.feed(msg.chunk.data)
-                        received += len(msg.chunk.data)
-                except grpc.RpcError:  # the stream was cancelled (see below)
-                    pass
+                with contextlib.suppress(grpc.RpcError):  # the stream was cancelled (see below)
+                    feed_chunks(asm, request_iterator, self.config.chunk_bytes)
                 if stream.cancelled or not context.is_active():  # cut off at its deadline, or the client left
                     why = Reason.DEADLINE if stream.cancelled == "deadline" else Reason.CANCELLED
                     self.metrics.updates.labels(why).inc()
@@ -335,7 +348,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
             self.metrics.updates.labels(e.code).inc()
             _abort(context, e)
         finally:
-            self.metrics.bytes.labels("received").inc(received)
+            self.metrics.bytes.labels("received").inc(asm.received if asm else 0)
         self.metrics.updates.labels("accepted").inc()
         return pb.SubmitUpdateResponse(accepted=True, round=h.round)
 

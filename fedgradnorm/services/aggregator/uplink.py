@@ -4,6 +4,7 @@ check the caller's relay role, call the coordinator, map domain errors to status
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 
@@ -22,7 +23,13 @@ from fedgradnorm.reasons import Reason
 from fedgradnorm.services import serde
 from fedgradnorm.services.aggregator.coordinator import RoundCoordinator
 from fedgradnorm.services.aggregator.errors import CoordinatorError, InvalidArgument
-from fedgradnorm.services.aggregator.servicer import AggregatorServicer, _abort, _require_loaded
+from fedgradnorm.services.aggregator.servicer import (
+    AggregatorServicer,
+    _abort,
+    _require_loaded,
+    feed_chunks,
+    payload_header,
+)
 from fedgradnorm.services.domain import Registration
 from fedgradnorm.services.refusals import refuse
 
@@ -39,18 +46,19 @@ assert (
 )
 
 
+@functools.lru_cache(maxsize=256)
+def _carries_relay_role(pem: bytes) -> bool:
+    """Whether a PEM certificate's subject has OU ``relay`` (parsed once per certificate)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return False
+    return any(a.value == RELAY_ROLE for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME))
+
+
 def relay_role(context: grpc.ServicerContext) -> bool:
     """Whether the caller's client certificate carries the relay role (OU ``relay``)."""
-    pems = context.auth_context().get("x509_pem_cert") or []
-    for pem in pems:
-        try:
-            cert = x509.load_pem_x509_certificate(pem)
-        except ValueError:
-            continue
-        units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-        if any(a.value == RELAY_ROLE for a in units):
-            return True
-    return False
+    return any(_carries_relay_role(pem) for pem in context.auth_context().get("x509_pem_cert") or [])
 
 
 class UplinkServicer(rpb_grpc.UplinkServicer):  # type: ignore[misc]  # the generated base is untyped
@@ -227,14 +235,9 @@ class UplinkServicer(rpb_grpc.UplinkServicer):  # type: ignore[misc]  # the gene
         self, request_iterator: Iterator[rpb.SubmitPartialSumRequest], context: grpc.ServicerContext
     ) -> rpb.SubmitPartialSumResponse:
         self._enter(context)
-        received = 0
+        asm: wire.TensorAssembler | None = None
         try:
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("payload") != "header":
-                raise InvalidArgument(
-                    "the first message of SubmitPartialSum must be a PartialSumHeader", reason=Reason.BAD_STREAM
-                )
-            h = first.header
+            h = payload_header(request_iterator, "SubmitPartialSum", "PartialSumHeader")
             s = h.session
             with self._bounded(s.relay_id, "SubmitPartialSum", context):
                 self.coord.check_partial_sum(s.relay_id, s.session_token, h.opening, h.attempt)  # before any payload
@@ -244,25 +247,13 @@ class UplinkServicer(rpb_grpc.UplinkServicer):  # type: ignore[misc]  # the gene
                     max_bytes=self.coord.model_bytes(),
                     allowed_dtypes=(DType.DTYPE_FLOAT32,),
                 )
-                chunk_bytes = self.nodes.config.chunk_bytes
-                for msg in request_iterator:
-                    if msg.WhichOneof("payload") != "chunk":
-                        raise InvalidArgument(
-                            "only TensorChunk messages may follow the header", reason=Reason.BAD_STREAM
-                        )
-                    if len(msg.chunk.data) > chunk_bytes:
-                        raise InvalidArgument(
-                            f"a chunk of {len(msg.chunk.data)} bytes is above max_chunk_bytes {chunk_bytes}",
-                            reason=Reason.CHUNK_TOO_LARGE,
-                        )
-                    asm.feed(msg.chunk.data)
-                    received += len(msg.chunk.data)
+                feed_chunks(asm, request_iterator, self.nodes.config.chunk_bytes)
                 self.coord.submit_partial_sum(s.relay_id, s.session_token, h.opening, h.attempt, asm.finish())
         except CoordinatorError as e:
             _abort(context, e)
         except wire.WireError as e:
             _abort(context, e)
         finally:
-            self.metrics.bytes.labels("received").inc(received)
+            self.metrics.bytes.labels("received").inc(asm.received if asm else 0)
         log.debug("relay.partial_sum", relay=s.relay_id, opening=h.opening, attempt=h.attempt)
         return rpb.SubmitPartialSumResponse(accepted=True)

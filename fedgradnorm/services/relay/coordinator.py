@@ -20,7 +20,6 @@ relay attaches again and learns its members.
 
 from __future__ import annotations
 
-import hmac
 import math
 import threading
 import time
@@ -36,17 +35,13 @@ from fedgradnorm.algorithm import ServerConfig, TensorDict, weighted_sum
 from fedgradnorm.models import Architecture
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services import serde
-from fedgradnorm.services.aggregator.admission import admit, check_initial_loss
+from fedgradnorm.services.aggregator.admission import admit, check_entry, check_initial_loss
 from fedgradnorm.services.aggregator.config import CoordinatorConfig
 from fedgradnorm.services.aggregator.errors import (
-    AlreadyExists,
     CoordinatorError,
-    FailedPrecondition,
-    NotFound,
-    Unauthenticated,
     Unavailable,
 )
-from fedgradnorm.services.aggregator.membership import hash_token
+from fedgradnorm.services.aggregator.membership import hash_token, verify_token
 from fedgradnorm.services.aggregator.servicer import STATUS
 from fedgradnorm.services.domain import Registration, RelayTicket, RoundTicket, Submission
 from fedgradnorm.services.refusals import reason_of
@@ -77,7 +72,6 @@ class _Round:
     ticket: RelayTicket
     submitted: dict[str, Submission] = field(default_factory=dict)  # accepted here, with the gradient
     pending: list[Submission] = field(default_factory=list)  # accepted, scalars not yet reported
-    refused: set[str] = field(default_factory=set)  # reported and refused by the aggregator
 
 
 class RelayCoordinator:
@@ -87,8 +81,8 @@ class RelayCoordinator:
         self._stop = threading.Event()
         self.upstream = Upstream(config, self._stop, self._attached)
         spec = config.spec
-        shared = spec.build_shared(0)
-        self._expected = {k: tuple(v.shape) for k, v in shared.named_parameters()}
+        # omega's names and shapes, from the spec's architecture (the same network the aggregator builds)
+        self._expected = {name: shape for name, shape, _ in spec.architecture.parameters}
         self._config: CoordinatorConfig | None = None
         self._server_config: ServerConfig | None = None
         self._members: dict[str, str] = {}  # node id -> sha256 of its session token
@@ -98,7 +92,6 @@ class RelayCoordinator:
         self._round: _Round | None = None
         self._final: RelayTicket | None = None
         self._upstream_round = 0
-        self.relay_timeout = 10.0
         self._threads: list[threading.Thread] = []
         self.stats = {"rounds": 0, "partial_sums": 0, "accepted": 0, "refused_upstream": 0}
 
@@ -132,7 +125,6 @@ class RelayCoordinator:
                 omega_tilde=tuple(s.omega_tilde),
             )
             self._set_members_locked(dict(a.members), a.members_version)
-            self.relay_timeout = a.relay_timeout
             self._cond.notify_all()
 
     def _set_members_locked(self, members: dict[str, str], version: int) -> None:
@@ -160,6 +152,10 @@ class RelayCoordinator:
             t = threading.Thread(target=self._guarded(target), name=name, daemon=True)
             t.start()
             self._threads.append(t)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -265,13 +261,7 @@ class RelayCoordinator:
         )
 
     def _authenticate_locked(self, node_id: str, token: str) -> None:
-        expected = self._members.get(node_id)
-        presented = hash_token(token or "")
-        if expected is None:
-            hmac.compare_digest(presented, "0" * 64)
-            raise NotFound(f"unknown node id {node_id[:64]!r}; register first", Reason.UNKNOWN_NODE)
-        if not hmac.compare_digest(presented, expected):
-            raise Unauthenticated(f"session token does not belong to node {node_id!r}", Reason.BAD_TOKEN)
+        verify_token("node", node_id, token, self._members.get(node_id), "register first")
         self._seen.add(node_id)
 
     def authenticate(self, node_id: str, token: str) -> None:
@@ -318,17 +308,11 @@ class RelayCoordinator:
 
     def _round_for_locked(self, node_id: str, token: str, round_: int) -> _Round:
         self._authenticate_locked(node_id, token)
-        r = self._round
-        if r is None or r.ticket.round != round_ or time.time() > r.ticket.deadline_unix:
-            current = f"round {r.ticket.round} is open" if r is not None else "no round is open"
-            raise FailedPrecondition(f"round {round_} is not open for submits ({current})", Reason.WRONG_ROUND)
-        if node_id in r.submitted:
-            raise AlreadyExists(f"node {node_id!r} already submitted to round {round_}", Reason.DUPLICATE)
-        if node_id not in r.ticket.participants:
-            raise FailedPrecondition(
-                f"node {node_id!r} is not a participant of round {round_}; it joins the next round",
-                Reason.NOT_PARTICIPANT,
-            )
+        r = self._round if self._round and time.time() <= self._round.ticket.deadline_unix else None
+        check_entry(
+            node_id, round_, r.ticket.round if r else None, r.submitted if r else (), r.ticket.participants if r else ()
+        )
+        assert r is not None
         return r
 
     def check_submit(self, node_id: str, token: str, round_: int) -> float:
@@ -438,7 +422,6 @@ class RelayCoordinator:
                 with self._cond:
                     if self._round is r:
                         for u in resp.refused:
-                            r.refused.add(u.node_id)
                             r.submitted.pop(u.node_id, None)
 
     def _heartbeat_loop(self) -> None:

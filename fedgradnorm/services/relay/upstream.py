@@ -69,7 +69,6 @@ class Attachment:
     hyperparameters: pb.Hyperparameters
     members: dict[str, str]
     members_version: int
-    relay_timeout: float
 
 
 class Upstream:
@@ -120,7 +119,6 @@ class Upstream:
             hyperparameters=resp.hyperparameters,
             members=serde.members_of(resp.members),
             members_version=resp.members_version,
-            relay_timeout=resp.relay_timeout_seconds,
         )
         log.info("relay.attached", upstream=cfg.upstream, members=len(attachment.members))
         self.on_attach(attachment)
