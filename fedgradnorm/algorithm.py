@@ -294,8 +294,9 @@ def update_weights(
     return new, f_grad, rates
 
 
-def validate_update(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> None:
-    """Raise AlgorithmError unless the update matches omega's names and shapes and is finite."""
+def check_update_shape(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> None:
+    """Raise AlgorithmError unless the update matches omega's names and shapes and its loss ratio is
+    in range: everything :func:`validate_update` checks except finiteness, without reading the data."""
     if set(update.gradient) != set(omega):
         missing = sorted(set(omega) - set(update.gradient))
         extra = sorted(set(update.gradient) - set(omega))
@@ -306,12 +307,18 @@ def validate_update(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> 
             raise AlgorithmError(
                 f"client {update.client}: gradient {name!r} has shape {tuple(g.shape)}, expected {tuple(ref.shape)}"
             )
-        if not all_finite(g):
-            raise AlgorithmError(f"client {update.client}: gradient {name!r} is not finite")
     if not (math.isfinite(update.loss_ratio) and 0 < update.loss_ratio <= MAX_LOSS_RATIO):
         raise AlgorithmError(
             f"client {update.client}: loss ratio must be in (0, {MAX_LOSS_RATIO:g}], got {update.loss_ratio}"
         )
+
+
+def validate_update(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> None:
+    """Raise AlgorithmError unless the update matches omega's names and shapes and is finite."""
+    check_update_shape(update, omega)
+    for name in omega:
+        if not all_finite(update.gradient[name]):
+            raise AlgorithmError(f"client {update.client}: gradient {name!r} is not finite")
 
 
 def weighted_sum(
@@ -426,14 +433,25 @@ def server_step(
     ids = [u.client for u in updates]
     if len(set(ids)) != len(ids):
         raise AlgorithmError(f"duplicate client ids in one round: {sorted(ids)}")
-    if validate:  # a caller that validated each update on arrival (the aggregator) skips the second pass
+    if validate:  # a caller that validated each update on arrival (the aggregator) skips the checks
         for u in updates:
-            validate_update(u, state.omega)
+            check_update_shape(u, state.omega)
     updates = sorted(updates, key=lambda u: u.client)
     names = config.omega_tilde or default_omega_tilde(state.omega)
     norms = {u.client: grad_norm(u.gradient, names) for u in updates}
+    if validate:
+        for u in updates:
+            if not math.isfinite(norms[u.client]):
+                validate_update(u, state.omega)  # names the client and the tensor
     plan = plan_weights(state, norms, {u.client: float(u.loss_ratio) for u in updates}, config)
     g = weighted_sum(((plan.scale(u.client), u.gradient) for u in updates), state.omega)
+    if validate and not all(all_finite(t) for t in g.values()):
+        # Finiteness is checked on the sum, one pass over omega's size instead of one per update:
+        # a NaN or an infinity in any term makes its element of the sum NaN or infinite, whatever
+        # the scales (inf * 0 is NaN). Only then is each update read again, to name the client; a
+        # sum that overflowed from finite terms is refused by apply_step.
+        for u in updates:
+            validate_update(u, state.omega)
     return apply_step(state, plan, g, config)
 
 

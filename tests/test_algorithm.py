@@ -197,6 +197,19 @@ def test_bad_updates_are_refused_and_change_nothing() -> None:
     bad_cases = [
         [ClientUpdate("a", {**good, "last.bias": torch.tensor([float("nan")])}, 1.0)],
         [ClientUpdate("a", {**good, "last.bias": torch.zeros(2)}, 1.0)],
+        # Outside omega_tilde (the norm stays finite): found on the sum, whatever the other terms.
+        [
+            ClientUpdate("a", good, 1.0),
+            ClientUpdate("b", {**good, "first.weight": torch.tensor([[0, math.inf], [0, 0]])}, 1.0),
+        ],
+        [
+            ClientUpdate("b", {**good, "first.weight": torch.tensor([[math.nan, 0], [0, 0]])}, 1.0),
+            ClientUpdate("a", good, 1.0),
+        ],
+        [
+            ClientUpdate("a", {**good, "first.weight": torch.tensor([[math.inf, 0], [0, 0]])}, 1.0),
+            ClientUpdate("b", {**good, "first.weight": torch.tensor([[-math.inf, 0], [0, 0]])}, 1.0),
+        ],
         [ClientUpdate("a", {k: v for k, v in good.items() if k != "last.bias"}, 1.0)],
         [ClientUpdate("a", good, 0.0)],
         [ClientUpdate("a", good, float("inf"))],
@@ -204,8 +217,10 @@ def test_bad_updates_are_refused_and_change_nothing() -> None:
         [],
     ]
     for updates in bad_cases:
-        with pytest.raises(AlgorithmError):
+        with pytest.raises(AlgorithmError) as refused:
             server_step(state, updates, cfg)
+        if any(not torch.isfinite(t).all() for u in updates for t in u.gradient.values()):
+            assert "is not finite" in str(refused.value)  # the client and tensor are named
     assert state.round == 0 and state.weights == {}
     for k in before:
         assert torch.equal(before[k], state.omega[k])
