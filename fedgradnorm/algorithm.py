@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -117,6 +118,96 @@ def adam_step(
         out[name] = param.addcdiv(m, denom, value=-step_size)
         exp_avg[name], exp_avg_sq[name] = m, v
     return out, AdamState(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+
+
+class ModuleAdam:
+    """``torch.optim.Adam(params, lr, foreach=False)`` for a client's modules, without torch.optim.
+
+    The same single-tensor update bit for bit (tests/test_algorithm.py), a step count per parameter,
+    parameters without a gradient skipped, and torch's ``state_dict`` layout, so node state files
+    written by either load into the other. Constructing a torch.optim optimiser imports
+    torch._dynamo, torch._inductor and sympy (2.1 s and about 70 MiB per process on this project's
+    machines), which an edge node never uses.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], cfg: AdamConfig) -> None:
+        self.params = list(params)
+        self.cfg = cfg
+        self.state: dict[int, dict[str, torch.Tensor]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        for i, param in enumerate(self.params):
+            grad = param.grad
+            if grad is None:
+                continue
+            st = self.state.get(i)
+            if st is None:
+                st = self.state[i] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+                }
+            st["step"] += 1
+            step = st["step"].item()
+            st["exp_avg"].lerp_(grad, 1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            step_size = self.cfg.lr / (1 - b1**step)
+            denom = (st["exp_avg_sq"].sqrt() / (1 - b2**step) ** 0.5).add_(self.cfg.eps)
+            param.addcdiv_(st["exp_avg"], denom, value=-step_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.Adam's layout (``state`` by parameter index, one param group)."""
+        group = {
+            "lr": self.cfg.lr,
+            "betas": (self.cfg.beta1, self.cfg.beta2),
+            "eps": self.cfg.eps,
+            "weight_decay": 0,
+            "amsgrad": False,
+            "maximize": False,
+            "foreach": False,
+            "capturable": False,
+            "differentiable": False,
+            "fused": None,
+            "decoupled_weight_decay": False,
+            "params": list(range(len(self.params))),
+        }
+        return {"state": {i: dict(st) for i, st in self.state.items()}, "param_groups": [group]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Moments from :meth:`state_dict` or torch.optim.Adam's; ValueError (nothing changed) on a
+        state of other parameters."""
+        try:
+            entries = dict(state_dict["state"])
+            (group,) = state_dict["param_groups"]
+            indices = list(group["params"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not an Adam state ({type(err).__name__}: {err})") from err
+        if indices != list(range(len(self.params))):
+            raise ValueError(f"the Adam state is for {len(indices)} parameters, this model has {len(self.params)}")
+        loaded: dict[int, dict[str, torch.Tensor]] = {}
+        for i, st in entries.items():
+            if not isinstance(i, int) or not 0 <= i < len(self.params) or not isinstance(st, Mapping):
+                raise ValueError(f"Adam state entry {i!r} does not name a parameter")
+            shape = tuple(self.params[i].shape)
+            m, v = st.get("exp_avg"), st.get("exp_avg_sq")
+            if not (isinstance(m, torch.Tensor) and isinstance(v, torch.Tensor) and m.shape == v.shape == shape):
+                raise ValueError(f"Adam state of parameter {i} does not match its shape {shape}")
+            device = self.params[i].device
+            loaded[i] = {
+                "step": torch.as_tensor(st.get("step", 0.0), dtype=torch.float32).reshape(()).clone(),
+                "exp_avg": m.to(device, torch.float32).clone(),
+                "exp_avg_sq": v.to(device, torch.float32).clone(),
+            }
+        self.state = loaded
 
 
 @dataclass(frozen=True)
@@ -488,10 +579,18 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Optimizer(Protocol):
+    """What :func:`client_step` needs of the head's optimiser (ModuleAdam, or any torch.optim one)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> Any: ...
+
+
 def client_step(
     shared: nn.Module,
     head: nn.Module,
-    head_optimizer: torch.optim.Optimizer,
+    head_optimizer: Optimizer,
     loss_fn: LossFn,
     batches: Batches,
     config: ClientConfig,
@@ -523,7 +622,7 @@ def client_step(
     head.requires_grad_(False)
     shared.requires_grad_(True)
     params = dict(shared.named_parameters())
-    omega_opt = torch.optim.Adam(params.values(), lr=config.beta, foreach=False)
+    omega_opt = ModuleAdam(params.values(), AdamConfig(lr=config.beta))
     acc = {k: torch.zeros_like(p) for k, p in params.items()}
     losses: list[float] = []
     for _ in range(config.tau_omega):

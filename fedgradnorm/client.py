@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedgradnorm.algorithm import ClientConfig, ClientStepResult, client_step
+from fedgradnorm.algorithm import AdamConfig, ClientConfig, ClientStepResult, ModuleAdam, client_step
 from fedgradnorm.data.partition import ClientData
 from fedgradnorm.federation import Federation
 from fedgradnorm.tasks import TaskSpec, derive_seed
@@ -74,7 +74,7 @@ class LocalClient:
         self.x, self.y, self.x_test, self.y_test = _tensors(data, self.task, self.device)
         self.num_samples = len(self.x)
         self.head = federation.build_head(self.task, derive_seed(seed, "head", name)).to(self.device)
-        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=config.beta, foreach=False)
+        self.optimizer = ModuleAdam(self.head.parameters(), AdamConfig(lr=config.beta))
         self.initial_loss: float | None = None
 
     def batches(self, round_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

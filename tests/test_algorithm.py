@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ from fedgradnorm.algorithm import (
     ClientConfig,
     ClientUpdate,
     ClientWeight,
+    ModuleAdam,
+    Optimizer,
     ServerConfig,
     ServerState,
     adam_step,
@@ -332,11 +337,11 @@ def test_client_step_first_round_ratio_is_one_and_gradient_is_mean() -> None:
             acc[k] += p.grad
         omega_opt.step()
     for k in acc:
-        torch.testing.assert_close(res.gradient[k], acc[k] / 4)
+        assert torch.equal(res.gradient[k], acc[k] / 4)  # ModuleAdam is torch's Adam bit for bit
     assert res.loss == pytest.approx(sum(losses) / 4)
     # The head is not touched by the omega phase; the shared net is left at omega_{k, tau}.
     for k, v in shared2.state_dict().items():
-        torch.testing.assert_close(shared.state_dict()[k], v)
+        assert torch.equal(shared.state_dict()[k], v)
 
 
 def test_client_step_later_round_uses_stored_initial_loss() -> None:
@@ -356,3 +361,88 @@ def test_the_norm_bound_leaves_out_absurd_updates_only() -> None:
     assert norm_outliers({"a": 1.0, "b": 2.0, "c": 1e30}, 0) == set()  # off
     assert norm_outliers({"a": 0.0, "b": 0.0, "c": 1e30}, 1e4) == {"c"}  # zero gradients (no-train nodes)
     assert norm_outliers({"a": 0.0, "b": 0.0, "c": 0.0}, 1e4) == set()
+
+
+def _two_layer(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.ModuleDict({"used": nn.Linear(5, 4), "unused": nn.Linear(3, 2)})
+
+
+def test_module_adam_is_torch_adam_bit_for_bit_and_shares_its_state_format() -> None:
+    ours, ref = _two_layer(0), _two_layer(0)
+    mine = ModuleAdam(ours.parameters(), AdamConfig(lr=0.03))
+    theirs = torch.optim.Adam(ref.parameters(), lr=0.03, foreach=False)
+    g = torch.Generator().manual_seed(1)
+
+    def step(model: nn.Module, opt: Optimizer, x: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        model["used"](x).pow(2).sum().backward()  # "unused" gets no gradient: skipped, no state
+        opt.step()
+
+    for _ in range(7):
+        x = torch.randn(8, 5, generator=g)
+        step(ours, mine, x)
+        step(ref, theirs, x)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    mine_sd, theirs_sd = mine.state_dict(), theirs.state_dict()
+    assert mine_sd["param_groups"] == theirs_sd["param_groups"]
+    assert set(mine_sd["state"]) == set(theirs_sd["state"]) == {0, 1}  # the unused layer has none
+    for i, st in theirs_sd["state"].items():
+        assert all(torch.equal(mine_sd["state"][i][k], st[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+    # Each loads the other's state and both go on in step.
+    swapped_ours, swapped_ref = _two_layer(0), _two_layer(0)
+    swapped_ours.load_state_dict(ours.state_dict())
+    swapped_ref.load_state_dict(ref.state_dict())
+    mine2 = ModuleAdam(swapped_ours.parameters(), AdamConfig(lr=0.03))
+    mine2.load_state_dict(copy.deepcopy(theirs_sd))  # state_dict()s hold the live moments
+    theirs2 = torch.optim.Adam(swapped_ref.parameters(), lr=0.03, foreach=False)
+    theirs2.load_state_dict(copy.deepcopy(mine_sd))
+    for _ in range(3):
+        x = torch.randn(8, 5, generator=g)
+        step(ours, mine, x)
+        step(ref, theirs, x)
+        step(swapped_ours, mine2, x)
+        step(swapped_ref, theirs2, x)
+    models = (ours, ref, swapped_ours, swapped_ref)
+    for a, b, c, d in zip(*(m.parameters() for m in models), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+
+
+def test_module_adam_refuses_a_foreign_state_and_keeps_its_own() -> None:
+    model = _two_layer(0)
+    opt = ModuleAdam(model.parameters(), AdamConfig(lr=0.1))
+    model["used"](torch.ones(1, 5)).sum().backward()
+    opt.step()
+    kept = opt.state_dict()
+    other = torch.optim.Adam(nn.Linear(5, 4).parameters(), lr=0.1)  # two parameters, not four
+    bad_states = [
+        {},
+        {"state": {}, "param_groups": []},
+        other.state_dict(),
+        {**kept, "state": {0: {**kept["state"][0], "exp_avg": torch.zeros(3)}}},
+        {**kept, "state": {9: kept["state"][0]}},
+    ]
+    for bad in bad_states:
+        with pytest.raises(ValueError):
+            opt.load_state_dict(bad)
+        assert all(torch.equal(opt.state[i][k], kept["state"][i][k]) for i in kept["state"] for k in kept["state"][i])
+
+
+def test_a_client_round_does_not_import_torch_compile_machinery() -> None:
+    """torch.optim would import torch._dynamo, torch._inductor and sympy on its first optimiser
+    (2 s and ~70 MiB in every edge node); a client's rounds must not."""
+    script = (
+        "import sys\n"
+        "from fedgradnorm.client import LocalClient, load_omega_\n"
+        "from fedgradnorm.simulation_config import SimulationConfig\n"
+        "from fedgradnorm.simulator import Simulation\n"
+        "sim = Simulation.build(SimulationConfig(federation='radcom', synthetic_size=4, rounds=2))\n"
+        "for _ in sim.rounds(): pass\n"
+        "heavy = sorted(m for m in ('torch._dynamo', 'torch._inductor', 'sympy') if m in sys.modules)\n"
+        "print('imported:', heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 
 from fedgradnorm import config as cfgmod
 from fedgradnorm.errors import FatalError
+from fedgradnorm.machine import limit_malloc_arenas
 from fedgradnorm.services.tls import ClientTLSSettings
 
 
@@ -22,6 +23,7 @@ def _aggregator(args: argparse.Namespace) -> int:
     from fedgradnorm.services.aggregator.config import CoordinatorConfig, ServiceConfig
     from fedgradnorm.services.aggregator.server import serve_forever
 
+    limit_malloc_arenas()
     return serve_forever(cfgmod.build(ServiceConfig, args), cfgmod.build(CoordinatorConfig, args))
 
 
@@ -42,6 +44,7 @@ def _relay(args: argparse.Namespace) -> int:
     from fedgradnorm.services.relay.config import RelayConfig
     from fedgradnorm.services.relay.server import serve_forever
 
+    limit_malloc_arenas()
     return serve_forever(cfgmod.build(RelayConfig, args))
 
 
@@ -61,6 +64,7 @@ def _edge_node(args: argparse.Namespace) -> int:
     from fedgradnorm.services.edge_node.config import EdgeConfig
     from fedgradnorm.services.edge_node.main import serve_edge_node
 
+    limit_malloc_arenas()
     return serve_edge_node(cfgmod.build(EdgeConfig, args), max_rounds=args.max_rounds)
 
 
