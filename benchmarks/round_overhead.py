@@ -15,6 +15,7 @@ RadCom federation, Network 2 (15.7 MB of float32 shared weights), three edge nod
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -104,6 +105,13 @@ def _node_step_means(dep: Deployment, before: dict[str, dict[str, float]]) -> di
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat; Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def deployment_flags(
     config: SimulationConfig, train: bool, state_dir: Path | None = None
 ) -> tuple[list[str], list[str]]:
@@ -141,12 +149,15 @@ def loopback_rounds(
 ) -> dict[str, Any]:
     agg_flags, node_flags = deployment_flags(config, train, state_dir)
     with Deployment(workdir, "radcom", (), agg_flags, node_flags, node_metrics=train) as dep:
-        dep.wait_rounds(skip, timeout)
+        dep.wait_rounds(skip + 1, timeout)
         before = {n: dep.scrape(p) for n, p in dep.metrics_ports.items()}
+        cpu0 = {p.name: _cpu_seconds(p.pid) for p in dep.procs}
         stamps = dep.wait_rounds(skip + rounds + 1, timeout)
+        cpu = {p.name: (_cpu_seconds(p.pid) - cpu0[p.name]) / rounds for p in dep.procs}
         steps = _node_step_means(dep, before) if train else {}
     times = intervals(stamps[: skip + rounds + 1], skip)
     return {
+        "cpu": cpu,  # CPU seconds per measured round, per process (counted from the close of the last warm-up round)
         "round": median(times),
         "mean": statistics.fmean(times),
         "max": max(times),
@@ -165,6 +176,14 @@ def _phase_medians(metrics: Path, first: int, last: int) -> dict[str, float]:
     rows = [by_round[k] for k in range(first, last + 1) if k in by_round]
     keys = ("collect_seconds", "step_seconds", "commit_seconds")
     return {k.removesuffix("_seconds"): median([r[k] for r in rows]) for k in keys} if rows else {}
+
+
+def _cpu_text(result: dict[str, Any]) -> str:
+    cpu: dict[str, float] = result["cpu"]
+    total = sum(cpu.values())
+    share = total / ((os.cpu_count() or 1) * result["round"])
+    parts = ", ".join(f"{name} {fmt_s(sec)}" for name, sec in cpu.items())
+    return f"{parts} ({fmt_s(total)} in all, {share:.0%} of the cores)"
 
 
 def _phases(result: dict[str, Any]) -> str:
@@ -241,6 +260,13 @@ def run(workdir: Path, synthetic_size: int = 20, rounds_idle: int = 20, rounds_t
         + ", ".join(f"{k} {fmt_s(v)}" for k, v in sorted(busy["steps"].items()))
         + f"; server step {fmt_s(sim['server_step'])}. Overhead = loopback round − slowest node's step − server step. "
         f"Phases (median): {_phases(busy)}.",
+        "CPU time per measured round (user + system, /proc/PID/stat): no training: "
+        + _cpu_text(idle)
+        + "; training: "
+        + _cpu_text(busy)
+        + ". The share is of the machine's "
+        + f"{os.cpu_count()} cores over the median round: near 100 % the round is bound by the cores the four "
+        "processes share, and time beyond the slowest node's step is partly waiting for a core.",
         f"In-process simulator, one torch thread: clients' steps {fmt_s(sim['clients_sum'])} in all "
         f"(slowest {fmt_s(sim['client_max'])}) + server step {fmt_s(sim['server_step'])}; the loopback nodes "
         "train concurrently, so the loopback round can be shorter than the simulator's.",
