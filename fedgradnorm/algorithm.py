@@ -310,13 +310,24 @@ def default_omega_tilde(omega: Mapping[str, torch.Tensor]) -> tuple[str, ...]:
     return tuple(n for n in names if n.rpartition(".")[0] == prefix)
 
 
-def grad_norm(gradient: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
-    """l2 norm of the gradient restricted to ``names`` (omega_tilde), computed in float64."""
+def tensor_norms(gradient: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> dict[str, float]:
+    """The l2 norm of each tensor (of ``names``; default all), computed in float64: finite for any
+    finite float32 tensor, NaN or infinite for one that holds a NaN or an infinity, so it doubles as
+    the finiteness check of the tensor it reads."""
+    return {name: float(torch.linalg.vector_norm(gradient[name], dtype=torch.float64)) for name in names or gradient}
+
+
+def combined_norm(norms: Mapping[str, float], names: Sequence[str]) -> float:
+    """The l2 norm over ``names`` from their tensors' norms, summed in the order of ``names``."""
     total = 0.0
     for name in names:
-        g = gradient[name]
-        total += float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
+        total += norms[name] ** 2
     return math.sqrt(total)
+
+
+def grad_norm(gradient: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
+    """l2 norm of the gradient restricted to ``names`` (omega_tilde), computed in float64."""
+    return combined_norm(tensor_norms(gradient, names), names)
 
 
 def update_norm(gradient: Mapping[str, torch.Tensor]) -> float:

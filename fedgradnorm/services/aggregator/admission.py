@@ -16,9 +16,9 @@ from fedgradnorm.algorithm import (
     MAX_LOSS_RATIO,
     AlgorithmError,
     ClientUpdate,
-    grad_norm,
-    update_norm,
-    validate_update,
+    check_update_shape,
+    combined_norm,
+    tensor_norms,
 )
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services.aggregator.config import NAME_RE
@@ -66,10 +66,16 @@ def admit(sub: Submission, omega: Mapping[str, torch.Tensor], omega_tilde: Seque
     the outlier bound, and omega_tilde's, for the weight rule); InvalidArgument otherwise."""
     ratio = check_numbers(sub)
     try:
-        validate_update(ClientUpdate(sub.node_id, sub.gradient, ratio), omega)
+        check_update_shape(ClientUpdate(sub.node_id, sub.gradient, ratio), omega)
     except AlgorithmError as e:
         raise InvalidArgument(str(e), Reason.BAD_TENSOR) from e
-    return replace(sub, norm=update_norm(sub.gradient), tilde_norm=grad_norm(sub.gradient, omega_tilde))
+    # One float64 pass per tensor gives the finiteness check and both norms (the same values as
+    # update_norm and grad_norm: the same per-tensor norms, summed in the same order).
+    norms = tensor_norms(sub.gradient, omega)
+    bad = next((name for name, n in norms.items() if not math.isfinite(n)), None)
+    if bad is not None:
+        raise InvalidArgument(f"client {sub.node_id}: gradient {bad!r} is not finite", Reason.BAD_TENSOR)
+    return replace(sub, norm=combined_norm(norms, list(sub.gradient)), tilde_norm=combined_norm(norms, omega_tilde))
 
 
 def max_norm(shapes: Mapping[str, Sequence[int]]) -> float:
