@@ -499,6 +499,53 @@ def _mb(n: float) -> str:
     return f"{n / MB:,.1f} MB"
 
 
+MIB = 1 << 20
+_IMPORT_PROBE = (
+    "import importlib, resource, sys; importlib.import_module(sys.argv[1]); "
+    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+)
+
+
+def import_baselines() -> dict[str, int]:
+    """Peak RSS (bytes) of a process of this venv that only imports each service's module: the
+    floor under the service's own memory (torch, gRPC, protobuf and the project's modules)."""
+    modules = {
+        "aggregator": "fedgradnorm.services.aggregator.server",
+        "edge node": "fedgradnorm.services.edge_node.node",
+    }
+    return {
+        what: int(
+            subprocess.run(
+                [sys.executable, "-c", _IMPORT_PROBE, module], capture_output=True, text=True, timeout=300, check=True
+            ).stdout
+        )
+        for what, module in modules.items()
+    }
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**missed**"
+
+
+def targets(res: dict[str, dict[str, dict[str, Any]]], model_bytes: int, baselines: dict[str, int]) -> str:
+    """The issue-14 targets this run measures, each with its verdict and the import floor beside it."""
+    ratios = {case: res[case]["flower"]["round"] / res[case]["ours"]["round"] for case in ("idle", "train")}
+    agg = max(res[case]["ours"]["server_rss"] for case in res)
+    node = max(rss for case in res for rss, _ in res[case]["ours"]["nodes"].values())
+    state = 3 * model_bytes  # omega and its two Adam moments
+    return (
+        f"Targets: Flower's no-training round ≥ 100× fedgradnorm's: {ratios['idle']:,.0f}×, "
+        f"{_verdict(ratios['idle'] >= 100)}; training round ≥ 40×: {ratios['train']:,.0f}×, "
+        f"{_verdict(ratios['train'] >= 40)}; aggregator peak RSS ≤ 200 MiB beyond ω and its two Adam moments "
+        f"({state / MIB:.0f} MiB): {(agg - state) / MIB:.0f} MiB beyond, {_verdict(agg - state <= 200 * MIB)}; "
+        f"edge node peak RSS ≤ 300 MiB: {node / MIB:.0f} MiB, {_verdict(node <= 300 * MIB)}. "
+        f"A process that only imports the aggregator's modules peaks at {baselines['aggregator'] / MIB:.0f} MiB, "
+        f"one that imports the edge node's at {baselines['edge node'] / MIB:.0f} MiB (same venv, this run): torch's "
+        "import is most of either, so the aggregator's resident set above that floor is "
+        f"{(agg - baselines['aggregator']) / MIB:.0f} MiB and the edge node's {(node - baselines['edge node']) / MIB:.0f} MiB."
+    )
+
+
 def _ratio(a: float, b: float) -> str:
     if not b or a != a or b != b:
         return "-"
@@ -607,6 +654,8 @@ def section(
         "",
         summary,
         "",
+        targets(res, model_bytes, inputs["baselines"]),
+        "",
         t.markdown(),
         "",
         "How each number was measured:",
@@ -692,6 +741,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = workload(args.synthetic_size)
     t0 = time.perf_counter()
     model, data, inputs = write_inputs(workdir / "inputs", config)
+    inputs["baselines"] = import_baselines()
     mem = TreeMemory()
     mem.start()
     results: dict[str, dict[str, dict[str, Any]]] = {}
