@@ -282,7 +282,8 @@ def headline(done: list[tuple[str, list[Table], float]]) -> list[str]:
                 f"- **Server step** at {big['nodes']} nodes ({big['threads']} torch threads): best {fmt_s(best)} "
                 f"({fmt_s(best / big['nodes'])} per node), median {fmt_s(big['seconds'])}; the best is "
                 f"{best / (big['input_bytes'] / bw):.1f}× the time to read every gradient once at the measured "
-                f"bandwidth; peak memory above the resident set {big['peak_bytes'] / 1e6:.0f} MB."
+                f"bandwidth, which **{'meets' if best / (big['input_bytes'] / bw) <= 2 else 'misses'}** the ≤ 2× "
+                f"target; peak memory above the resident set {big['peak_bytes'] / 1e6:.0f} MB."
             )
     if "edge node" in by:
         d = by["edge node"][0].data
