@@ -23,7 +23,9 @@ import contextlib
 import math
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Mapping
@@ -283,7 +285,7 @@ class ProcessPool:
                 '`if __name__ == "__main__":` guard, as worker processes import the main module)'
             )
         others = [n for n in w.names if n != client]
-        sharing = f"; it also ran {', '.join(repr(n) for n in others)}" if others else ""
+        sharing = f"; the same worker held {', '.join(repr(n) for n in others)}" if others else ""
         return ClientProcessError(
             client, f"client {client!r}: its worker process {w.process.pid} {how} {during}{sharing}{hint}"
         )
@@ -293,44 +295,53 @@ class ProcessPool:
 
 
 def _worker_main(conn: Connection, threads: int) -> None:
-    """A worker process: pin the torch threads first, build the clients, then run rounds until ``stop``."""
+    """A worker process: pin the torch threads first, serve, then leave at once (``os._exit`` once stdout
+    and stderr are flushed: the interpreter's teardown of torch took about a second that close() waited)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     with contextlib.suppress(EOFError, BrokenPipeError):  # the parent is gone: nobody to answer
-        setup: _Setup = conn.recv()
-        # The spec's own folders (python_path) are on sys.path already: a spawned process starts
-        # with its parent's sys.path.
-        omega = setup.omega_layout.views(setup.omega_buffers)
-        gradients = {n: setup.gradient_layout.views(b) for n, b in setup.gradient_buffers.items()}
+        _serve(conn)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _serve(conn: Connection) -> None:
+    """Build the clients, then run rounds until ``stop``; an error is reported, naming the client."""
+    setup: _Setup = conn.recv()
+    # The spec's own folders (python_path) are on sys.path already: a spawned process starts
+    # with its parent's sys.path.
+    omega = setup.omega_layout.views(setup.omega_buffers)
+    gradients = {n: setup.gradient_layout.views(b) for n, b in setup.gradient_buffers.items()}
+    try:
+        shared = setup.federation.build_shared(setup.seed)
+    except Exception as err:
+        _report(conn, next(iter(setup.data)), err)
+        return
+    clients: dict[str, LocalClient] = {}
+    for name, data in setup.data.items():
         try:
-            shared = setup.federation.build_shared(setup.seed)
+            client = LocalClient(name, setup.federation, data, setup.client_config, setup.seed)
         except Exception as err:
-            _report(conn, next(iter(setup.data)), err)
+            _report(conn, name, err)
             return
-        clients: dict[str, LocalClient] = {}
-        for name, data in setup.data.items():
+        clients[name] = client
+        conn.send(("done", name, ClientInfo(name, client.task.name, client.num_samples)))
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        round_ = message[1]
+        for name, client in clients.items():
             try:
-                client = LocalClient(name, setup.federation, data, setup.client_config, setup.seed)
+                load_omega_(shared, omega)
+                result, evaluation = client.run_round(shared, round_)
+                for key, view in gradients[name].items():
+                    view.copy_(result.gradient[key])
             except Exception as err:
                 _report(conn, name, err)
                 return
-            clients[name] = client
-            conn.send(("done", name, ClientInfo(name, client.task.name, client.num_samples)))
-        while True:
-            message = conn.recv()
-            if message[0] == "stop":
-                return
-            round_ = message[1]
-            for name, client in clients.items():
-                try:
-                    load_omega_(shared, omega)
-                    result, evaluation = client.run_round(shared, round_)
-                    for key, view in gradients[name].items():
-                        view.copy_(result.gradient[key])
-                except Exception as err:
-                    _report(conn, name, err)
-                    return
-                conn.send(("done", name, (result.loss, result.loss_ratio, evaluation)))
+            conn.send(("done", name, (result.loss, result.loss_ratio, evaluation)))
 
 
 def _report(conn: Connection, client: str, err: Exception) -> None:
