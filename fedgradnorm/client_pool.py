@@ -11,6 +11,7 @@ engine (a Ray actor pool on a cluster, say) fits behind the same three members.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +40,7 @@ class ClientRoundResult:
     loss: float
     loss_ratio: float
     evaluation: Evaluation
+    seconds: float  # the client step's wall time where it ran (loading omega excluded)
 
 
 class ClientPool(Protocol):
@@ -76,8 +78,10 @@ class InProcessPool:
         out = []
         for name, client in self.clients.items():
             load_omega_(self.shared, omega)
+            t0 = time.perf_counter()
             result, evaluation = client.run_round(self.shared, round_)
-            out.append(ClientRoundResult(name, result.gradient, result.loss, result.loss_ratio, evaluation))
+            seconds = time.perf_counter() - t0
+            out.append(ClientRoundResult(name, result.gradient, result.loss, result.loss_ratio, evaluation, seconds))
         return out
 
     def close(self) -> None:

@@ -113,6 +113,11 @@ class _Setup:
     gradient_buffers: dict[str, dict[torch.dtype, torch.Tensor]]
 
 
+def shares(names: tuple[str, ...], workers: int) -> list[tuple[str, ...]]:
+    """The clients each of ``workers`` workers holds: round robin over the clients' order."""
+    return [names[index::workers] for index in range(workers)]
+
+
 @dataclass
 class _Worker:
     index: int
@@ -157,7 +162,7 @@ class ProcessPool:
         self._gradients = {name: gradient_layout.views(b) for name, b in gradient_buffers.items()}
         ctx = multiprocessing.get_context("spawn")
         try:
-            for index in range(workers):
+            for index, names in enumerate(shares(self._names, workers)):
                 parent_end, child_end = ctx.Pipe()
                 process = ctx.Process(
                     target=_worker_main,
@@ -167,7 +172,7 @@ class ProcessPool:
                 )
                 process.start()
                 child_end.close()
-                self._workers.append(_Worker(index, process, parent_end, self._names[index::workers]))
+                self._workers.append(_Worker(index, process, parent_end, names))
             for w in self._workers:
                 setup = _Setup(
                     federation=federation,
@@ -335,13 +340,15 @@ def _serve(conn: Connection) -> None:
         for name, client in clients.items():
             try:
                 load_omega_(shared, omega)
+                t0 = time.perf_counter()
                 result, evaluation = client.run_round(shared, round_)
+                seconds = time.perf_counter() - t0
                 for key, view in gradients[name].items():
                     view.copy_(result.gradient[key])
             except Exception as err:
                 _report(conn, name, err)
                 return
-            conn.send(("done", name, (result.loss, result.loss_ratio, evaluation)))
+            conn.send(("done", name, (result.loss, result.loss_ratio, evaluation, seconds)))
 
 
 def _report(conn: Connection, client: str, err: Exception) -> None:
