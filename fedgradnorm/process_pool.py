@@ -86,7 +86,8 @@ class FlatLayout:
         return cls(tuple(entries), tuple(ends.items()))
 
     def shared_buffers(self) -> dict[torch.dtype, torch.Tensor]:
-        """Fresh buffers in shared memory (file descriptors: nothing is left behind in /dev/shm)."""
+        """Fresh buffers in shared memory (with torch's default sharing on Linux, unlinked file descriptors:
+        nothing is left in /dev/shm whatever way the processes end)."""
         return {dtype: _shared_empty(size, dtype) for dtype, size in self.sizes}
 
     def views(self, buffers: Mapping[torch.dtype, torch.Tensor]) -> dict[str, torch.Tensor]:
