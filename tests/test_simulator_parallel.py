@@ -19,6 +19,7 @@ import torch
 
 from fedgradnorm.cli import main
 from fedgradnorm.errors import FatalError
+from fedgradnorm.machine import torch_threads
 from fedgradnorm.process_pool import ClientProcessError
 from fedgradnorm.simulation_config import SimulationConfig
 from fedgradnorm.simulator import Simulation
@@ -144,6 +145,18 @@ def test_radcom_fedgradnorm_on_two_workers_is_the_clients_in_turn() -> None:
     assert_same_run(sequential, parallel)
     assert {r["weight"] for r in parallel.records} != {1.0}  # the weights moved: the rule ran on both sides
     assert no_workers_left()
+
+
+def test_client_threads_pin_the_clients_in_turn_whatever_the_process_has() -> None:
+    """The comparisons above pin one thread per client step; so does the process's own count when
+    ``client_threads`` is 0, and the pinned run leaves the process's count as it found it."""
+    config = small("radcom", rounds=1)
+    with torch_threads(2):
+        pinned = run(config)
+        assert torch.get_num_threads() == 2
+    with torch_threads(1):
+        unpinned = run(replace(config, client_threads=0))
+    assert_same_run(pinned, unpinned)
 
 
 def test_mtfl_fedrep_five_clients_on_two_workers_is_the_clients_in_turn() -> None:
