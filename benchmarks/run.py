@@ -47,6 +47,11 @@ class Scale:
     relay_relays: int = 4
     relay_rounds: int = 4
     relay_time_limit: float = 600.0
+    # The simulator with its clients in turn against two worker processes (benchmarks/simulator.py).
+    sim_rounds: int = 10
+    sim_skip: int = 2
+    sim_radcom_size: int = 20
+    sim_mtfl_size: int = 1000
 
 
 PEERS_BEGIN = "<!-- peers:begin -->"
@@ -131,12 +136,16 @@ SCALES = {
         relay_relays=2,
         relay_rounds=2,
         relay_time_limit=60.0,
+        sim_rounds=1,
+        sim_skip=0,
+        sim_radcom_size=2,
+        sim_mtfl_size=20,
     ),
 }
 
 
 def benchmarks(scale: Scale, workdir: Path) -> list[tuple[str, Callable[[], list[Table]]]]:
-    from benchmarks import aggregator_step, edge_node, load, relay_scale, round_overhead, transport
+    from benchmarks import aggregator_step, edge_node, load, relay_scale, round_overhead, simulator, transport
 
     def transport_all() -> list[Table]:
         sizes = ("network2", "big") if scale.big_model else ("network2",)
@@ -182,6 +191,10 @@ def benchmarks(scale: Scale, workdir: Path) -> list[tuple[str, Callable[[], list
                 )
             ],
         ),
+        (
+            "simulator",
+            lambda: [simulator.run(scale.sim_rounds, scale.sim_radcom_size, scale.sim_mtfl_size, scale.sim_skip)],
+        ),
     ]
 
 
@@ -212,6 +225,9 @@ READING = """\
 - **Load**: how GetState and health checks hold up while hundreds of nodes register, fetch and submit.
 - **Relay scale**: rounds per minute, bytes through the aggregator and peak memory with hundreds to
   thousands of light nodes, all dialling the aggregator (flat) or behind relays.
+- **Simulator**: rounds per second with the clients in turn and in two worker processes (the same
+  numbers bit for bit), against the bare compute and against the two workers' critical path, with
+  the client steps timed alone and as the workers ran them side by side.
 """
 
 
@@ -316,6 +332,21 @@ def headline(done: list[tuple[str, list[Table], float]]) -> list[str]:
                 f"aggregator per round; {flat['rounds_per_min']:.1f} against {relayed['rounds_per_min']:.1f} rounds "
                 f"per minute; aggregator peak RSS {flat['agg_rss']:.0f} MiB against {relayed['agg_rss']:.0f} MiB."
             )
+    if "simulator" in by:
+        d = by["simulator"][0].data
+        parts = [
+            f"{r['federation']} {1 / r['parallel']:.2f} against {1 / r['sequential']:.2f} "
+            f"({r['sequential'] / r['parallel']:.2f}×; at best {r['sequential'] / r['critical_alone']:.2f}×, "
+            f"{r['parallel'] / r['critical_together'] - 1:+.1%} above the critical path the workers ran)"
+            for r in d["runs"]
+        ]
+        out.append(
+            f"- **Simulator** with {d['workers']} worker processes, rounds per second against the clients in turn: "
+            + "; ".join(parts)
+            + "; bit-identical: "
+            + ("yes" if all(r["identical"] for r in d["runs"]) else "**NO**")
+            + "."
+        )
     out.append("")
     return out
 

@@ -36,10 +36,18 @@ class SimulationConfig:
     omega_tilde: tuple[str, ...] = ()
     synthetic_size: int = 100
     tasks: tuple[str, ...] = ()  # empty: every task of the data set
+    # How the rounds run, not what they compute: a run's numbers depend on the torch thread count of
+    # its client and server steps (``client_threads`` once resolved), never on ``workers``.
+    workers: int = 1  # 1: the clients in turn in this process; N: N worker processes (at most one per client)
+    client_threads: int = 0  # 0: the process's count (workers 1), that count shared out (workers > 1)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError("rounds must be at least 1")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1 (1: the clients in turn in this process), not {self.workers}")
+        if self.client_threads < 0:
+            raise ValueError(f"client_threads must be 0 (automatic) or a positive count, not {self.client_threads}")
         fed = self.spec  # fails fast on an unknown federation or a bad spec
         for t in self.tasks:
             fed.task(t)
@@ -55,6 +63,11 @@ class SimulationConfig:
     @property
     def task_names(self) -> tuple[str, ...]:
         return self.tasks or self.spec.task_names
+
+    @property
+    def worker_count(self) -> int:
+        """The worker processes a run uses: ``workers``, clamped to one per client."""
+        return min(self.workers, len(self.task_names))
 
     def server_config(self) -> ServerConfig:
         from fedgradnorm.algorithm import ServerConfig

@@ -1,11 +1,26 @@
-"""The in-process simulator: every client and the server in one process, round after round.
+"""The simulator: every client and the server of a federation on one machine, round after round.
 
 This is the reference the gRPC deployment must match: it calls exactly the same client step
 (:class:`fedgradnorm.client.LocalClient`) and server step (:func:`fedgradnorm.algorithm.server_step`).
+
+The clients run in a :class:`~fedgradnorm.client_pool.ClientPool`: in turn in this process
+(``workers`` 1, :class:`~fedgradnorm.client_pool.InProcessPool`), or spread over worker processes
+(``workers`` > 1, :class:`~fedgradnorm.process_pool.ProcessPool`). The server step always runs here,
+on the updates in the clients' order, so both give the same records and the same omega and p, bit for
+bit, when their client steps use the same number of torch threads. That number matters: a run with
+two threads differs from one with one in the last bits (a matrix product's sums are split
+differently), so a run pins it with ``client_threads``, or takes this process's count (``workers`` 1)
+or that count shared out among the workers. The server step runs with the same count.
+
+Bit-identity needs networks whose forward pass draws no random numbers from torch's global generator
+(no dropout: the clients in turn draw from one stream, workers each from their own) and a shared
+network without buffers (batch-norm statistics ride from one client to the next in the one module the
+clients in turn share); ``workers`` > 1 refuses a shared network with buffers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -15,6 +30,7 @@ from typing import Any
 
 import structlog
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from fedgradnorm.algorithm import (
@@ -23,8 +39,11 @@ from fedgradnorm.algorithm import (
     server_step,
 )
 from fedgradnorm.atomic import atomic_write_text
-from fedgradnorm.client import LocalClient, load_omega_
+from fedgradnorm.client import LocalClient
+from fedgradnorm.client_pool import ClientPool, InProcessPool
 from fedgradnorm.data.partition import Allocation, ClientData, load_clients
+from fedgradnorm.machine import torch_threads
+from fedgradnorm.process_pool import ProcessPool
 from fedgradnorm.records import round_record
 from fedgradnorm.simulation_config import SimulationConfig
 
@@ -33,12 +52,13 @@ log = structlog.get_logger("fedgradnorm.simulator")
 
 @dataclass
 class Simulation:
-    """A running simulation; iterate :meth:`rounds` to advance it one round at a time."""
+    """A running simulation; iterate :meth:`rounds` to advance it one round at a time, and close it
+    (``with Simulation.build(...) as sim:``) to stop its worker processes."""
 
     config: SimulationConfig
-    clients: dict[str, LocalClient]
+    pool: ClientPool
     state: ServerState
-    shared: torch.nn.Module
+    threads: int | None  # torch threads of every round's client and server steps; None: as the process has
     records: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -49,6 +69,14 @@ class Simulation:
         missing = [n for n in config.server_config().omega_tilde if n not in state.omega]
         if missing:  # before any data is loaded
             raise ValueError(f"omega_tilde names {missing} are not parameters of {fed.network.ref}")
+        workers = config.worker_count
+        buffers = [n for n, _ in shared.named_buffers()]
+        if workers > 1 and buffers:
+            raise ValueError(
+                f"workers > 1 needs a shared network without buffers; {fed.network.ref} has {buffers[:3]}, which the "
+                "clients in turn carry from one client to the next in one module and worker processes cannot: "
+                "use workers 1"
+            )
         if data is None:
             data = load_clients(
                 config.source(),
@@ -56,36 +84,61 @@ class Simulation:
                 Allocation.parse(config.allocation, config.test_fraction),
                 config.seed,
             )
-        clients = {
-            name: LocalClient(name, fed, data[name], config.client_config(), config.seed) for name in config.task_names
-        }
-        return cls(config=config, clients=clients, state=state, shared=shared)
+        data = {name: data[name] for name in config.task_names}
+        if workers == 1:
+            clients = {name: LocalClient(name, fed, d, config.client_config(), config.seed) for name, d in data.items()}
+            return cls(config, InProcessPool(clients, shared), state, config.client_threads or None)
+        threads = config.client_threads or max(1, torch.get_num_threads() // workers)
+        pool = ProcessPool(
+            fed,
+            data,
+            config.client_config(),
+            config.seed,
+            workers=workers,
+            threads=threads,
+            omega=state.omega,
+            shared=shared,
+        )
+        return cls(config, pool, state, threads)
+
+    @property
+    def clients(self) -> dict[str, LocalClient]:
+        """The clients themselves, where they live in this process (``workers`` 1)."""
+        return self._in_process().clients
+
+    @property
+    def shared(self) -> nn.Module:
+        """The shared-network module the clients in turn train on (``workers`` 1)."""
+        return self._in_process().shared
+
+    def _in_process(self) -> InProcessPool:
+        if not isinstance(self.pool, InProcessPool):
+            raise TypeError(f"the clients live in {self.config.worker_count} worker processes, not in this one")
+        return self.pool
 
     def step(self) -> list[dict[str, Any]]:
         """Run one round over every client; returns the round's metric records."""
         k = self.state.round
-        updates, losses, evals = [], {}, {}
-        for name, client in self.clients.items():
-            load_omega_(self.shared, self.state.omega)
-            result, evaluation = client.run_round(self.shared, k)
-            updates.append(ClientUpdate(name, result.gradient, result.loss_ratio))
-            losses[name], evals[name] = result.loss, evaluation
-        step = server_step(self.state, updates, self.config.server_config())
+        with torch_threads(self.threads) if self.threads else contextlib.nullcontext():
+            results = self.pool.run_round(self.state.omega, k)
+            updates = [ClientUpdate(r.client, r.gradient, r.loss_ratio) for r in results]
+            step = server_step(self.state, updates, self.config.server_config())
+        members = self.pool.members
         records = [
             round_record(
                 round_=k,
-                client=n,
-                task=c.task.name,
+                client=r.client,
+                task=members[r.client].task,
                 algorithm=self.config.algorithm,
-                report=step.reports[n],
+                report=step.reports[r.client],
                 f_grad=step.f_grad,
-                train_loss=losses[n],
-                test_loss=evals[n].test_loss,
-                test_metric=evals[n].metric,
-                test_value=evals[n].value,
-                num_samples=c.num_samples,
+                train_loss=r.loss,
+                test_loss=r.evaluation.test_loss,
+                test_metric=r.evaluation.metric,
+                test_value=r.evaluation.value,
+                num_samples=members[r.client].num_samples,
             )
-            for n, c in self.clients.items()
+            for r in results
         ]
         self.records.extend(records)
         return records
@@ -93,6 +146,16 @@ class Simulation:
     def rounds(self) -> Iterator[list[dict[str, Any]]]:
         while self.state.round < self.config.rounds:
             yield self.step()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (idempotent)."""
+        self.pool.close()
+
+    def __enter__(self) -> Simulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -108,20 +171,27 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path, progress: bool
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sim = Simulation.build(config)
-    t_data = time.perf_counter() - t0
-    log.info(
-        "simulation.start",
-        federation=config.federation,
-        algorithm=config.algorithm,
-        rounds=config.rounds,
-        clients={n: c.num_samples for n, c in sim.clients.items()},
-        data=config.source().describe(),
-    )
-    bar = tqdm(total=config.rounds, desc=f"{config.algorithm} {config.spec.name}", unit="round", disable=not progress)
-    for records in sim.rounds():
-        bar.update(1)
-        bar.set_postfix({r["task"][:6]: f"p={r['weight']:.2f}" for r in records})
-    bar.close()
+    try:
+        t_data = time.perf_counter() - t0
+        log.info(
+            "simulation.start",
+            federation=config.federation,
+            algorithm=config.algorithm,
+            rounds=config.rounds,
+            clients={n: c.num_samples for n, c in sim.pool.members.items()},
+            data=config.source().describe(),
+            workers=config.worker_count,
+            client_threads=sim.threads,
+        )
+        bar = tqdm(
+            total=config.rounds, desc=f"{config.algorithm} {config.spec.name}", unit="round", disable=not progress
+        )
+        for records in sim.rounds():
+            bar.update(1)
+            bar.set_postfix({r["task"][:6]: f"p={r['weight']:.2f}" for r in records})
+        bar.close()
+    finally:
+        sim.close()
     wall = time.perf_counter() - t0
     metrics = out / "metrics.jsonl"
     write_jsonl(metrics, sim.records)
@@ -129,8 +199,10 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path, progress: bool
         "config": asdict(config),
         "wall_seconds": wall,
         "data_seconds": t_data,
-        "final": {r["client"]: r for r in sim.records[-len(sim.clients) :]},
+        "final": {r["client"]: r for r in sim.records[-len(sim.pool.members) :]},
         "torch_threads": torch.get_num_threads(),
+        "workers": config.worker_count,
+        "client_threads": sim.threads or torch.get_num_threads(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     plot_run(metrics, out / "training.png")

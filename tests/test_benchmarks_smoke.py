@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
-from benchmarks import aggregator_step, load, relay_scale, transport
+from benchmarks import aggregator_step, load, relay_scale, simulator, transport
 from benchmarks.common import Table, fmt_s, loopback_copy, pct
 from benchmarks.deploy import fresh
 from benchmarks.round_overhead import commit_seconds, server_step_seconds, simulator_round
@@ -90,6 +91,16 @@ def test_headline_reads_every_table() -> None:
         {"nodes": 100, "relays": r, "rounds_closed": 4, "bytes_per_round": b, "rounds_per_min": 60.0, "agg_rss": 300.0}
         for r, b in ((0, 41.2e6), (4, 1.6e6))
     ]
+    sim_runs = [
+        {
+            "federation": "radcom",
+            "sequential": 1.0,
+            "parallel": 0.5,
+            "critical_alone": 0.5,
+            "critical_together": 0.4,
+            "identical": True,
+        }
+    ]
     done = [
         (
             "round overhead",
@@ -101,11 +112,14 @@ def test_headline_reads_every_table() -> None:
         ("edge node", [table({"outside": 1.0, "inside": 1.1, "samples": 640})], 1),
         ("load", [table({"probe": {"latency": latency}})], 1),
         ("relay scale", [table({"runs": relay_runs})], 1),
+        ("simulator", [table({"runs": sim_runs, "workers": 2})], 1),
     ]
     text = "\n".join(headline(done))
     assert "**meets** the 0.2 s target" in text and "**meets** the 5 % target" in text
     assert "50.0%" in text and "3 nodes" in text and "samples/s" in text and "GetState p50/p99" in text
     assert "**100 light nodes**, flat against behind 4 relays: 41.2 MB against 1.6 MB" in text
+    assert "radcom 2.00 against 1.00 (2.00×; at best 2.00×, +25.0% above the critical path" in text
+    assert "bit-identical: yes." in text
     assert set(SCALES) == {"full", "smoke"}
 
 
@@ -156,3 +170,14 @@ def test_relay_scale_harness(tmp_path: Path) -> None:
     assert relayed["bytes_per_round"] == 2 * 2 * model  # per relay
     assert len(relayed["relay_rss"]) == 2 and all(x > 0 for x in relayed["relay_rss"])
     assert len(t.rows) == 2
+
+
+def test_simulator_benchmark() -> None:
+    """One round of each simulator on RadCom and MTFL: both give the same numbers, every row is filled."""
+    t = simulator.run(rounds=1, radcom_size=2, mtfl_size=20, skip=0)
+    runs = t.data["runs"]
+    assert [r["federation"] for r in runs] == ["radcom", "mtfl"] and all(r["identical"] for r in runs)
+    for r in runs:
+        assert r["critical_alone"] <= r["bare"] and r["sequential"] > 0 and r["parallel"] > 0
+    assert len(t.rows) == 10 and t.data["transfer"]["bytes"] == 15_746_048
+    assert multiprocessing.active_children() == []

@@ -40,6 +40,11 @@ SIMULATION_HELP = {
     "omega_tilde": "comma-separated shared parameter names for the gradient norm (empty: the last layer's)",
     "synthetic_size": "synthetic set size: RadCom samples per key, MTFL training faces",
     "tasks": "comma-separated subset of the federation's tasks (empty: all)",
+    "workers": "processes the clients of a round run in: 1 runs them in turn in this process, N in N worker "
+    "processes that each keep a fixed share of the clients (at most one per client; more are not started)",
+    "client_threads": "torch threads of every client step and of the server step; the same count gives the same "
+    "numbers whatever --workers (0: this process's count with --workers 1, that count shared out among the "
+    "workers otherwise)",
 }
 
 
@@ -149,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedgradnorm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("simulate", help="run the in-process simulator (all clients and the server in one process)")
+    p = sub.add_parser(
+        "simulate",
+        help="run the simulator (every client and the server on this machine; --workers spreads the clients)",
+    )
     _add_training_flags(p)
     p.add_argument("--out", required=True, help="output folder: metrics.jsonl, summary.json, training.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
