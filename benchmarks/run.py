@@ -57,11 +57,15 @@ class Scale:
 PEERS_BEGIN = "<!-- peers:begin -->"
 PEERS_END = "<!-- peers:end -->"
 # Blocks of docs/benchmarks.md that other runs write and `make bench` keeps as they are, in the order
-# they follow the Headline section: Flower side by side (benchmarks/peers.py), and the full-size
-# relay-scale run (benchmarks/relay_scale.py --doc; `make bench` measures a smaller size itself).
+# they follow the Headline section: Flower side by side (benchmarks/peers.py), where the time and the
+# memory go (by hand), and the full-size relay-scale run (benchmarks/relay_scale.py --doc; `make
+# bench` measures a smaller size itself).
 RELAY_BEGIN = "<!-- relay-scale:begin -->"
 RELAY_END = "<!-- relay-scale:end -->"
-KEPT_BLOCKS = ((PEERS_BEGIN, PEERS_END), (RELAY_BEGIN, RELAY_END))
+# Written by hand from profiles and probes outside `make bench` (each says its command and date).
+BY_HAND_BEGIN = "<!-- by-hand:begin -->"
+BY_HAND_END = "<!-- by-hand:end -->"
+KEPT_BLOCKS = ((PEERS_BEGIN, PEERS_END), (BY_HAND_BEGIN, BY_HAND_END), (RELAY_BEGIN, RELAY_END))
 
 
 def section(text: str, begin: str, end: str) -> str | None:
