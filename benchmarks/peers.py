@@ -500,9 +500,11 @@ def _mb(n: float) -> str:
 
 
 MIB = 1 << 20
+# VmHWM, not getrusage's ru_maxrss: Linux carries the high-water mark across fork and exec, so a
+# child's ru_maxrss is at least the RSS its (large) parent had when it forked.
 _IMPORT_PROBE = (
-    "import importlib, resource, sys; importlib.import_module(sys.argv[1]); "
-    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    "import importlib, sys; importlib.import_module(sys.argv[1]); "
+    "print(next(int(x.split()[1]) * 1024 for x in open('/proc/self/status') if x.startswith('VmHWM:')))"
 )
 
 
