@@ -84,7 +84,9 @@ def test_headline_reads_every_table() -> None:
     idle = {"round": 0.15, "mean": 0.15, "max": 0.2, "n": 3, "steps": {}}
     busy = {"round": 2.0, "mean": 2.0, "max": 2.1, "n": 3, "steps": {"a": 1.8, "b": 1.85}}
     sim = {"round": 3.0, "clients_sum": 2.9, "client_max": 1.0, "server_step": 0.05}
-    rows = [{"model": "network2", "direction": "fetch", "dtype": "float32", "seconds": 0.1, "socket": 0.02}]
+    rows = [
+        {"model": "network2", "direction": "fetch", "dtype": "float32", "seconds": 0.1, "bare": 0.04, "socket": 0.02}
+    ]
     step_rows = [{"nodes": 3, "threads": 2, "seconds": 0.1, "input_bytes": 47e6, "peak_bytes": 1e6, "exact_peak": 1.0}]
     latency = {p: {"GetState": [0.001, 0.002], "Health": [0.001]} for p in ("idle", "load")}
     relay_runs = [
@@ -117,6 +119,8 @@ def test_headline_reads_every_table() -> None:
     text = "\n".join(headline(done))
     assert "**meets** the 0.2 s target" in text and "**meets** the 5 % target" in text
     assert "50.0%" in text and "3 nodes" in text and "samples/s" in text and "GetState p50/p99" in text
+    assert "fetch float32: 20% of the socket (gRPC alone, nothing decoded: 50%)" in text
+    assert "the 50 % target is **missed**" in text and "**misses** the ≤ 2× target" in text
     assert "**100 light nodes**, flat against behind 4 relays: 41.2 MB against 1.6 MB" in text
     assert "radcom 2.00 against 1.00 (2.00×; at best 2.00×, +25.0% above the critical path" in text
     assert "bit-identical: yes." in text
