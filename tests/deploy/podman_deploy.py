@@ -927,8 +927,14 @@ def main() -> int:
         weights = {n["node_name"]: n["weight"] for n in active_nodes(s)}
         assert abs(sum(weights.values()) - 3) < 1e-3, weights
         assert names == sorted(info["edge_pods"]), f"node names should be the pod names {info['edge_pods']}: {names}"
-        rounds_metric = metric(info["metrics_port"], "fedgradnorm_round")
-        assert rounds_metric is not None and rounds_metric >= ROUNDS_BEFORE_JOIN, rounds_metric
+        # fedgradnorm_round moves when a round's state commit has ended, which runs beside the next
+        # round: it may trail GetState's round by one for the length of a commit.
+        wait(
+            f"fedgradnorm_round >= {ROUNDS_BEFORE_JOIN}",
+            lambda: (m := metric(info["metrics_port"], "fedgradnorm_round")) is not None and m >= ROUNDS_BEFORE_JOIN,
+            deadline,
+            0.5,
+        )
         for name, mport in info["edge_metrics"].items():
             if name in EDGE_WORKLOADS:
                 assert metric(mport, "fedgradnorm_edge_connected") == 1.0, f"{name}: not connected"
