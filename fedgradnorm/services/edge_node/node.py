@@ -57,6 +57,21 @@ CHANNEL_OPTIONS: list[tuple[str, object]] = [
 ]
 
 
+def channel_options(max_backoff: float) -> list[tuple[str, object]]:
+    """CHANNEL_OPTIONS with gRPC's reconnect backoff capped at ``max_backoff`` seconds (the edge
+    node's and the relay's channels). gRPC waits 1 s, then 1.6 times longer after every failed
+    connect, up to 120 s, and fails calls at once meanwhile: the caller's own retries cannot shorten
+    it, so after a partition or an aggregator restart of a few minutes the client stayed away for up
+    to two more minutes once the far end was back (a relay in a network namespace: 47 s after a
+    150 s partition)."""
+    cap = max(100, int(max_backoff * 1000))
+    return [
+        *CHANNEL_OPTIONS,
+        ("grpc.initial_reconnect_backoff_ms", min(1000, cap)),
+        ("grpc.max_reconnect_backoff_ms", cap),
+    ]
+
+
 SUBMIT_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Aggregator'].full_name}/SubmitUpdate"
 CHUNK_FIELD = pb.SubmitUpdateRequest.DESCRIPTOR.fields_by_name["chunk"].number
 
@@ -132,7 +147,7 @@ class EdgeNode:
         self.expected = {k: tuple(v.shape) for k, v in self.shared.named_parameters()}
         self.model_written: str | None = None  # the personalized model's file, once training has ended
         self.client: LocalClient | None = None
-        self.channel = config.tls().channel(config.aggregator, CHANNEL_OPTIONS)
+        self.channel = config.tls().channel(config.aggregator, channel_options(config.max_backoff))
         self.stub = pb_grpc.AggregatorStub(self.channel)
         # SubmitUpdate with requests that are already serialized (see _submit_stream).
         self._submit_update = self.channel.stream_unary(

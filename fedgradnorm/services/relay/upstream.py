@@ -28,7 +28,7 @@ from fedgradnorm.errors import FatalError
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services import serde
 from fedgradnorm.services.domain import RelayTicket, Submission, WeightsOffer
-from fedgradnorm.services.edge_node.node import CHANNEL_OPTIONS
+from fedgradnorm.services.edge_node.node import channel_options
 from fedgradnorm.services.refusals import reason_of
 from fedgradnorm.services.relay.config import RelayConfig
 
@@ -39,20 +39,6 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 REATTACH = {Reason.UNKNOWN_RELAY, Reason.BAD_TOKEN}
 PARTIAL_METHOD = f"/{rpb.DESCRIPTOR.services_by_name['Uplink'].full_name}/SubmitPartialSum"
 PARTIAL_CHUNK_FIELD = rpb.SubmitPartialSumRequest.DESCRIPTOR.fields_by_name["chunk"].number
-
-
-def channel_options(config: RelayConfig) -> list[tuple[str, object]]:
-    """The edge node's channel options (message limits, keepalive), with gRPC's reconnect backoff
-    capped at max_backoff. gRPC waits 1 s, then 1.6 times longer after every failed connect, up to
-    120 s, and fails calls at once meanwhile: the relay's own retries cannot shorten it, so after a
-    partition of a few minutes the relay stayed away for up to two more minutes once the link was
-    back (a relay in a network namespace: 47 s after a 150 s partition)."""
-    cap = max(100, int(config.max_backoff * 1000))
-    return [
-        *CHANNEL_OPTIONS,
-        ("grpc.initial_reconnect_backoff_ms", min(1000, cap)),
-        ("grpc.max_reconnect_backoff_ms", cap),
-    ]
 
 
 class UpstreamRefused(FatalError):
@@ -76,7 +62,7 @@ class Upstream:
         self.config = config
         self.stop = stop
         self.on_attach = on_attach
-        self.channel = config.client_tls().channel(config.upstream, channel_options(config))
+        self.channel = config.client_tls().channel(config.upstream, channel_options(config.max_backoff))
         self.uplink = rpb_grpc.UplinkStub(self.channel)
         self.aggregator = pb_grpc.AggregatorStub(self.channel)
         self._submit_partial = self.channel.stream_unary(
