@@ -30,12 +30,12 @@ from benchmarks.deploy import Deployment
 from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
+from fedgradnorm.wire_format import MESSAGE_LIMITS
 
 SERVICE = "fedgradnorm.bench.Transport"
 CHUNK_FIELD = pb.FetchRoundResponse.DESCRIPTOR.fields_by_name["chunk"].number  # = SubmitUpdateRequest's
 OPTIONS = [
-    ("grpc.max_receive_message_length", 4 << 20),
-    ("grpc.max_send_message_length", 4 << 20),
+    *MESSAGE_LIMITS,
     ("grpc.so_reuseport", 0),
 ]
 

@@ -98,25 +98,41 @@ class AdamState:
         )
 
 
+def _adam_tensor(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: float,
+    cfg: AdamConfig,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """Adam's ``step``-th update of one tensor, torch's single-tensor path op for op, written into
+    ``out`` = (param, exp_avg, exp_avg_sq): fresh tensors, or the inputs themselves to update in place."""
+    new_param, m, v = out
+    torch.lerp(exp_avg, grad, 1.0 - cfg.beta1, out=m)
+    torch.mul(exp_avg_sq, cfg.beta2, out=v).addcmul_(grad, grad, value=1.0 - cfg.beta2)
+    denom = (v.sqrt() / (1.0 - cfg.beta2**step) ** 0.5).add_(cfg.eps)
+    torch.addcdiv(param, m, denom, value=-(cfg.lr / (1.0 - cfg.beta1**step)), out=new_param)
+
+
 def adam_step(
     params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: AdamState, cfg: AdamConfig
 ) -> tuple[TensorDict, AdamState]:
     """One Adam step; returns the new parameters and moments as new tensors, leaving the inputs
     untouched (so a caller can check the result before it replaces anything)."""
     step = state.step + 1
-    bias1 = 1.0 - cfg.beta1**step
-    bias2_sqrt = math.sqrt(1.0 - cfg.beta2**step)
-    step_size = cfg.lr / bias1
     out: TensorDict = {}
     exp_avg: TensorDict = {}
     exp_avg_sq: TensorDict = {}
     for name, param in params.items():
-        grad = grads[name]
-        m = state.exp_avg[name].lerp(grad, 1.0 - cfg.beta1)
-        v = state.exp_avg_sq[name].mul(cfg.beta2).addcmul_(grad, grad, value=1.0 - cfg.beta2)
-        denom = (v.sqrt() / bias2_sqrt).add_(cfg.eps)
-        out[name] = param.addcdiv(m, denom, value=-step_size)
-        exp_avg[name], exp_avg_sq[name] = m, v
+        m, v = state.exp_avg[name], state.exp_avg_sq[name]
+        out[name], exp_avg[name], exp_avg_sq[name] = new = (
+            torch.empty_like(param),
+            torch.empty_like(m),
+            torch.empty_like(v),
+        )
+        _adam_tensor(param, grads[name], m, v, step, cfg, new)
     return out, AdamState(step=step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
 
 
@@ -144,7 +160,6 @@ class ModuleAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        b1, b2 = self.cfg.beta1, self.cfg.beta2
         for i, param in enumerate(self.params):
             grad = param.grad
             if grad is None:
@@ -157,12 +172,8 @@ class ModuleAdam:
                     "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
                 }
             st["step"] += 1
-            step = st["step"].item()
-            st["exp_avg"].lerp_(grad, 1 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            step_size = self.cfg.lr / (1 - b1**step)
-            denom = (st["exp_avg_sq"].sqrt() / (1 - b2**step) ** 0.5).add_(self.cfg.eps)
-            param.addcdiv_(st["exp_avg"], denom, value=-step_size)
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            _adam_tensor(param, grad, m, v, st["step"].item(), self.cfg, (param, m, v))
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.Adam's layout (``state`` by parameter index, one param group)."""
@@ -314,7 +325,24 @@ def tensor_norms(gradient: Mapping[str, torch.Tensor], names: Iterable[str] | No
     """The l2 norm of each tensor (of ``names``; default all), computed in float64: finite for any
     finite float32 tensor, NaN or infinite for one that holds a NaN or an infinity, so it doubles as
     the finiteness check of the tensor it reads."""
-    return {name: float(torch.linalg.vector_norm(gradient[name], dtype=torch.float64)) for name in names or gradient}
+    return {
+        name: float(torch.linalg.vector_norm(gradient[name], dtype=torch.float64))
+        for name in (gradient if names is None else names)
+    }
+
+
+def finite_norms(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """:func:`tensor_norms` of every tensor of an update shaped like omega (:func:`check_update_shape`),
+    in omega's order; AlgorithmError naming the first tensor that holds a NaN or an infinity."""
+    norms = tensor_norms(update.gradient, omega)
+    bad = next((name for name, n in norms.items() if not math.isfinite(n)), None)
+    if bad is not None:
+        raise _not_finite(update.client, bad)
+    return norms
+
+
+def _not_finite(client: str, name: str) -> AlgorithmError:
+    return AlgorithmError(f"client {client}: gradient {name!r} is not finite")
 
 
 def combined_norm(norms: Mapping[str, float], names: Sequence[str]) -> float:
@@ -328,11 +356,6 @@ def combined_norm(norms: Mapping[str, float], names: Sequence[str]) -> float:
 def grad_norm(gradient: Mapping[str, torch.Tensor], names: Sequence[str]) -> float:
     """l2 norm of the gradient restricted to ``names`` (omega_tilde), computed in float64."""
     return combined_norm(tensor_norms(gradient, names), names)
-
-
-def update_norm(gradient: Mapping[str, torch.Tensor]) -> float:
-    """l2 norm of a whole update, computed in float64 (finite for any finite float32 gradient)."""
-    return grad_norm(gradient, list(gradient))
 
 
 def norm_outliers(norms: Mapping[str, float], factor: float) -> set[str]:
@@ -420,7 +443,7 @@ def validate_update(update: ClientUpdate, omega: Mapping[str, torch.Tensor]) -> 
     check_update_shape(update, omega)
     for name in omega:
         if not all_finite(update.gradient[name]):
-            raise AlgorithmError(f"client {update.client}: gradient {name!r} is not finite")
+            raise _not_finite(update.client, name)
 
 
 def weighted_sum(
@@ -546,20 +569,23 @@ def server_step(
     updates = sorted(updates, key=lambda u: u.client)
     names = config.omega_tilde or default_omega_tilde(state.omega)
     norms = {u.client: grad_norm(u.gradient, names) for u in updates}
-    if validate:
-        for u in updates:
-            if not math.isfinite(norms[u.client]):
-                validate_update(u, state.omega)  # names the client and the tensor
+    if validate and not all(math.isfinite(n) for n in norms.values()):
+        _name_the_non_finite(updates, state.omega)
     plan = plan_weights(state, norms, {u.client: float(u.loss_ratio) for u in updates}, config)
     g = weighted_sum(((plan.scale(u.client), u.gradient) for u in updates), state.omega)
+    # Finiteness is checked on the sum, one pass over omega's size instead of one per update: a NaN
+    # or an infinity in any term makes its element of the sum NaN or infinite, whatever the scales
+    # (inf * 0 is NaN). A sum that overflowed from finite terms is refused by apply_step.
     if validate and not all(all_finite(t) for t in g.values()):
-        # Finiteness is checked on the sum, one pass over omega's size instead of one per update:
-        # a NaN or an infinity in any term makes its element of the sum NaN or infinite, whatever
-        # the scales (inf * 0 is NaN). Only then is each update read again, to name the client; a
-        # sum that overflowed from finite terms is refused by apply_step.
-        for u in updates:
-            validate_update(u, state.omega)
+        _name_the_non_finite(updates, state.omega)
     return apply_step(state, plan, g, config)
+
+
+def _name_the_non_finite(updates: Sequence[ClientUpdate], omega: Mapping[str, torch.Tensor]) -> None:
+    """Read every update again to raise AlgorithmError naming the client and tensor that hold a NaN
+    or an infinity (only once a norm or the sum has shown there is one)."""
+    for u in updates:
+        validate_update(u, omega)
 
 
 # --------------------------------------------------------------------------------------------

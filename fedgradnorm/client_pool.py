@@ -43,6 +43,17 @@ class ClientRoundResult:
     seconds: float  # the client step's wall time where it ran (loading omega excluded)
 
 
+def run_client_round(
+    client: LocalClient, shared: nn.Module, omega: Mapping[str, torch.Tensor], round_: int
+) -> ClientRoundResult:
+    """One client's round on ``shared`` loaded with omega: what every pool runs for each client."""
+    load_omega_(shared, omega)
+    t0 = time.perf_counter()
+    result, evaluation = client.run_round(shared, round_)
+    seconds = time.perf_counter() - t0
+    return ClientRoundResult(client.name, result.gradient, result.loss, result.loss_ratio, evaluation, seconds)
+
+
 class ClientPool(Protocol):
     """The clients of a simulation, wherever they run."""
 
@@ -75,14 +86,7 @@ class InProcessPool:
         return self._members
 
     def run_round(self, omega: Mapping[str, torch.Tensor], round_: int) -> list[ClientRoundResult]:
-        out = []
-        for name, client in self.clients.items():
-            load_omega_(self.shared, omega)
-            t0 = time.perf_counter()
-            result, evaluation = client.run_round(self.shared, round_)
-            seconds = time.perf_counter() - t0
-            out.append(ClientRoundResult(name, result.gradient, result.loss, result.loss_ratio, evaluation, seconds))
-        return out
+        return [run_client_round(client, self.shared, omega, round_) for client in self.clients.values()]
 
     def close(self) -> None:
         """Nothing to release: the clients are plain objects of this process."""

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedgradnorm.client import LocalClient, load_omega_
-from fedgradnorm.client_pool import ClientInfo, ClientRoundResult
+from fedgradnorm.client import LocalClient
+from fedgradnorm.client_pool import ClientInfo, ClientRoundResult, run_client_round
 from fedgradnorm.errors import FatalError
 
 if TYPE_CHECKING:
@@ -340,16 +340,13 @@ def _serve(conn: Connection) -> None:
         round_ = message[1]
         for name, client in clients.items():
             try:
-                load_omega_(shared, omega)
-                t0 = time.perf_counter()
-                result, evaluation = client.run_round(shared, round_)
-                seconds = time.perf_counter() - t0
+                r = run_client_round(client, shared, omega, round_)
                 for key, view in gradients[name].items():
-                    view.copy_(result.gradient[key])
+                    view.copy_(r.gradient[key])
             except Exception as err:
                 _report(conn, name, err)
                 return
-            conn.send(("done", name, (result.loss, result.loss_ratio, evaluation, seconds)))
+            conn.send(("done", name, (r.loss, r.loss_ratio, r.evaluation, r.seconds)))
 
 
 def _report(conn: Connection, client: str, err: Exception) -> None:

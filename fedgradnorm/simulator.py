@@ -170,8 +170,7 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path, progress: bool
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sim = Simulation.build(config)
-    try:
+    with Simulation.build(config) as sim:  # closed (its worker processes stopped) however the rounds end
         t_data = time.perf_counter() - t0
         log.info(
             "simulation.start",
@@ -190,8 +189,6 @@ def run_simulation(config: SimulationConfig, out_dir: str | Path, progress: bool
             bar.update(1)
             bar.set_postfix({r["task"][:6]: f"p={r['weight']:.2f}" for r in records})
         bar.close()
-    finally:
-        sim.close()
     wall = time.perf_counter() - t0
     metrics = out / "metrics.jsonl"
     write_jsonl(metrics, sim.records)

@@ -13,8 +13,9 @@ from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1 import tensor_pb2
 from fedgradnorm.services import serde
+from fedgradnorm.wire_format import MESSAGE_LIMITS
 
-OPTIONS = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
+OPTIONS = list(MESSAGE_LIMITS)
 
 
 @dataclass

@@ -23,10 +23,10 @@ from fedgradnorm.atomic import atomic_write_text
 from fedgradnorm.errors import FatalError
 from fedgradnorm.services.aggregator.codec import WireCodec
 from fedgradnorm.services.netcheck import bind_error, os_reason
+from fedgradnorm.wire_format import MESSAGE_LIMITS
 
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 4 << 20),
-    ("grpc.max_send_message_length", 4 << 20),
+    *MESSAGE_LIMITS,
     ("grpc.so_reuseport", 0),
     # Edge nodes ping idle connections so that a dead wireless link is noticed (see the node's options).
     ("grpc.keepalive_permit_without_calls", 1),
@@ -126,6 +126,35 @@ class Ports:
                 "pid": os.getpid(),
             }
             atomic_write_text(Path(path), json.dumps(ready), durable=False)
+
+
+class RunningService:
+    """What the aggregator's and a relay's running handles share (a base of their dataclasses, which
+    declare ``health`` and ``ports`` as fields): the ports, and how serving stops."""
+
+    health: health.HealthServicer
+    ports: Ports
+
+    @property
+    def server(self) -> grpc.Server:
+        return self.ports.server
+
+    @property
+    def grpc_port(self) -> int:
+        return self.ports.grpc_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.ports.metrics_port
+
+    @property
+    def health_port(self) -> int | None:
+        return self.ports.health_port
+
+    def stop_serving(self, grace: float) -> None:
+        """Health says NOT_SERVING, then every port stops (``grace`` seconds for calls in flight)."""
+        self.health.enter_graceful_shutdown()
+        self.ports.close(grace)
 
 
 def open_ports(

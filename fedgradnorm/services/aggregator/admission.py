@@ -18,7 +18,7 @@ from fedgradnorm.algorithm import (
     ClientUpdate,
     check_update_shape,
     combined_norm,
-    tensor_norms,
+    finite_norms,
 )
 from fedgradnorm.reasons import Reason
 from fedgradnorm.services.aggregator.config import NAME_RE
@@ -64,17 +64,14 @@ def check_numbers(sub: Submission) -> float:
 def admit(sub: Submission, omega: Mapping[str, torch.Tensor], omega_tilde: Sequence[str]) -> Submission:
     """The update if its numbers and tensors are usable, with its two norms (the whole update's, for
     the outlier bound, and omega_tilde's, for the weight rule); InvalidArgument otherwise."""
-    ratio = check_numbers(sub)
+    update = ClientUpdate(sub.node_id, sub.gradient, check_numbers(sub))
     try:
-        check_update_shape(ClientUpdate(sub.node_id, sub.gradient, ratio), omega)
+        check_update_shape(update, omega)
+        # One float64 pass per tensor gives the finiteness check and both norms (omega_tilde's as
+        # grad_norm computes it: the same per-tensor norms, summed in the same order).
+        norms = finite_norms(update, omega)
     except AlgorithmError as e:
         raise InvalidArgument(str(e), Reason.BAD_TENSOR) from e
-    # One float64 pass per tensor gives the finiteness check and both norms (the same values as
-    # update_norm and grad_norm: the same per-tensor norms, summed in the same order).
-    norms = tensor_norms(sub.gradient, omega)
-    bad = next((name for name, n in norms.items() if not math.isfinite(n)), None)
-    if bad is not None:
-        raise InvalidArgument(f"client {sub.node_id}: gradient {bad!r} is not finite", Reason.BAD_TENSOR)
     return replace(sub, norm=combined_norm(norms, list(sub.gradient)), tilde_norm=combined_norm(norms, omega_tilde))
 
 

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import structlog
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +26,15 @@ from fedgradnorm.services.aggregator.servicer import AggregatorServicer, own_sta
 from fedgradnorm.services.aggregator.store import FileStateStore
 from fedgradnorm.services.aggregator.uplink import UplinkServicer
 from fedgradnorm.services.domain import Phase
-from fedgradnorm.services.serving import Ports, grpc_server, health_servicer, open_ports, set_health, stop_signals
+from fedgradnorm.services.serving import (
+    Ports,
+    RunningService,
+    grpc_server,
+    health_servicer,
+    open_ports,
+    set_health,
+    stop_signals,
+)
 
 log = structlog.get_logger("fedgradnorm.aggregator")
 
@@ -36,32 +43,15 @@ UPLINK_NAME = rpb.DESCRIPTOR.services_by_name["Uplink"].full_name
 
 
 @dataclass
-class RunningAggregator:
+class RunningAggregator(RunningService):
     coordinator: RoundCoordinator
     health: health.HealthServicer
     metrics: AggregatorMetrics
     servicer: AggregatorServicer
     ports: Ports
 
-    @property
-    def server(self) -> grpc.Server:
-        return self.ports.server
-
-    @property
-    def grpc_port(self) -> int:
-        return self.ports.grpc_port
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self.ports.metrics_port
-
-    @property
-    def health_port(self) -> int | None:
-        return self.ports.health_port
-
     def stop(self, grace: float = 2.0) -> None:
-        self.health.enter_graceful_shutdown()
-        self.ports.close(grace)
+        self.stop_serving(grace)
         self.coordinator.stop()
         self.servicer.streams.close()
 

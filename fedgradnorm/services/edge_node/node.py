@@ -35,6 +35,7 @@ from fedgradnorm.services.domain import Submission
 from fedgradnorm.services.edge_node.config import EdgeConfig
 from fedgradnorm.services.edge_node.store import Identity, NodeStateError, NodeStore
 from fedgradnorm.services.refusals import reason_of
+from fedgradnorm.wire_format import MESSAGE_LIMITS
 
 log = structlog.get_logger("fedgradnorm.edge_node")
 T = TypeVar("T")
@@ -43,8 +44,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 TLS_FAILURES_FATAL = 5  # consecutive TLS failures before the node gives up (see _retry)
 REJOIN = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED}
 CHANNEL_OPTIONS: list[tuple[str, object]] = [
-    ("grpc.max_receive_message_length", 4 << 20),
-    ("grpc.max_send_message_length", 4 << 20),
+    *MESSAGE_LIMITS,
     # Ping the aggregator on idle links so that a stalled wireless link is noticed within ~10 s.
     # gRPC Python 1.85 waits for a ping's ack for grpc.http2.ping_timeout_ms (default 60 s), not
     # keepalive_timeout_ms: without it a dead link surfaced only after about 65 s, after the

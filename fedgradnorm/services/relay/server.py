@@ -19,7 +19,15 @@ from fedgradnorm.services.aggregator.server import SERVICE_NAME
 from fedgradnorm.services.aggregator.servicer import AggregatorServicer
 from fedgradnorm.services.relay.config import RelayConfig
 from fedgradnorm.services.relay.coordinator import RelayCoordinator
-from fedgradnorm.services.serving import Ports, grpc_server, health_servicer, open_ports, set_health, stop_signals
+from fedgradnorm.services.serving import (
+    Ports,
+    RunningService,
+    grpc_server,
+    health_servicer,
+    open_ports,
+    set_health,
+    stop_signals,
+)
 
 log = structlog.get_logger("fedgradnorm.relay")
 
@@ -60,24 +68,15 @@ class RelayMetrics(NodeTrafficMetrics):
 
 
 @dataclass
-class RunningRelay:
+class RunningRelay(RunningService):
     relay: RelayCoordinator
     servicer: AggregatorServicer
     health: health.HealthServicer
     metrics: RelayMetrics
     ports: Ports
 
-    @property
-    def grpc_port(self) -> int:
-        return self.ports.grpc_port
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self.ports.metrics_port
-
     def stop(self, grace: float = 2.0) -> None:
-        self.health.enter_graceful_shutdown()
-        self.ports.close(grace)
+        self.stop_serving(grace)
         self.relay.stop()
         self.servicer.streams.close()
 
