@@ -14,6 +14,7 @@ import numpy as np
 Records = list[dict[str, Any]]
 # experiment -> algorithm -> seed -> (result, records)
 Grouped = dict[str, dict[str, dict[int, tuple[dict[str, Any], Records]]]]
+Runs = Mapping[str, Mapping[int, tuple[dict[str, Any], Records]]]  # algorithm -> seed -> run
 
 
 def group(results: Sequence[tuple[dict[str, Any], Records]]) -> Grouped:
@@ -100,6 +101,57 @@ def paired_verdict(fgn: Mapping[int, float], rep: Mapping[int, float], lower_is_
         scale = abs(statistics.fmean(rep[s] for s in seeds)) or 1.0
         word = "ties" if abs(mean) < 0.01 * scale else ("wins" if better > 0 else "loses")
     return Verdict(word, mean, se, n)
+
+
+def reference_values(runs: Mapping[int, tuple[dict[str, Any], Records]], task: str, what: str) -> dict[int, float]:
+    """Per seed: the task's reference level (its best constant prediction) on the whole test split."""
+    return {
+        seed: float(result["final"][task]["reference"][what])
+        for seed, (result, _) in sorted(runs.items())
+        if "reference" in result["final"][task]
+    }
+
+
+def beats_reference(values: Mapping[int, float], reference: Mapping[int, float], lower_is_better: bool) -> bool:
+    """Whether an arm's final values beat the reference level on the same seeds: by more than two
+    standard errors of the paired difference over seeds, or with one seed by more than 2 %."""
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return True  # no reference (a user loss): nothing to hold the arm against
+    gains = [(reference[s] - values[s]) * (1 if lower_is_better else -1) for s in seeds]
+    mean = statistics.fmean(gains)
+    if len(gains) > 1:
+        return mean > 2 * statistics.stdev(gains) / math.sqrt(len(gains))
+    return mean > 0.02 * abs(statistics.fmean(reference[s] for s in seeds))
+
+
+VERDICT_WORDS = (
+    "wins",
+    "ties",
+    "loses",
+    "both at reference",
+    "only FedRep beats the reference",
+    "only FedGradNorm beats the reference",
+)
+
+
+def verdict_against_reference(runs: Runs, task: str, what: str, lower_is_better: bool) -> Verdict:
+    """FedGradNorm against FedRep (:func:`paired_verdict`) when both beat the task's reference level;
+    otherwise a verdict that says which arms stayed at it."""
+    values = {a: final_values(runs[a], task, what) for a in ("fedrep", "fedgradnorm")}
+    ref = reference_values(runs["fedrep"], task, what)
+    beat = {a: beats_reference(values[a], ref, lower_is_better) for a in values}
+    verdict = paired_verdict(values["fedgradnorm"], values["fedrep"], lower_is_better)
+    if all(beat.values()):
+        return verdict
+    word = (
+        "both at reference"
+        if not any(beat.values())
+        else "only FedRep beats the reference"
+        if beat["fedrep"]
+        else "only FedGradNorm beats the reference"
+    )
+    return Verdict(word, verdict.diff, verdict.se, verdict.n)
 
 
 @dataclass(frozen=True)

@@ -1,386 +1,615 @@
-"""docs/results.md from finished runs: the prose is ``results_template.md``, each slot is computed here.
+"""docs/results.md from the finished runs of a plan: every table, figure and verdict computed here.
 
-:func:`render` fills the template's ``${slot}`` placeholders (:class:`string.Template`) with the values
-the functions below compute from the grouped runs: tables, figures, verdict sentences and the numbers
-of the machine and of the invocation.
+:func:`render` writes one section per experiment of :class:`experiments.reproduce.Plan`. A section
+whose runs are not all finished says how many are and is filled in by the invocation that finishes
+them (``make reproduce`` resumes), so the document is true at every stage; the verdicts use only
+finished sections.
+
+Every result stands beside its task's reference level (the best constant prediction: the class
+prior, the training mean) and a verdict between the algorithms is drawn only where both beat it.
 """
 
 from __future__ import annotations
 
 import os
-import string
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from experiments import analysis as an
-from experiments.figures import LABELS, snr_figure, training_figure
-from experiments.runs import ALGORITHMS
+from experiments.figures import LABELS, dial_figure, snr_figure, training_figure
+from experiments.runs import ALGORITHMS, RunSpec
 
 if TYPE_CHECKING:
     from experiments.reproduce import Plan
-
-TEMPLATE = string.Template(Path(__file__).with_name("results_template.md").read_text(encoding="utf-8"))
 
 # Table II of the paper (real MTFL, imbalanced allocation, after 100 epochs).
 PAPER_TABLE_II = {
     "fedrep": {"landmarks": 33.28, "gender": 0.66, "smile": 0.60, "glasses": 0.44, "pose": 1.1},
     "fedgradnorm": {"landmarks": 33.25, "gender": 0.56, "smile": 0.57, "glasses": 0.43, "pose": 1.1},
 }
-PAPER_TASK_NAMES = {
-    "landmarks": "face landmark",
-    "gender": "gender",
-    "smile": "smile",
-    "glasses": "glass",
-    "pose": "pose",
-}
-FRACTIONS = (0.5, 0.9)  # the loss levels of the races: this much of each task's drop
+REACH = 0.5  # time to target: rounds to cover this fraction of a task's loss drop
+
+
+class Doc:
+    """The finished runs of a plan, by experiment, and how many each experiment plans."""
+
+    def __init__(self, grouped: an.Grouped, specs: Sequence[RunSpec]) -> None:
+        self.grouped = grouped
+        self.planned: dict[str, int] = {}
+        for s in specs:
+            self.planned[s.experiment] = self.planned.get(s.experiment, 0) + 1
+
+    def count(self, experiment: str) -> int:
+        return sum(len(by_seed) for by_seed in self.grouped.get(experiment, {}).values())
+
+    def complete(self, *experiments: str) -> bool:
+        return all(self.count(e) >= self.planned.get(e, 0) > 0 for e in experiments)
+
+    def runs(self, experiment: str) -> an.Runs:
+        return self.grouped.get(experiment, {})
+
+    def pending(self, *experiments: str) -> str:
+        done = sum(self.count(e) for e in experiments)
+        planned = sum(self.planned.get(e, 0) for e in experiments)
+        return (
+            f"*Pending: {done} of {planned} runs of this section have finished; `make reproduce` trains the "
+            "rest (it resumes where the last invocation stopped) and fills this section in.*"
+        )
+
+
+def _f(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}g}" if abs(x) >= 1000 or (0 < abs(x) < 0.001) else f"{x:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _cell(values: dict[int, float], digits: int = 3) -> str:
+    return an.stat(list(values.values())).fmt(digits) if values else "-"
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables and sentences
+# The comparison table of one setting: reference level, controls, both algorithms, the verdict
 # ---------------------------------------------------------------------------------------------
+
+
+def comparison(doc: Doc, experiment: str, what: str, controls: dict[str, str]) -> tuple[str, dict[str, an.Verdict]]:
+    """Rows per task: reference level, each control (label -> experiment family; ``{task}`` in the name
+    is the task), FedRep, FedGradNorm, and the verdict. ``what``: ``test_loss`` or ``value``."""
+    runs = doc.runs(experiment)
+    tasks = an.tasks_of(next(iter(runs["fedrep"].values()))[1])
+    first = next(iter(runs["fedrep"].values()))[0]["final"]
+    lower = what == "test_loss" or not _higher(first, tasks[0])
+    header = ["task", "reference (constant)", *controls, "FedRep", "FedGradNorm", "FedGradNorm vs FedRep"]
+    rows, verdicts = [], {}
+    for t in tasks:
+        ref = an.reference_values(runs["fedrep"], t, what)
+        cells = [t, _cell(ref)]
+        for pattern in controls.values():
+            control = doc.runs(pattern.format(task=t)).get("fedrep", {})
+            values = an.final_values(control, t, what) if control and t in _final_tasks(control) else {}
+            cells.append(_cell(values))
+        values = {a: an.final_values(runs[a], t, what) for a in ALGORITHMS}
+        cells += [_cell(values["fedrep"]), _cell(values["fedgradnorm"])]
+        verdict = an.verdict_against_reference(runs, t, what, lower)
+        verdicts[t] = verdict
+        cells.append(_verdict_cell(verdict))
+        rows.append(cells)
+    return _table(header, rows), verdicts
+
+
+def _final_tasks(runs: dict[int, tuple[dict[str, Any], Any]]) -> set[str]:
+    return set(next(iter(runs.values()))[0]["final"])
+
+
+def _higher(final: dict[str, Any], task: str) -> bool:
+    return final[task]["metric"] in ("accuracy", "binary_accuracy")
 
 
 def _verdict_cell(v: an.Verdict) -> str:
-    if v.n > 1:
-        return f"**{v.word}** ({v.diff:+.2g} ± {v.se:.2g})"
-    return f"**{v.word}** ({v.diff:+.2g}, 1 seed)"
+    if v.word in ("wins", "ties", "loses"):
+        spread = f" ± {v.se:.2g}" if v.n > 1 else ", 1 seed"
+        return f"**{v.word}** ({v.diff:+.2g}{spread})"
+    return f"**{v.word}**"
 
 
-def _final_table(runs: dict, tasks: list[str], what: str, lower: bool, digits: int = 3) -> tuple[list[str], dict]:
-    """Markdown rows (FedRep, FedGradNorm, verdict) of a final quantity, and the verdicts per task."""
-    header = "| | " + " | ".join(tasks) + " |"
-    lines = [header, "|---" * (len(tasks) + 1) + "|"]
-    values = {a: {t: an.final_values(runs[a], t, what) for t in tasks} for a in ALGORITHMS}
-    for a in ALGORITHMS:
-        cells = [an.stat(list(values[a][t].values())).fmt(digits) for t in tasks]
-        lines.append(f"| {LABELS[a]} | " + " | ".join(cells) + " |")
-    verdicts = {t: an.paired_verdict(values["fedgradnorm"][t], values["fedrep"][t], lower) for t in tasks}
-    lines.append("| FedGradNorm − FedRep | " + " | ".join(_verdict_cell(verdicts[t]) for t in tasks) + " |")
-    return lines, verdicts
-
-
-def _reach_table(runs: dict, tasks: list[str], fractions: Sequence[float]) -> list[str]:
-    lines = [
-        "| task | level | target loss | FedRep rounds | FedGradNorm rounds |",
-        "|---|---|---|---|---|",
-    ]
-    for t in tasks:
-        for f in fractions:
-            reach = an.rounds_to_fraction(runs, t, f)
-            if not reach.meaningful:
-                lines.append(
-                    f"| {t} | {int(f * 100)} % of the drop | - | no real drop: {reach.start:.4g} at round 0, "
-                    f"{reach.start - reach.drop:.4g} at best | - |"
-                )
-                continue
-            lines.append(
-                f"| {t} | {int(f * 100)} % of the drop | {reach.target:.4g} | "
-                f"{an.fmt_reach(reach.rounds['fedrep'])} | {an.fmt_reach(reach.rounds['fedgradnorm'])} |"
-            )
-    return lines
-
-
-def _race_counts(experiments: Sequence[tuple[dict, list[str]]], fractions: Sequence[float]) -> dict[str, int]:
-    """How often FedGradNorm reaches a loss level sooner, at the same round, or later than FedRep."""
-    counts = {"faster": 0, "same": 0, "slower": 0}
-    for runs, tasks in experiments:
-        horizon = len(an.curve(next(iter(runs["fedrep"].values()))[1], tasks[0], "test_loss"))
-        for t in tasks:
-            for f in fractions:
-                reach = an.rounds_to_fraction(runs, t, f)
-                if not reach.meaningful:
-                    continue
-                mean = {
-                    a: sum(horizon if r is None else r for r in rounds) / len(rounds)
-                    for a, rounds in reach.rounds.items()
-                }
-                diff = mean["fedgradnorm"] - mean["fedrep"]
-                counts["faster" if diff <= -1 else "slower" if diff >= 1 else "same"] += 1
-    return counts
-
-
-def _summary_words(verdicts: dict[str, an.Verdict]) -> str:
+def _summary(verdicts: dict[str, an.Verdict]) -> str:
     parts = []
-    for word in ("wins", "ties", "loses"):
+    for word in an.VERDICT_WORDS:
         tasks = [t for t, v in verdicts.items() if v.word == word]
         if tasks:
-            parts.append(f"{word} on {', '.join(tasks)}")
+            parts.append(
+                f"{word} on {', '.join(tasks)}" if word in ("wins", "ties", "loses") else f"{word}: {', '.join(tasks)}"
+            )
     return "; ".join(parts)
 
 
-def _weights_course(runs: dict, task: str) -> str:
-    """What ``task``'s weight did (mean over seeds) and which task ends with the largest weight."""
-    weights = np.stack([an.curve(recs, task, "weight") for _, recs in runs["fedgradnorm"].values()]).mean(axis=0)
-    finals = {
-        t: float(np.mean([an.curve(recs, t, "weight")[-1] for _, recs in runs["fedgradnorm"].values()]))
-        for t in an.tasks_of(next(iter(runs["fedgradnorm"].values()))[1])
-    }
-    top = max(finals, key=lambda t: finals[t])
-    peak = int(weights.argmax())
-    course = (
-        f"rises to {weights.max():.3f} by round {peak}, then ends at {weights[-1]:.3f}"
-        if weights.max() > 1.0 + 1e-3
-        else f"never rises above 1 and ends at {weights[-1]:.3f} (lowest {weights.min():.3f})"
-    )
-    return (
-        f"the {task} weight (mean over seeds) {course}; the largest final weight is that of {top} ({finals[top]:.3f})"
-    )
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+Section = Callable[[Doc, "Plan", Path, str], tuple[str, list[str]]]  # (markdown, verdict bullets)
 
 
-def _weights_table(runs: dict, tasks: list[str]) -> list[str]:
-    """FedGradNorm's weights (final, and their range over rounds) beside each task's gradient norm."""
-    lines = [
-        "| task | final p | p range over rounds | ‖∇_ω̃ F‖, mean over rounds (FedRep) | (FedGradNorm) |",
-        "|---|---|---|---|---|",
+def _fig(path: Path, img_dir: Path) -> str:
+    return os.path.relpath(path, img_dir.parent)
+
+
+def _references(runs: an.Runs) -> dict[str, float]:
+    """Per task, its reference loss on the per-round evaluation subset (mean over FedRep's seeds)."""
+    out: dict[str, float] = {}
+    for result, _ in runs.get("fedrep", {}).values():
+        for t, f in result["final"].items():
+            if "reference_eval" in f:
+                out.setdefault(t, 0.0)
+                out[t] += f["reference_eval"]["test_loss"] / len(runs["fedrep"])
+    return out
+
+
+def section_mtfl(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
+    exps = ("mtfl-imbalanced", "mtfl-without-landmarks", *[f"alone-mtfl-{t}" for t in _mtfl_tasks()])
+    out = ["## Table II: MTFL, imbalanced allocation, 100 epochs"]
+    if not doc.complete("mtfl-imbalanced"):
+        return "\n\n".join([*out, doc.pending(*exps)]), []
+    runs = doc.runs("mtfl-imbalanced")
+    rounds = next(iter(runs["fedrep"].values()))[0]["spec"]["rounds"]
+    n = len(runs["fedrep"])
+    controls = {"alone (learnability)": "alone-mtfl-{task}", "FedRep without landmarks": "mtfl-without-landmarks"}
+    loss_table, verdicts = comparison(doc, "mtfl-imbalanced", "test_loss", controls)
+    metric_table, metric_verdicts = comparison(doc, "mtfl-imbalanced", "value", controls)
+    fig = training_figure(
+        {**runs, **_alone_runs(doc, "mtfl")},
+        "test_loss",
+        f"MTFL imbalanced: test loss per round (mean over {n} seeds, band min-max); dotted: reference level",
+        img_dir / f"{prefix}mtfl-imbalanced.png",
+        references=_references(runs),
+    )
+    missing = [e for e in exps[1:] if not doc.complete(e)]
+    out += [
+        f"Final models (ω_K, h_K) after {rounds} rounds on each client's whole test split, mean ± standard deviation "
+        f"over {n} seed(s). Test loss (landmarks: MSE of the standardized coordinates; the others: cross-entropy):",
+        loss_table,
+        "Test metric (landmarks: mean landmark error in pixels of the 40×40 image, lower is better; the others: "
+        "accuracy, the reference is the majority class):",
+        metric_table,
+        f"![MTFL imbalanced]({_fig(fig, img_dir)})",
+        "The paper's Table II (real MTFL, 100 epochs; its landmark loss is in the units of its own image scale):",
+        _paper_table(),
     ]
+    if missing:
+        out.append("Controls not finished yet (their cells show `-`): " + ", ".join(missing) + ".")
+    out += [_weights_paragraph(runs, "landmarks")]
+    bullets = [
+        f"**MTFL imbalanced (Table II), {rounds} rounds, {n} seed(s)**: test loss: {_summary(verdicts)}; "
+        f"test metric: {_summary(metric_verdicts)}."
+    ]
+    return "\n\n".join(out), bullets
+
+
+def _mtfl_tasks() -> tuple[str, ...]:
+    from experiments.reproduce import MTFL_TASKS
+
+    return MTFL_TASKS
+
+
+def _alone_runs(doc: Doc, federation: str) -> dict[str, Any]:
+    """The alone controls as one pseudo-algorithm ``alone``: seed -> (result, records of every task)."""
+    merged: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for name, by_algorithm in doc.grouped.items():
+        if not name.startswith(f"alone-{federation}-"):
+            continue
+        for seed, (result, records) in by_algorithm.get("fedrep", {}).items():
+            base = merged.setdefault(seed, ({"final": {}}, []))
+            base[0]["final"].update(result["final"])
+            base[1].extend(records)
+    return {"alone": merged} if merged else {}
+
+
+def _paper_table() -> str:
+    tasks = list(PAPER_TABLE_II["fedrep"])
+    return _table(
+        ["", *tasks], [[f"paper, {LABELS[a]}", *(f"{PAPER_TABLE_II[a][t]:g}" for t in tasks)] for a in ALGORITHMS]
+    )
+
+
+def _weights_paragraph(runs: an.Runs, task: str) -> str:
+    """FedGradNorm's weights beside each task's gradient norm on ω̃, and where ``task``'s weight went."""
+    fgn = runs["fedgradnorm"]
+    tasks = an.tasks_of(next(iter(fgn.values()))[1])
+    rows = []
     for t in tasks:
-        weights = [an.curve(recs, t, "weight") for _, recs in runs["fedgradnorm"].values()]
-        final = an.stat([float(w[-1]) for w in weights])
-        lo = min(float(w.min()) for w in weights)
-        hi = max(float(w.max()) for w in weights)
+        weights = [an.curve(recs, t, "weight") for _, recs in fgn.values()]
         norms = {
-            a: an.stat([float(an.curve(recs, t, "grad_norm").mean()) for _, recs in runs[a].values()])
-            for a in ALGORITHMS
+            a: np.mean([an.curve(recs, t, "grad_norm").mean() for _, recs in runs[a].values()]) for a in ALGORITHMS
         }
-        lines.append(
-            f"| {t} | {final.fmt(3)} | {lo:.3f} – {hi:.3f} | {norms['fedrep'].mean:.4g} | {norms['fedgradnorm'].mean:.4g} |"
+        rows.append(
+            [
+                t,
+                an.stat([float(w[-1]) for w in weights]).fmt(3),
+                f"{min(float(w.min()) for w in weights):.3f} – {max(float(w.max()) for w in weights):.3f}",
+                f"{norms['fedrep']:.4g}",
+                f"{norms['fedgradnorm']:.4g}",
+            ]
         )
-    return lines
+    w = np.stack([an.curve(recs, task, "weight") for _, recs in fgn.values()]).mean(axis=0)
+    return (
+        f"FedGradNorm's weights (mean over seeds): the {task} weight goes from {w[0]:.3f} to {w[-1]:.3f} "
+        f"(lowest {w.min():.3f} at round {int(w.argmin())}, highest {w.max():.3f} at round {int(w.argmax())}). "
+        "Beside them, the mean norm of each task's gradient on ω̃ (the last shared layer, which GradNorm balances):\n\n"
+        + _table(["task", "final p", "p over rounds", "‖∇_ω̃ F‖ FedRep", "‖∇_ω̃ F‖ FedGradNorm"], rows)
+    )
 
 
-def _snr_table(runs: dict, tasks: list[str]) -> list[str]:
-    snrs = sorted(
-        {
-            int(s)
-            for a in ALGORITHMS
-            for r, _ in runs[a].values()
-            for t in tasks
-            for s in r["final"][t]["accuracy_by_snr"]
-        }
+def section_radcom(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
+    from experiments.reproduce import RADCOM_TASKS
+
+    exps = ("radcom", *[f"alone-radcom-{t}" for t in RADCOM_TASKS])
+    out = ["## Fig. 3: RadCom, 100 epochs"]
+    if not doc.complete("radcom"):
+        return "\n\n".join([*out, doc.pending(*exps)]), []
+    runs = doc.runs("radcom")
+    rounds = next(iter(runs["fedrep"].values()))[0]["spec"]["rounds"]
+    n = len(runs["fedrep"])
+    controls = {"alone (learnability)": "alone-radcom-{task}"}
+    acc_table, verdicts = comparison(doc, "radcom", "value", controls)
+    loss_table, loss_verdicts = comparison(doc, "radcom", "test_loss", controls)
+    fig = training_figure(
+        {**runs, **_alone_runs(doc, "radcom")},
+        "metric",
+        f"RadCom: test accuracy per round (mean over {n} seeds, band min-max)",
+        img_dir / f"{prefix}radcom.png",
+    )
+    snr = snr_figure(
+        runs, f"RadCom: final models' accuracy against SNR, mean over {n} seeds", img_dir / f"{prefix}radcom-snr.png"
+    )
+    out += [
+        f"Final models after {rounds} rounds, whole test split, {n} seed(s). Test accuracy (reference: the majority class):",
+        acc_table,
+        "Test loss (cross-entropy; reference: the class prior):",
+        loss_table,
+        f"![RadCom]({_fig(fig, img_dir)})",
+        f"![RadCom SNR]({_fig(snr, img_dir)})",
+        _weights_paragraph(runs, "modulation"),
+    ]
+    missing = [e for e in exps[1:] if not doc.complete(e)]
+    if missing:
+        out.append("Controls not finished yet (their cells show `-`): " + ", ".join(missing) + ".")
+    bullets = [
+        f"**RadCom (Fig. 3), {rounds} rounds, {n} seed(s)**: test accuracy: {_summary(verdicts)}; test loss: "
+        f"{_summary(loss_verdicts)}."
+    ]
+    return "\n\n".join(out), bullets
+
+
+def section_balanced(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
+    out = ["## Fig. 2: MTFL, balanced allocation, 100 epochs"]
+    if not doc.complete("mtfl-balanced"):
+        return "\n\n".join([*out, doc.pending("mtfl-balanced")]), []
+    runs = doc.runs("mtfl-balanced")
+    rounds = next(iter(runs["fedrep"].values()))[0]["spec"]["rounds"]
+    n = len(runs["fedrep"])
+    table, verdicts = comparison(doc, "mtfl-balanced", "test_loss", {})
+    fig = training_figure(
+        runs,
+        "test_loss",
+        f"MTFL balanced: test loss per round ({n} seed(s)); dotted: reference level",
+        img_dir / f"{prefix}mtfl-balanced.png",
+        references=_references(runs),
+    )
+    out += [
+        f"Final test loss after {rounds} rounds, {n} seed(s) (one seed: no error estimate):",
+        table,
+        f"![MTFL balanced]({_fig(fig, img_dir)})",
+        _weights_paragraph(runs, "landmarks"),
+    ]
+    return "\n\n".join(out), [
+        f"**MTFL balanced (Fig. 2), {rounds} rounds, {n} seed(s)**: test loss: {_summary(verdicts)}."
+    ]
+
+
+def section_masking(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
+    out = [
+        "## Control: does the landmark task mask the others?",
+        "FedRep with all five clients against FedRep without the landmark client (the same four attribute "
+        "clients, data, seeds and rounds). If the landmark gradient dominates the aggregate, the attributes "
+        "do better without it.",
+    ]
+    if not doc.complete("mtfl-imbalanced", "mtfl-without-landmarks"):
+        return "\n\n".join([*out, doc.pending("mtfl-without-landmarks")]), []
+    with_ = doc.runs("mtfl-imbalanced")["fedrep"]
+    without = doc.runs("mtfl-without-landmarks")["fedrep"]
+    tasks = sorted(_final_tasks(without), key=_mtfl_tasks().index)
+    rows, verdicts = [], {}
+    for t in tasks:
+        a, b = an.final_values(with_, t, "test_loss"), an.final_values(without, t, "test_loss")
+        v = an.paired_verdict(b, a)
+        verdicts[t] = v
+        rows.append([t, _cell(an.reference_values(with_, t, "test_loss")), _cell(a), _cell(b), _verdict_cell(v)])
+    out.append(_table(["task", "reference", "FedRep, all five", "FedRep without landmarks", "without vs with"], rows))
+    masked = [t for t, v in verdicts.items() if v.word == "wins"]
+    bullet = (
+        f"**Masking (FedRep without the landmark client)**: the attributes do better without it on {', '.join(masked)}."
+        if masked
+        else "**Masking (FedRep without the landmark client)**: no attribute does measurably better without it: "
+        "the landmark task does not mask the others at this scaling."
+    )
+    return "\n\n".join(out), [bullet]
+
+
+def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
+    from experiments.reproduce import DIAL_TASK, dial_name
+
+    names = [dial_name(s) for s in plan.loss_scales]
+    out = [
+        "## Where does FedGradNorm help? The dial",
+        f"The same MTFL federation (imbalanced allocation) with the {DIAL_TASK} loss multiplied by "
+        + ", ".join(f"{s:g}" for s in plan.loss_scales)
+        + f", FedRep against FedGradNorm, {plan.dial_epochs:g} epochs. A larger factor makes the {DIAL_TASK} "
+        "gradient dominate the aggregate, as pixel-unit targets did (their initial MSE was ~460 times the "
+        "attributes' cross-entropies). Losses below are the *unscaled* task losses, so the rows compare.",
+    ]
+    if not doc.complete(*names):
+        return "\n\n".join([*out, doc.pending(*names)]), []
+    tasks = list(_mtfl_tasks())
+    header = [
+        "×",
+        "task",
+        "reference",
+        "FedRep",
+        "FedGradNorm",
+        "FedGradNorm vs FedRep",
+        f"rounds to {REACH:.0%} of the drop: FedRep",
+        "FedGradNorm",
+        f"final p_{DIAL_TASK}",
+    ]
+    rows, by_scale = [], {}
+    for scale, name in zip(plan.loss_scales, names, strict=True):
+        runs = doc.runs(name)
+        unscale = {DIAL_TASK: scale}
+        verdicts = {}
+        p = an.stat([float(an.curve(recs, DIAL_TASK, "weight")[-1]) for _, recs in runs["fedgradnorm"].values()])
+        for t in tasks:
+            div = unscale.get(t, 1.0)
+            values = {a: {s: v / div for s, v in an.final_values(runs[a], t, "test_loss").items()} for a in ALGORITHMS}
+            ref = {s: v / div for s, v in an.reference_values(runs["fedrep"], t, "test_loss").items()}
+            v = an.verdict_against_reference(runs, t, "test_loss", True)
+            verdicts[t] = v
+            reach = an.rounds_to_fraction(runs, t, REACH)
+            race = (
+                [an.fmt_reach(reach.rounds["fedrep"]), an.fmt_reach(reach.rounds["fedgradnorm"])]
+                if reach.meaningful
+                else ["no real drop", "-"]
+            )
+            rows.append(
+                [
+                    f"{scale:g}",
+                    t,
+                    _cell(ref),
+                    _cell(values["fedrep"]),
+                    _cell(values["fedgradnorm"]),
+                    _verdict_cell(v),
+                    *race,
+                    p.fmt(3) if t == DIAL_TASK else "",
+                ]
+            )
+        by_scale[scale] = verdicts
+    fig = dial_figure(
+        {s: doc.runs(n) for s, n in zip(plan.loss_scales, names, strict=True)},
+        DIAL_TASK,
+        f"The dial: {DIAL_TASK} loss ×1 … ×{plan.loss_scales[-1]:g}; test loss per round (mean over seeds) and p_{DIAL_TASK}",
+        img_dir / f"{prefix}dial.png",
+    )
+    out += [_table(header, rows), f"![The dial]({_fig(fig, img_dir)})"]
+    bullets = []
+    for scale, verdicts in by_scale.items():
+        bullets.append(f"**Dial ×{scale:g}** ({DIAL_TASK} loss scaled): FedGradNorm {_summary(verdicts)}.")
+    return "\n\n".join(out), bullets
+
+
+def section_sweep(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
+    from experiments.reproduce import dial_name, sweep_name
+    from fedgradnorm.hyperparameters import ALPHA, GAMMA
+
+    cells = [(a, g) for a in plan.alphas for g in plan.gammas]
+    names = [dial_name(1) if (a, g) == (ALPHA, GAMMA) else sweep_name(a, g) for a, g in cells]
+    out = [
+        "## Sensitivity to α and γ",
+        f"FedGradNorm on MTFL (imbalanced, {plan.dial_epochs:g} epochs, seed(s) "
+        f"{', '.join(map(str, plan.sweep_seeds))}) for every (α, γ) below; the paper's α = {ALPHA:g}, γ = {GAMMA:g} "
+        "is the primary cell (the dial's ×1 run). Every cell is reported; none was chosen. Final test loss per task "
+        "(the FedRep row: the same seeds without weighting).",
+    ]
+    if not doc.complete(*names) or not doc.complete(dial_name(1)):
+        return "\n\n".join([*out, doc.pending(*dict.fromkeys(names))]), []
+    tasks = list(_mtfl_tasks())
+    seeds = set(plan.sweep_seeds)
+    rows = []
+    fedrep = {s: r for s, r in doc.runs(dial_name(1))["fedrep"].items() if s in seeds}
+    rows.append(["FedRep", "-", *(_cell(an.final_values(fedrep, t, "test_loss")) for t in tasks), ""])
+    for (a, g), name in zip(cells, names, strict=True):
+        runs = {s: r for s, r in doc.runs(name)["fedgradnorm"].items() if s in seeds}
+        p = an.stat([float(an.curve(recs, "landmarks", "weight")[-1]) for _, recs in runs.values()])
+        label = f"**{a:g}**" if (a, g) == (ALPHA, GAMMA) else f"{a:g}"
+        rows.append([label, f"{g:g}", *(_cell(an.final_values(runs, t, "test_loss")) for t in tasks), p.fmt(3)])
+    out.append(_table(["α", "γ", *tasks, "final p_landmarks"], rows))
+    return "\n\n".join(out), []
+
+
+SECTIONS: tuple[Section, ...] = (
+    section_mtfl,
+    section_masking,
+    section_radcom,
+    section_dial,
+    section_sweep,
+    section_balanced,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# The document
+# ---------------------------------------------------------------------------------------------
+
+
+def _header(doc: Doc, specs: Sequence[RunSpec], info: dict[str, Any], timing: dict[str, Any], command: str) -> str:
+    done = sum(doc.count(e) for e in doc.planned)
+    planned = len(specs)
+    load, load_end = info["loadavg_start"], info["loadavg_end"]
+    left = _cpu_hours_left(doc, specs)
+    status = (
+        f"All {planned} runs of the plan have finished."
+        if done >= planned
+        else f"**{done} of {planned} runs of the plan have finished**; the sections still pending say so. "
+        "`make reproduce` trains the rest: it keeps every finished run and resumes"
+        + (
+            f" (about {left:.1f} CPU-hours left, from the CPU time per client-round of the finished runs)."
+            if left
+            else "."
+        )
     )
     lines = [
-        "| task | algorithm | " + " | ".join(f"{s} dB" for s in snrs) + " |",
-        "|---|---" + "|---" * len(snrs) + "|",
+        "# Results: the paper's experiments, reproduced on synthetic data",
+        f"Generated by `{command}` on {info['date']}. Nothing in this file is typed by hand except the paper's "
+        "own numbers. Per-run metrics and results: the `--out` folder (`runs/reproduce` by default).",
+        status,
+        f"Machine: {info['nproc']} cores ({info['cpu']}), {info['mem_gib']} GiB, Python {info['python']}, torch "
+        f"{info['torch']}; {timing['workers']} runs at a time, one torch thread each, niceness {info['niceness']}; load "
+        f"average {'/'.join(f'{x:.1f}' for x in load[:3])} at the start, {'/'.join(f'{x:.1f}' for x in load_end[:3])} at "
+        f"the end. This invocation took {timing['total_seconds'] / 60:.1f} min ({timing['train_seconds'] / 60:.1f} "
+        f"training). The finished runs used {timing['cpu_seconds'] / 3600:.1f} CPU-hours in all.",
     ]
-    for t in tasks:
-        for a in ALGORITHMS:
-            cells = []
-            for s in snrs:
-                by_snr = [r["final"][t]["accuracy_by_snr"] for r, _ in runs[a].values()]
-                vals = [d[str(s)] for d in by_snr if str(s) in d]
-                cells.append(f"{sum(vals) / len(vals):.2f}" if vals else "-")
-            lines.append(f"| {t} | {LABELS[a]} | " + " | ".join(cells) + " |")
-    return lines
+    return "\n\n".join(lines)
 
 
-def _paper_table(tasks: list[str]) -> list[str]:
-    """The paper's own Table II, in the columns of ``tasks``."""
-    lines = ["| | " + " | ".join(PAPER_TASK_NAMES[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for a in ALGORITHMS:
-        lines.append(f"| paper, {LABELS[a]} | " + " | ".join(f"{PAPER_TABLE_II[a][t]:g}" for t in tasks) + " |")
-    return lines
+def _cpu_hours_left(doc: Doc, specs: Sequence[RunSpec]) -> float | None:
+    """CPU-hours the unfinished runs need, from the finished runs' CPU seconds per client-round of
+    the same federation (None if a federation has no finished run yet)."""
+    per: dict[str, list[float]] = {}
+    finished = set()
+    for by_algorithm in doc.grouped.values():
+        for by_seed in by_algorithm.values():
+            for result, _ in by_seed.values():
+                spec = RunSpec(**result["spec"])
+                finished.add(spec.key)
+                per.setdefault(spec.dataset, []).append(result["cpu_seconds"] / (spec.rounds * len(result["clients"])))
+    total = 0.0
+    for s in specs:
+        if s.key in finished:
+            continue
+        if s.dataset not in per:
+            return None
+        clients = len(s.task_names) or len(_mtfl_tasks() if s.dataset == "mtfl" else _radcom_tasks())
+        total += s.rounds * clients * float(np.median(per[s.dataset]))
+    return total / 3600
 
 
-def _runs_table(timing: dict[str, Any]) -> list[str]:
-    lines = ["| run | wall s | CPU s |", "|---|---|---|"]
-    for r in sorted(timing["runs"], key=lambda r: r["key"]):
-        lines.append(f"| {r['key']} | {r['wall']:.0f} | {r['cpu']:.0f} |")
-    return lines
+def _radcom_tasks() -> tuple[str, ...]:
+    from experiments.reproduce import RADCOM_TASKS
+
+    return RADCOM_TASKS
 
 
-# ---------------------------------------------------------------------------------------------
-# Slots
-# ---------------------------------------------------------------------------------------------
+def _setup(plan: Plan, specs: Sequence[RunSpec]) -> str:
+    from fedgradnorm.hyperparameters import ALPHA, BETA, GAMMA
+
+    rounds = {s.experiment: s.rounds for s in specs}
+    rows = [
+        [
+            "seeds",
+            f"{', '.join(map(str, plan.seeds))} (partition, initialisation, minibatch order; both algorithms share each seed)",
+        ],
+        [
+            "training length",
+            f"{plan.epochs:g} epochs of the largest client, an epoch being one pass over its training data at "
+            f"τ_h + τ_ω = {plan.tau_h + plan.tau_omega} minibatches of {plan.batch_size} per round: MTFL imbalanced "
+            f"{rounds.get('mtfl-imbalanced')} rounds (3,000-face clients), balanced {rounds.get('mtfl-balanced')}, "
+            f"RadCom {rounds.get('radcom')}. The dial and the sweep: {plan.dial_epochs:g} epochs "
+            f"({rounds.get('dial-x1')} rounds). The other reading of the paper (one local epoch per round) is not run.",
+        ],
+        [
+            "MTFL data",
+            f"`fedgradnorm.data.synthetic_mtfl.generate_mtfl` (seed {plan.data_seed}): {plan.mtfl_size} training and "
+            f"{plan.mtfl_size * 3 // 10} test faces, drawn at 250×250 and read as 40×40 grayscale; imbalanced: gender "
+            "and glasses 500 faces, the others 3,000",
+        ],
+        [
+            "landmark targets",
+            "standardized by each landmark client on its own training targets (centred on the mean, unit variance per "
+            "coordinate: `standardize = true` in `mtfl.toml`); the loss is MSE in those units, the error is reported in "
+            "pixels of the 40×40 image",
+        ],
+        [
+            "RadCom data",
+            f"`fedgradnorm.data.synthetic_radcom.generate_radcom` (seed {plan.data_seed}): {plan.radcom_size} samples per "
+            "(modulation, signal, SNR) key, 20 % of each client's share for testing; anomaly = SNR < −4 dB",
+        ],
+        ["networks", "Network 1 (MTFL), Network 2 (RadCom), Table I; a linear head per client"],
+        [
+            "hyperparameters",
+            f"the paper's: γ = {GAMMA:g}, α = {ALPHA:g} (Adam on p), β = {BETA:g} (Adam on ω and on every local step); "
+            "ω̃ = the last shared layer; p floored at 1e-3 and renormalised to sum N. Nothing was tuned.",
+        ],
+        [
+            "reference level",
+            "per task, the best constant prediction fitted on the client's training targets: the class prior "
+            "(its arg-max, the majority class, for accuracy), the training mean for a regression",
+        ],
+        [
+            "verdicts",
+            "an arm *beats its reference* when its final test loss is below the reference level by more than two "
+            "standard errors over seeds (one seed: by more than 2 %); FedGradNorm *wins*/*loses* against FedRep when "
+            "the mean paired difference is beyond two standard errors (one seed: beyond 1 %), *ties* otherwise, and "
+            "only when both arms beat the reference: otherwise the verdict says which arms stayed at it",
+        ],
+        [
+            "evaluation",
+            f"per round on a fixed {plan.mtfl_eval_test} (MTFL) / {plan.radcom_eval_test} (RadCom) test samples per client; "
+            "the final model on the whole test split (the tables)",
+        ],
+        ["simulator", "`fedgradnorm.simulator.Simulation`, the same client and server steps as the gRPC services"],
+    ]
+    return "## Setup\n\n" + _table(["", ""], rows)
 
 
-def _machine_slots(info: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
-    """The machine, its load and what this invocation took."""
-    load, load_end = info["loadavg_start"], info["loadavg_end"]
-    return {
-        "date": info["date"],
-        "nproc": info["nproc"],
-        "cpu": info["cpu"],
-        "mem_gib": info["mem_gib"],
-        "python": info["python"],
-        "torch": info["torch"],
-        "niceness": info["niceness"],
-        "workers": timing["workers"],
-        "load_start": "/".join(f"{x:.1f}" for x in load[:3]),
-        "load_end": "/".join(f"{x:.1f}" for x in load_end[:3]),
-        "busy": " (other work shared the machine, so the times are pessimistic)" if max(load) > info["nproc"] else "",
-        "total_minutes": f"{timing['total_seconds'] / 60:.1f}",
-        "data_seconds": f"{timing['data_seconds']:.0f}",
-        "runs": len(timing["runs"]),
-        "train_minutes": f"{timing['train_seconds'] / 60:.1f}",
-        "reused": timing["reused"],
-        "cpu_minutes": f"{timing['cpu_seconds'] / 60:.1f}",
-        "idle_minutes": f"{timing['cpu_seconds'] / 60 / 2:.0f}",
-        "earlier_invocations": "".join(
-            f"\n\n{_invocation_sentence(inv)}" for inv in timing.get("trained_by", []) if inv["date"] != info["date"]
-        ),
-    }
-
-
-def _invocation_sentence(inv: dict[str, Any]) -> str:
-    """An earlier invocation that trained some of the runs reused here."""
-    note = f", {inv['note']}" if inv.get("note") else ""
-    return (
-        f"Runs reused here were trained by the invocation of {inv['date']}: {inv['runs_trained']} runs in "
-        f"{inv['minutes']:.1f} min of wall time, {inv['workers']} at a time, niceness {inv['niceness']}, load "
-        f"average {inv['loadavg_start'][0]:.1f} at its start and {inv['loadavg_end'][0]:.1f} at its end{note}. "
-        "Runs it did not train come from an earlier invocation that was stopped after finishing them; "
-        "every run's own wall time is in the last table."
-    )
-
-
-def _figure_slots(grouped: an.Grouped, plan: Plan, img_dir: Path, img_prefix: str) -> dict[str, str]:
-    """Draw the four figures into ``img_dir``; their paths relative to the document's folder."""
-    imb, bal, rad = grouped["mtfl-imbalanced"], grouped["mtfl-balanced"], grouped["radcom"]
-    n, nb = len(plan.seeds), len(plan.balanced_seeds)
-    figs = {
-        "imbalanced_figure": training_figure(
-            imb,
-            "test_loss",
-            f"MTFL imbalanced (Table II): test loss per round, mean over {n} seeds (band: min-max)",
-            img_dir / f"{img_prefix}mtfl-imbalanced.png",
-            log_tasks=("landmarks",),
-        ),
-        "balanced_figure": training_figure(
-            bal,
-            "test_loss",
-            f"MTFL balanced (Fig. 2): test loss per round, seed {', '.join(map(str, plan.balanced_seeds))}"
-            if nb == 1
-            else f"MTFL balanced (Fig. 2): test loss per round, mean over {nb} seeds (band: min-max)",
-            img_dir / f"{img_prefix}mtfl-balanced.png",
-            log_tasks=("landmarks",),
-        ),
-        "radcom_figure": training_figure(
-            rad,
-            "metric",
-            f"RadCom (Fig. 3): test accuracy per round, mean over {n} seeds (band: min-max)",
-            img_dir / f"{img_prefix}radcom.png",
-        ),
-        "snr_figure": snr_figure(
-            rad,
-            f"RadCom: final models' accuracy against SNR, mean over {n} seeds",
-            img_dir / f"{img_prefix}radcom-snr.png",
-        ),
-    }
-    return {k: os.path.relpath(v, img_dir.parent) for k, v in figs.items()}
-
-
-def _tasks(grouped: an.Grouped) -> dict[str, list[str]]:
-    """Each experiment's tasks in the order of the records (both MTFL experiments: those of the imbalanced one)."""
-    mtfl = an.tasks_of(next(iter(grouped["mtfl-imbalanced"]["fedrep"].values()))[1])
-    radcom = an.tasks_of(next(iter(grouped["radcom"]["fedrep"].values()))[1])
-    return {"mtfl-imbalanced": mtfl, "mtfl-balanced": mtfl, "radcom": radcom}
-
-
-def _result_slots(grouped: an.Grouped, plan: Plan) -> dict[str, Any]:
-    """The final-value tables and the verdict sentences drawn from them."""
-    imb, bal, rad = grouped["mtfl-imbalanced"], grouped["mtfl-balanced"], grouped["radcom"]
-    tasks = _tasks(grouped)
-    mtfl_tasks, rad_tasks = tasks["mtfl-imbalanced"], tasks["radcom"]
-    tables = {
-        "imbalanced_test": _final_table(imb, mtfl_tasks, "test_loss", True, 3),
-        "imbalanced_train": _final_table(imb, mtfl_tasks, "train_loss", True, 3),
-        "balanced_test": _final_table(bal, mtfl_tasks, "test_loss", True, 3),
-        "radcom_accuracy": _final_table(rad, rad_tasks, "value", False, 3),
-        "radcom_loss": _final_table(rad, rad_tasks, "test_loss", True, 3),
-    }
-    slots: dict[str, Any] = {}
-    for name, (lines, verdicts) in tables.items():
-        slots[f"{name}_table"] = "\n".join(lines)
-        slots[f"{name}_verdicts"] = _summary_words(verdicts)
-    counted = [tables[k][1] for k in ("imbalanced_test", "balanced_test", "radcom_accuracy")]
-    for word in ("wins", "ties", "loses"):
-        slots[word] = sum(1 for vs in counted for v in vs.values() if v.word == word)
-    slots["comparisons"] = slots["wins"] + slots["ties"] + slots["loses"]
-    nb = len(plan.balanced_seeds)
-    slots["one_seed_note"] = " (one seed: no error estimate)" if nb == 1 else ""
-    slots["balanced_seeds_note"] = (
-        f"one seed, {plan.balanced_seeds[0]}: no error estimate, see the verdict rule" if nb == 1 else f"{nb} seeds"
-    )
-    slots["snr_table"] = "\n".join(_snr_table(rad, rad_tasks))
-    slots["paper_table"] = "\n".join(_paper_table(mtfl_tasks))
-    return slots
-
-
-def _landmark_slots(grouped: an.Grouped) -> dict[str, str]:
-    """The landmark task's loss at round 0 and at the end, and its final error in pixels."""
-    imb = grouped["mtfl-imbalanced"]
-    final = {a: an.stat(list(an.final_values(imb[a], "landmarks", "test_loss").values())) for a in ALGORITHMS}
-    px = {a: an.stat(list(an.final_values(imb[a], "landmarks", "value").values())) for a in ALGORITHMS}
-    start = float(an.mean_curve(imb["fedrep"], "landmarks", "test_loss")[0][0])
-    return {
-        "landmark_start": f"{start:.1f}",
-        **{f"landmark_final_{a}": final[a].fmt(1) for a in ALGORITHMS},
-        **{f"landmark_px_{a}": px[a].fmt(2) for a in ALGORITHMS},
-    }
-
-
-def _training_slots(grouped: an.Grouped) -> dict[str, Any]:
-    """Per experiment: the races to a loss level, the weights' course and the weights beside the norms."""
-    experiments = {"imbalanced": "mtfl-imbalanced", "balanced": "mtfl-balanced", "radcom": "radcom"}
-    focus = {"imbalanced": "landmarks", "balanced": "landmarks", "radcom": "modulation"}
-    slots: dict[str, Any] = {}
-    raced = []
-    for name, experiment in experiments.items():
-        runs, tasks = grouped[experiment], _tasks(grouped)[experiment]
-        raced.append((runs, tasks))
-        slots[f"{name}_reach_table"] = "\n".join(_reach_table(runs, tasks, FRACTIONS))
-        slots[f"{name}_weights_table"] = "\n".join(_weights_table(runs, tasks))
-        slots[f"{name}_weights"] = _weights_course(runs, focus[name])
-    races = _race_counts(raced, FRACTIONS)
-    return {**slots, **races, "races": sum(races.values())}
-
-
-def _setup_slots(grouped: an.Grouped, plan: Plan) -> dict[str, Any]:
-    """The plan's sizes, the clients' shares and the hyperparameters of the runs."""
-    imb_result = next(iter(grouped["mtfl-imbalanced"]["fedrep"].values()))[0]
-    bal_result = next(iter(grouped["mtfl-balanced"]["fedrep"].values()))[0]
-    rad_result = next(iter(grouped["radcom"]["fedrep"].values()))[0]
-    hp = imb_result["spec"]
-    return {
-        **asdict(plan),
-        "seed_list": ", ".join(map(str, plan.seeds)),
-        "seed_count": len(plan.seeds),
-        "mtfl_test_faces": plan.mtfl_size * 3 // 10,
-        "imbalanced_clients": ", ".join(f"{t} {c['train']}" for t, c in imb_result["clients"].items()),
-        "mtfl_test_per_client": next(iter(imb_result["clients"].values()))["test"],
-        "balanced_train_per_client": next(iter(bal_result["clients"].values()))["train"],
-        "radcom_clients": ", ".join(f"{t} {c['train']}" for t, c in rad_result["clients"].items()),
-        "radcom_test_per_client": next(iter(rad_result["clients"].values()))["test"],
-        "gamma": hp["gamma"],
-        "alpha": hp["alpha"],
-        "beta": hp["beta"],
-        "round_minibatches": plan.tau_h + plan.tau_omega,
-        "passes": f"{plan.mtfl_rounds * (plan.tau_h + plan.tau_omega) * plan.batch_size / 3000:.1f}",
-    }
+def _runs_table(doc: Doc, specs: Sequence[RunSpec], timing: dict[str, Any]) -> str:
+    walls = {r["key"]: r for r in timing["runs"]}
+    rows = []
+    for s in specs:
+        r = walls.get(s.key)
+        rows.append([s.key, str(s.rounds), f"{r['wall']:.0f}" if r else "pending", f"{r['cpu']:.0f}" if r else ""])
+    return "## Runs\n\n" + _table(["run", "rounds", "wall s", "CPU s"], rows)
 
 
 def render(
     grouped: an.Grouped,
     plan: Plan,
+    specs: Sequence[RunSpec],
     info: dict[str, Any],
     timing: dict[str, Any],
     img_dir: Path,
     img_prefix: str,
     command: str,
 ) -> str:
-    """The text of docs/results.md; draws its four figures into ``img_dir`` on the way."""
-    return TEMPLATE.substitute(
-        command=command,
-        **_machine_slots(info, timing),
-        **_setup_slots(grouped, plan),
-        **_result_slots(grouped, plan),
-        **_landmark_slots(grouped),
-        **_training_slots(grouped),
-        **_figure_slots(grouped, plan, img_dir, img_prefix),
-        runs_table="\n".join(_runs_table(timing)),
+    """The text of docs/results.md (the figures of finished sections drawn into ``img_dir``)."""
+    doc = Doc(grouped, specs)
+    bodies, bullets = [], []
+    for section in SECTIONS:
+        body, said = section(doc, plan, img_dir, img_prefix)
+        bodies.append(body)
+        bullets += said
+    verdict = "## Verdict\n\n" + (
+        "\n".join(f"- {b}" for b in bullets) if bullets else "No section has finished yet: no verdict."
     )
+    parts = [
+        _header(doc, specs, info, timing, command),
+        verdict,
+        _setup(plan, specs),
+        *bodies,
+        _runs_table(doc, specs, timing),
+    ]
+    return "\n\n".join(parts) + "\n"

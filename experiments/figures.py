@@ -16,9 +16,9 @@ import numpy as np
 from experiments.analysis import Records, mean_curve, tasks_of
 
 Runs = Mapping[str, Mapping[int, tuple[dict[str, Any], Records]]]  # algorithm -> seed -> run
-LABELS = {"fedgradnorm": "FedGradNorm", "fedrep": "FedRep"}
-COLORS = {"fedgradnorm": "tab:red", "fedrep": "tab:blue"}
-STYLES = {"fedgradnorm": "--", "fedrep": "-"}  # dashed on top, so identical curves stay visible
+LABELS = {"fedgradnorm": "FedGradNorm", "fedrep": "FedRep", "alone": "the task alone"}
+COLORS = {"fedgradnorm": "tab:red", "fedrep": "tab:blue", "alone": "tab:green"}
+STYLES = {"fedgradnorm": "--", "fedrep": "-", "alone": ":"}  # dashed on top, so identical curves stay visible
 YLABELS = {
     "test_loss": "test loss",
     "train_loss": "train loss F_k",
@@ -33,14 +33,24 @@ def _grid(n: int) -> tuple[Any, np.ndarray]:
     return fig, axes.ravel()
 
 
-def training_figure(runs: Runs, key: str, title: str, out_png: str | Path, log_tasks: tuple[str, ...] = ()) -> Path:
-    """One panel per task (both algorithms: mean over seeds, min-max shaded) and one with the weights."""
-    first = next(iter(next(iter(runs.values())).values()))[1]
+def training_figure(
+    runs: Runs,
+    key: str,
+    title: str,
+    out_png: str | Path,
+    log_tasks: tuple[str, ...] = (),
+    references: Mapping[str, float] | None = None,
+) -> Path:
+    """One panel per task (each arm: mean over seeds, min-max shaded; an arm without the task is
+    skipped), the task's reference level dotted where given, and one panel with the weights."""
+    first = next(iter(runs["fedrep"].values()))[1]
     tasks = tasks_of(first)
     fig, flat = _grid(len(tasks) + 1)
     for i, task in enumerate(tasks):
         ax = flat[i]
         for algorithm, by_seed in sorted(runs.items(), key=lambda kv: kv[0] == "fedgradnorm"):
+            if not by_seed or task not in tasks_of(next(iter(by_seed.values()))[1]):
+                continue
             mean, lo, hi = mean_curve(by_seed, task, key)
             xs = np.arange(len(mean))
             ax.plot(
@@ -53,6 +63,8 @@ def training_figure(runs: Runs, key: str, title: str, out_png: str | Path, log_t
             )
             if len(by_seed) > 1:
                 ax.fill_between(xs, lo, hi, color=COLORS.get(algorithm), alpha=0.18, lw=0)
+        if references and task in references:
+            ax.axhline(references[task], color="0.3", ls=":", lw=1.2, label="reference (constant)")
         if task in log_tasks:
             ax.set_yscale("log")
         ax.set_title(f"({chr(97 + i)}) {task}")
@@ -77,6 +89,36 @@ def training_figure(runs: Runs, key: str, title: str, out_png: str | Path, log_t
     ax.legend(fontsize=7, ncol=2)
     for extra in flat[len(tasks) + 1 :]:
         extra.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def dial_figure(by_scale: Mapping[float, Runs], task: str, title: str, out_png: str | Path) -> Path:
+    """The dial: per scale, one column: the mean test loss of every task over rounds for FedRep
+    (solid) and FedGradNorm (dashed), and below it FedGradNorm's weight of the scaled ``task``."""
+    scales = list(by_scale)
+    fig, axes = plt.subplots(2, len(scales), figsize=(3.6 * len(scales), 5.4), squeeze=False, sharex=True)
+    for col, scale in enumerate(scales):
+        runs = by_scale[scale]
+        tasks = tasks_of(next(iter(runs["fedrep"].values()))[1])
+        ax, wax = axes[0][col], axes[1][col]
+        for j, t in enumerate(tasks):
+            color = f"C{j}"
+            for algorithm in ("fedrep", "fedgradnorm"):
+                mean, _, _ = mean_curve(runs[algorithm], t, "test_loss")
+                mean = mean / (scale if t == task else 1.0)
+                ax.plot(mean, STYLES[algorithm], color=color, lw=1.1, label=t if algorithm == "fedrep" else None)
+            wmean, _, _ = mean_curve(runs["fedgradnorm"], t, "weight")
+            wax.plot(wmean, color=color, lw=1.1)
+        ax.set_title(f"{task} loss ×{scale:g}")
+        ax.set_ylabel("test loss (unscaled)")
+        ax.grid(alpha=0.3)
+        wax.set_ylabel("p (FedGradNorm)")
+        wax.set_xlabel("round")
+        wax.grid(alpha=0.3)
+        if col == 0:
+            ax.legend(fontsize=7, title="solid FedRep, dashed FedGradNorm", title_fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)

@@ -21,31 +21,47 @@ import argparse
 import concurrent.futures as cf
 import datetime as dt
 import json
+import math
 import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from experiments import analysis as an
 from experiments.document import render
-from experiments.runs import ALGORITHMS, RunSpec, load_records, prepare_data, run_one
-from fedgradnorm.hyperparameters import BATCH_SIZE, TAU_H, TAU_OMEGA
+from experiments.runs import ALGORITHMS, RunSpec, client_data, load_records, run_one
+from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, GAMMA, TAU_H, TAU_OMEGA
 from fedgradnorm.machine import machine_info, torch_threads
+
+# The experiments of a plan, in the order their runs start (the first seed of every experiment
+# before the next seeds, so that an interrupted invocation has left the most informative runs).
+MAIN = ("mtfl-imbalanced", "radcom", "mtfl-balanced")
+MASKING = "mtfl-without-landmarks"  # FedRep without the dominant task: what it masks
+DIAL_TASK = "landmarks"  # the task whose loss the dial scales (MTFL, imbalanced allocation)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The size of every experiment; FULL is what ``make reproduce`` runs."""
+    """The size of every experiment; FULL is what ``make reproduce`` runs.
+
+    Training length is in epochs of the largest client (one epoch: one pass over its training data
+    at tau_h + tau_omega minibatches per round), as the paper states it; :meth:`specs` turns it into
+    rounds from the clients' sizes."""
 
     name: str
-    seeds: tuple[int, ...] = (0, 1, 2)  # Table II and Fig. 3
-    balanced_seeds: tuple[int, ...] = (0,)  # Fig. 2 (one seed, as the paper's figure; bounds the run time)
-    mtfl_rounds: int = 100
-    radcom_rounds: int = 100
+    epochs: float = 100  # Table II, Fig. 2 and 3, the controls
+    dial_epochs: float = 20  # the dial and the alpha/gamma sweep (a stated, shorter horizon: 32 runs)
+    seeds: tuple[int, ...] = (0, 1, 2)  # Table II, Fig. 3, the masking control, the dial
+    balanced_seeds: tuple[int, ...] = (0,)  # Fig. 2 (one seed, as the paper's figure)
+    alone_seeds: tuple[int, ...] = (0,)  # each task alone (learnability)
+    sweep_seeds: tuple[int, ...] = (0,)
+    loss_scales: tuple[float, ...] = (1, 10, 100, 1000)
+    alphas: tuple[float, ...] = (0.0004, ALPHA, 0.04)
+    gammas: tuple[float, ...] = (0.5, GAMMA, 1.5)
     mtfl_size: int = 13000  # training faces; the generator adds 30 % as test faces
     radcom_size: int = 150  # samples per (modulation, signal, SNR) key
     mtfl_eval_test: int = 260  # per-round evaluation subset per client (of 780 test faces)
@@ -55,61 +71,111 @@ class Plan:
     batch_size: int = BATCH_SIZE
     data_seed: int = 0
 
-    def specs(self) -> list[RunSpec]:
-        common = {
+    def rounds(self, epochs: float, largest_client: int) -> int:
+        """Rounds for ``epochs`` passes over ``largest_client`` training samples."""
+        per_round = self.batch_size * (self.tau_h + self.tau_omega)
+        return max(1, math.ceil(epochs * largest_client / per_round - 1e-9))
+
+    def settings(self) -> dict[str, tuple[str, str, int, int]]:
+        """experiment family -> (federation, allocation, synthetic size, per-round evaluation subset)."""
+        return {
+            "mtfl-imbalanced": ("mtfl", "imbalanced", self.mtfl_size, self.mtfl_eval_test),
+            "mtfl-balanced": ("mtfl", "balanced", self.mtfl_size, self.mtfl_eval_test),
+            "radcom": ("radcom", "balanced", self.radcom_size, self.radcom_eval_test),
+        }
+
+    def specs(self, largest: dict[str, int]) -> list[RunSpec]:
+        """Every run, in start order; ``largest``: setting -> its largest client's training samples."""
+        common: dict[str, Any] = {
             "tau_h": self.tau_h,
             "tau_omega": self.tau_omega,
             "batch_size": self.batch_size,
             "data_seed": self.data_seed,
         }
-        experiments = [
-            (
-                "mtfl-imbalanced",
-                "mtfl",
-                "imbalanced",
-                self.mtfl_rounds,
-                self.mtfl_size,
-                self.mtfl_eval_test,
-                self.seeds,
-            ),
-            (
-                "mtfl-balanced",
-                "mtfl",
-                "balanced",
-                self.mtfl_rounds,
-                self.mtfl_size,
-                self.mtfl_eval_test,
-                self.balanced_seeds,
-            ),
-            ("radcom", "radcom", "balanced", self.radcom_rounds, self.radcom_size, self.radcom_eval_test, self.seeds),
-        ]
-        out = []
-        for name, dataset, allocation, rounds, size, eval_test, seeds in experiments:
-            for seed in seeds:
-                for algorithm in ALGORITHMS:
-                    out.append(
-                        RunSpec(
-                            experiment=name,
-                            dataset=dataset,
-                            allocation=allocation,
-                            algorithm=algorithm,
-                            seed=seed,
-                            rounds=rounds,
-                            synthetic_size=size,
-                            eval_test=eval_test,
-                            **common,  # type: ignore[arg-type]
-                        )
+
+        def run(name: str, setting: str, algorithm: str, seed: int, epochs: float, **extra: Any) -> RunSpec:
+            dataset, allocation, size, eval_test = self.settings()[setting]
+            return RunSpec(
+                experiment=name,
+                dataset=dataset,
+                allocation=allocation,
+                algorithm=algorithm,
+                seed=seed,
+                rounds=self.rounds(epochs, largest[setting]),
+                synthetic_size=size,
+                eval_test=eval_test,
+                **common,
+                **extra,
+            )
+
+        fed_tasks = {"mtfl-imbalanced": MTFL_TASKS, "radcom": RADCOM_TASKS}
+        out: list[RunSpec] = []
+        for name in MAIN:
+            seeds = self.balanced_seeds if name == "mtfl-balanced" else self.seeds
+            out += [run(name, name, a, s, self.epochs) for s in seeds for a in ALGORITHMS]
+        others = [t for t in MTFL_TASKS if t != DIAL_TASK]
+        out += [run(MASKING, "mtfl-imbalanced", "fedrep", s, self.epochs, tasks=",".join(others)) for s in self.seeds]
+        for setting, tasks in fed_tasks.items():
+            out += [
+                run(alone_name(setting, t), setting, "fedrep", s, self.epochs, tasks=t)
+                for s in self.alone_seeds
+                for t in tasks
+            ]
+        for scale in self.loss_scales:
+            out += [
+                run(dial_name(scale), "mtfl-imbalanced", a, s, self.dial_epochs, loss_scale=f"{DIAL_TASK}={scale:g}")
+                for s in self.seeds
+                for a in ALGORITHMS
+            ]
+        for alpha in self.alphas:
+            for gamma in self.gammas:
+                if (alpha, gamma) == (ALPHA, GAMMA):
+                    continue  # the primary cell is the dial's x1 FedGradNorm run
+                out += [
+                    run(
+                        sweep_name(alpha, gamma),
+                        "mtfl-imbalanced",
+                        "fedgradnorm",
+                        s,
+                        self.dial_epochs,
+                        alpha=alpha,
+                        gamma=gamma,
+                        loss_scale=f"{DIAL_TASK}=1",
                     )
-        return out
+                    for s in self.sweep_seeds
+                ]
+        seed_rank = {s: i for i, s in enumerate(dict.fromkeys(self.seeds + self.alone_seeds + self.sweep_seeds))}
+        return sorted(out, key=lambda r: seed_rank.get(r.seed, len(seed_rank)))  # stable: keeps the order above
+
+
+MTFL_TASKS = ("landmarks", "gender", "smile", "glasses", "pose")
+RADCOM_TASKS = ("modulation", "signal", "anomaly")
+
+
+def alone_name(setting: str, task: str) -> str:
+    return f"alone-{setting.split('-')[0]}-{task}"
+
+
+def dial_name(scale: float) -> str:
+    return f"dial-x{scale:g}"
+
+
+def sweep_name(alpha: float, gamma: float) -> str:
+    return f"sweep-a{alpha:g}-g{gamma:g}"
 
 
 FULL = Plan("full")
 SMOKE = Plan(
     "smoke",
+    epochs=0.2,
+    dial_epochs=0.1,
     seeds=(0, 1),
     balanced_seeds=(0,),
-    mtfl_rounds=2,
-    radcom_rounds=2,
+    alone_seeds=(0,),
+    sweep_seeds=(0,),
+    loss_scales=(1, 100),
+    alphas=(ALPHA, 0.04),
+    gammas=(GAMMA,),
     mtfl_size=40,
     radcom_size=2,
     mtfl_eval_test=5,
@@ -138,9 +204,8 @@ def _run(spec: RunSpec, out: str, reuse: bool) -> dict[str, Any]:
 
 
 def run_plan(specs: Sequence[RunSpec], out: Path, workers: int, reuse: bool, log: Any = print) -> list[dict[str, Any]]:
-    """Every run, ``workers`` processes at a time (in this process when ``workers`` is 1)."""
-    # Longest first: MTFL runs cost about twice a RadCom run per round.
-    ordered = sorted(specs, key=lambda s: (s.dataset != "mtfl", s.experiment, s.seed, s.algorithm))
+    """Every run, ``workers`` processes at a time (in this process when ``workers`` is 1), in the given order."""
+    ordered = list(specs)
     results: list[dict[str, Any]] = []
     if workers <= 1:
         with torch_threads(1):  # as a worker process has; the caller's count is restored after
@@ -195,6 +260,27 @@ def _trained_by(path: Path, info: dict[str, Any], timing: dict[str, Any]) -> lis
     return history
 
 
+def largest_clients(plan: Plan) -> dict[str, int]:
+    """Per setting of ``plan``, its largest client's training samples (generating the data if needed)."""
+    out = {}
+    for setting, (dataset, allocation, size, _) in plan.settings().items():
+        probe = RunSpec(setting, dataset, allocation, "fedrep", 0, 1, size, data_seed=plan.data_seed)
+        out[setting] = max(len(d.train) for d in client_data(probe).values())
+    return out
+
+
+def finished(spec: RunSpec, out: Path) -> dict[str, Any] | None:
+    """The stored result of ``spec`` under ``out``, if a run of this exact specification finished."""
+    path = out / spec.key / "result.json"
+    if not path.exists():
+        return None
+    stored: dict[str, Any] = json.loads(path.read_text())
+    if stored.get("spec") != asdict(spec):
+        return None
+    stored["reused"] = True
+    return stored
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--doc", default="docs/results.md", help="markdown file to write (default docs/results.md)")
@@ -203,8 +289,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/reproduce", help="run folders (default runs/reproduce)")
     parser.add_argument("--scale", choices=sorted(PLANS), default="full", help="full (default) or smoke")
     parser.add_argument("--workers", type=int, default=2, help="runs at a time (default 2; 1 runs in-process)")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished runs with an identical specification")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="train every run again (default: finished runs of an identical "
+        "specification in --out are kept, so an interrupted invocation resumes)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated experiment name prefixes to train (radcom,alone-radcom,...); "
+        "the document still shows every finished run of the plan",
+    )
+    parser.add_argument("--no-train", action="store_true", help="train nothing: write the document from finished runs")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, not {args.workers}")
 
     plan = PLANS[args.scale]
     doc = Path(args.doc)
@@ -216,36 +316,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["date"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.perf_counter()
 
-    specs = plan.specs()
-    data_seconds = 0.0
-    for spec in {replace(s, algorithm="fedrep", seed=0, experiment="", allocation="balanced") for s in specs}:
-        took = prepare_data(spec)
-        data_seconds += took
-        print(f"data {spec.source().describe()}: {took:.1f} s", flush=True)
+    largest = largest_clients(plan)  # generates (or reads from the cache) every synthetic set
+    data_seconds = time.perf_counter() - t0
+    print(f"data: {data_seconds:.1f} s; largest clients {largest}", flush=True)
+    specs = plan.specs(largest)
+    prefixes = tuple(p for p in args.only.split(",") if p)
+    selected = [] if args.no_train else [s for s in specs if not prefixes or s.experiment.startswith(prefixes)]
 
     t1 = time.perf_counter()
-    results = run_plan(specs, out, args.workers, args.reuse, log=lambda m: print(m, flush=True))
+    results = run_plan(selected, out, args.workers, not args.fresh, log=lambda m: print(m, flush=True))
     train_seconds = time.perf_counter() - t1
-    grouped = an.group([(r, load_records(r)) for r in results])
+    stored = {RunSpec(**r["spec"]).key: r for r in results}
+    for spec in specs:
+        if spec.key not in stored and (found := finished(spec, out)) is not None:
+            stored[spec.key] = found
+    done = [stored[s.key] for s in specs if s.key in stored]
+    grouped = an.group([(r, load_records(r)) for r in done])
     info["loadavg_end"] = os.getloadavg()
     timing = {
-        "workers": max(1, args.workers),
+        "workers": args.workers,
         "data_seconds": data_seconds,
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - t0,
-        "cpu_seconds": sum(r["cpu_seconds"] for r in results),
-        "reused": sum(1 for r in results if r.get("reused")),
-        "runs": [
-            {"key": RunSpec(**r["spec"]).key, "wall": r["wall_seconds"], "cpu": r["cpu_seconds"]} for r in results
-        ],
+        "cpu_seconds": sum(r["cpu_seconds"] for r in done),
+        "reused": sum(1 for r in done if r.get("reused")),
+        "planned": len(specs),
+        "runs": [{"key": RunSpec(**r["spec"]).key, "wall": r["wall_seconds"], "cpu": r["cpu_seconds"]} for r in done],
     }
     timing["trained_by"] = _trained_by(out / "timing.json", info, timing)
     command = "python -m experiments.reproduce " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = render(grouped, plan, info, timing, img_dir, args.img_prefix, command.strip())
+    text = render(grouped, plan, specs, info, timing, img_dir, args.img_prefix, command.strip())
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
     (out / "timing.json").write_text(json.dumps({"info": info, "timing": timing}, indent=1))
-    print(f"wrote {doc} and figures in {img_dir} ({timing['total_seconds'] / 60:.1f} min)")
+    print(
+        f"wrote {doc} and figures in {img_dir}: {len(done)} of {len(specs)} runs ({timing['total_seconds'] / 60:.1f} min)"
+    )
     return 0
 
 

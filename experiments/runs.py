@@ -27,7 +27,7 @@ from fedgradnorm.federation import load_federation
 from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA
 from fedgradnorm.simulation_config import SimulationConfig
 from fedgradnorm.simulator import Simulation, write_jsonl
-from fedgradnorm.tasks import derive_seed
+from fedgradnorm.tasks import constant_prediction, derive_seed
 
 ALGORITHMS = ("fedrep", "fedgradnorm")  # every experiment compares these two, on the same seeds
 
@@ -36,7 +36,7 @@ ALGORITHMS = ("fedrep", "fedgradnorm")  # every experiment compares these two, o
 class RunSpec:
     """Everything that determines one run; its JSON is stored beside the results."""
 
-    experiment: str  # "mtfl-imbalanced" | "mtfl-balanced" | "radcom"
+    experiment: str  # "mtfl-imbalanced", "radcom", "dial-x100", ... (see experiments.reproduce.Plan)
     dataset: str  # the federation: "mtfl" | "radcom"
     allocation: str
     algorithm: str
@@ -52,6 +52,8 @@ class RunSpec:
     beta: float = BETA
     test_fraction: float = 0.2  # RadCom's per-client test share (MTFL has its own test faces)
     eval_test: int = 0  # per-round evaluation on this many test samples per client; 0: all
+    tasks: str = ""  # comma-separated clients to train (a control without some task; one task alone); empty: all
+    loss_scale: str = ""  # "task=factor": the dial (see SimulationConfig.loss_scale); empty: none
 
     @property
     def key(self) -> str:
@@ -77,7 +79,13 @@ class RunSpec:
             alpha=self.alpha,
             beta=self.beta,
             synthetic_size=self.synthetic_size,
+            tasks=self.task_names,
+            loss_scale=self.loss_scale,
         )
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t for t in self.tasks.split(",") if t)
 
 
 def prepare_data(spec: RunSpec) -> float:
@@ -89,7 +97,10 @@ def prepare_data(spec: RunSpec) -> float:
 
 def client_data(spec: RunSpec) -> dict[str, ClientData]:
     fed = load_federation(spec.dataset)
-    return load_clients(spec.source(), fed.task_names, Allocation.parse(spec.allocation, spec.test_fraction), spec.seed)
+    clients = load_clients(
+        spec.source(), fed.task_names, Allocation.parse(spec.allocation, spec.test_fraction), spec.seed
+    )  # every task's share, as in the full federation: a control trains some clients on the same data
+    return {name: clients[name] for name in spec.task_names or fed.task_names}
 
 
 def eval_subset(data: dict[str, ClientData], n: int, seed: int) -> dict[str, ClientData]:
@@ -108,7 +119,9 @@ def eval_subset(data: dict[str, ClientData], n: int, seed: int) -> dict[str, Cli
 
 
 def final_evaluation(sim: Simulation, data: dict[str, ClientData]) -> dict[str, dict[str, Any]]:
-    """(omega_K, h_K) on each client's whole test split: loss, metric, and accuracy per SNR (RadCom)."""
+    """(omega_K, h_K) on each client's whole test split: loss, metric, and accuracy per SNR (RadCom);
+    beside them the reference level of the task (the best constant prediction, fitted on the client's
+    training targets: its class prior, its mean), on the whole test split and on the per-round subset."""
     load_omega_(sim.shared, sim.state.omega)
     sim.shared.eval()
     out: dict[str, dict[str, Any]] = {}
@@ -118,9 +131,16 @@ def final_evaluation(sim: Simulation, data: dict[str, ClientData]) -> dict[str, 
         y = client.task.targets(test.targets[name])
         with torch.no_grad():
             pred = client.head(sim.shared(x))
-            loss = float(client.task.loss_value(pred, y))
+            loss = float(client.loss(pred, y))
             value = client.task.metric_value(pred, y)
+            constant = constant_prediction(client.task, client.y)
         result: dict[str, Any] = {"test_loss": loss, "metric": client.task.metric, "value": value, "n": len(y)}
+        if constant is not None:
+            ref = constant.expand(len(y), -1)
+            result["reference"] = {"test_loss": float(client.loss(ref, y)), "value": client.task.metric_value(ref, y)}
+            subset = client.reference()
+            assert subset is not None
+            result["reference_eval"] = {"test_loss": subset.test_loss, "value": subset.value}
         if "snr" in test.extras and client.task.kind == "classification":
             snr = np.asarray(test.extras["snr"])
             correct = (pred.argmax(dim=1) == y).numpy()

@@ -17,7 +17,8 @@ from torch import nn
 from fedgradnorm.algorithm import AdamConfig, ClientConfig, ClientStepResult, ModuleAdam, client_step
 from fedgradnorm.data.partition import ClientData
 from fedgradnorm.federation import Federation
-from fedgradnorm.tasks import TaskSpec, derive_seed
+from fedgradnorm.models import StandardizedHead, loss_units
+from fedgradnorm.tasks import TaskSpec, constant_prediction, derive_seed
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class LocalClient:
         self.x, self.y, self.x_test, self.y_test = _tensors(data, self.task, self.device)
         self.num_samples = len(self.x)
         self.head = federation.build_head(self.task, derive_seed(seed, "head", name)).to(self.device)
+        if isinstance(self.head, StandardizedHead):
+            self.head.fit(self.y)  # this client's own training targets: nothing leaves the node
         self.optimizer = ModuleAdam(self.head.parameters(), AdamConfig(lr=config.beta))
         self.initial_loss: float | None = None
 
@@ -89,13 +92,27 @@ class LocalClient:
         self.head.eval()
         try:
             with torch.no_grad():
-                pred = self.head(shared(self.x_test))
-                loss = float(self.task.loss_value(pred, self.y_test))
-                value = self.task.metric_value(pred, self.y_test)
+                return self._evaluation(self.head(shared(self.x_test)))
         finally:
             shared.train(modes[0])
             self.head.train(modes[1])
-        return Evaluation(test_loss=loss, metric=self.task.metric, value=value)
+
+    def reference(self) -> Evaluation | None:
+        """The test loss and metric of the best constant prediction fitted on the training targets
+        (:func:`fedgradnorm.tasks.constant_prediction`: the class prior, the mean): the level a model
+        must beat to have learnt anything. None for a user loss."""
+        constant = constant_prediction(self.task, self.y.cpu())
+        if constant is None:
+            return None
+        return self._evaluation(constant.to(self.device).expand(len(self.y_test), -1))
+
+    def _evaluation(self, pred: torch.Tensor) -> Evaluation:
+        loss = float(self.loss(pred, self.y_test))
+        return Evaluation(test_loss=loss, metric=self.task.metric, value=self.task.metric_value(pred, self.y_test))
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The task's loss of the head's outputs, in the units it is computed in (see :func:`loss_units`)."""
+        return self.task.loss_value(*loss_units(self.head, prediction, target))
 
     def run_round(self, shared: nn.Module, round_: int) -> tuple[ClientStepResult, Evaluation]:
         """tau_h head steps, evaluation of (omega_k, h_k) on the test split, tau_omega omega steps."""
@@ -104,7 +121,7 @@ class LocalClient:
             shared,
             self.head,
             self.optimizer,
-            self.task.loss_value,
+            self.loss,
             self.batches(round_),
             self.config,
             self.initial_loss,

@@ -21,7 +21,8 @@ The manifest (format ``fedgradnorm-model/1``)::
                      "network": {"factory", "kwargs", "input_shape"},
                      "reader"},                                    # the federation's data reader
       "task": {"name", "outputs", "loss", "metric", "target",      # TaskSpec.describe()
-               "higher_is_better", "head", "column"},              # plus the task's target column
+               "higher_is_better", "head", "standardize",          # (a head predicting standardized
+               "loss_scale", "column"},                            #  targets un-scales them itself)
       "representation_dim": 256,                                   # the head's input width
       "fingerprint": "sha256:...",                                 # Architecture.of(shared).fingerprint
       "round": 12,                                                 # the global round omega is from
@@ -54,7 +55,7 @@ from torch import nn
 from fedgradnorm.atomic import atomic_replace, atomic_write_text
 from fedgradnorm.factory import Factory
 from fedgradnorm.federation import Federation
-from fedgradnorm.models import Architecture, build_head, build_shared
+from fedgradnorm.models import Architecture, build_head, build_shared, loss_units
 from fedgradnorm.tasks import TaskSpec
 
 __all__ = [
@@ -76,7 +77,8 @@ MANIFEST_FILE = "manifest.json"
 SHARED_PREFIX = "shared."
 HEAD_PREFIX = "head."
 # The task fields a model's task must agree on with the federation's task of the same name.
-_TASK_KEYS = ("outputs", "loss", "metric", "target", "higher_is_better", "head")
+_TASK_KEYS = ("outputs", "loss", "metric", "target", "higher_is_better", "head", "standardize")
+_TASK_DEFAULTS = {"standardize": False}  # keys a manifest written before them lacks
 
 
 class ModelError(ValueError):
@@ -116,14 +118,15 @@ def predict_with(shared: nn.Module, head: nn.Module, x: torch.Tensor, *, batch_s
         head.train(modes[1])
 
 
-def metrics_of(task: TaskSpec, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """``{"test_loss": loss, <task.metric>: value}`` of ``prediction`` against ``target``, as
-    :meth:`fedgradnorm.client.LocalClient.evaluate` computes them (the figures a node logs).
+def metrics_of(task: TaskSpec, head: nn.Module, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """``{"test_loss": loss, <task.metric>: value}`` of ``head``'s ``prediction`` against ``target``, as
+    :meth:`fedgradnorm.client.LocalClient.evaluate` computes them (the figures a node logs; the loss in
+    the units it is trained in, :func:`fedgradnorm.models.loss_units`).
 
     ``target`` is converted as the task's loss reads it (:meth:`TaskSpec.targets`)."""
     y = task.targets(target).to(prediction.device)
     with torch.no_grad():
-        loss = float(task.loss_value(prediction, y))
+        loss = float(task.loss_value(*loss_units(head, prediction, y)))
         value = task.metric_value(prediction, y)
     return {"test_loss": loss, task.metric: value}
 
@@ -138,7 +141,7 @@ def evaluate_with(
     batch_size: int | None = None,
 ) -> dict[str, float]:
     """The loss and metric of ``head(shared(x))`` against ``y`` (see :func:`metrics_of`), in eval mode."""
-    return metrics_of(task, predict_with(shared, head, x, batch_size=batch_size), y)
+    return metrics_of(task, head, predict_with(shared, head, x, batch_size=batch_size), y)
 
 
 # -- the model file --------------------------------------------------------------------------------
@@ -270,7 +273,11 @@ def load_model(path: str | Path, federation: Federation | None = None) -> Export
             f"the network {factory.ref} built here has architecture fingerprint {fingerprint}, the model was "
             f"exported with {manifest['fingerprint']}: the network code changed since the export",
         )
-    head = _build(file, "head", lambda: build_head(task.head, manifest["representation_dim"], task.outputs, 0))
+    head = _build(
+        file,
+        "head",
+        lambda: build_head(task.head, manifest["representation_dim"], task.outputs, 0, standardize=task.standardize),
+    )
     unexpected = sorted(k for k in tensors if not k.startswith((SHARED_PREFIX, HEAD_PREFIX)))
     if unexpected:
         raise ModelError(file, f"unexpected tensor(s) {_names(unexpected)}")
@@ -363,6 +370,8 @@ def _manifest_task(file: Path, raw: Mapping[str, Any]) -> TaskSpec:
             column=str(raw.get("column") or ""),
             head=Factory(head["factory"], head.get("kwargs", {})) if head else None,
             higher_is_better=raw.get("higher_is_better"),
+            standardize=raw.get("standardize", False) is True,
+            loss_scale=float(raw.get("loss_scale", 1.0)),
         )
     except (ValueError, TypeError) as err:
         raise ModelError(
@@ -378,7 +387,7 @@ def _federation_task(file: Path, federation: Federation, raw: Mapping[str, Any])
     except ValueError as err:
         raise ModelError(file, str(err)) from err
     mine = task.describe()
-    differ = [k for k in _TASK_KEYS if mine.get(k) != raw.get(k)]
+    differ = [k for k in _TASK_KEYS if mine.get(k) != raw.get(k, _TASK_DEFAULTS.get(k))]
     if differ:
         detail = "; ".join(f"{k} {raw.get(k)!r} in the model, {mine.get(k)!r} in the federation" for k in differ)
         raise ModelError(file, f"task {task.name!r} differs from federation {federation.name!r}'s: {detail}")

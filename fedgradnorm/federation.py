@@ -30,6 +30,8 @@ code the spec needs (a network, a loss, a reader) is named by import path ``pack
     higher_is_better = true               # required with a user metric
     column = "activity"                   # the target column in the data (default: the task's name)
     head = { factory = "...", kwargs = {} }  # optional; default one linear layer
+    standardize = false                   # optional, real targets: learn them centred and unit-variance
+    loss_scale = 1.0                      # optional: multiplies the task's loss (an experiment's dial)
 
 Unknown keys are refused (a typo fails at start, naming the file and the key).
 """
@@ -41,7 +43,7 @@ import hashlib
 import sys
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +94,13 @@ class Federation:
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
 
+    def with_loss_scales(self, scales: Mapping[str, float]) -> Federation:
+        """This federation with some tasks' ``loss_scale`` replaced (an experiment's dial)."""
+        for name in scales:
+            self.task(name)
+        tasks = tuple(replace(t, loss_scale=float(scales[t.name])) if t.name in scales else t for t in self.tasks)
+        return replace(self, tasks=tasks)
+
     def build_shared(self, seed: int) -> nn.Module:
         """The shared network, initialised from ``seed``."""
         from fedgradnorm.models import build_shared
@@ -102,7 +111,7 @@ class Federation:
         """``task``'s personal head on this federation's representation, initialised from ``seed``."""
         from fedgradnorm.models import build_head
 
-        return build_head(task.head, self.representation_dim, task.outputs, seed)
+        return build_head(task.head, self.representation_dim, task.outputs, seed, standardize=task.standardize)
 
     @functools.cached_property
     def _probe(self) -> tuple[Architecture, int]:
@@ -203,7 +212,18 @@ def _parse(doc: Mapping[str, Any], path: Path, digest: str) -> Federation:
     tasks_raw = top.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
         raise FederationError(path, "needs at least one [[tasks]] table")
-    keys = {"name", "outputs", "loss", "metric", "target", "column", "head", "higher_is_better"}
+    keys = {
+        "name",
+        "outputs",
+        "loss",
+        "metric",
+        "target",
+        "column",
+        "head",
+        "higher_is_better",
+        "standardize",
+        "loss_scale",
+    }
     tasks = []
     for i, raw in enumerate(tasks_raw):
         t = _table(raw, f"[[tasks]] #{i + 1}", keys, path)
@@ -214,6 +234,10 @@ def _parse(doc: Mapping[str, Any], path: Path, digest: str) -> Federation:
         )
         if not isinstance(t.get("outputs"), int):
             raise FederationError(path, f"[[tasks]] #{i + 1}: outputs must be an integer")
+        if not isinstance(t.get("standardize", False), bool):
+            raise FederationError(path, f"[[tasks]] #{i + 1}: standardize must be true or false")
+        if isinstance(t.get("loss_scale", 1.0), bool) or not isinstance(t.get("loss_scale", 1.0), int | float):
+            raise FederationError(path, f"[[tasks]] #{i + 1}: loss_scale must be a number")
         tasks.append(
             TaskSpec(
                 name=_string(t, "name", path, required=True),
@@ -224,6 +248,8 @@ def _parse(doc: Mapping[str, Any], path: Path, digest: str) -> Federation:
                 column=_string(t, "column", path),
                 head=head,
                 higher_is_better=t.get("higher_is_better"),
+                standardize=t.get("standardize", False),
+                loss_scale=float(t.get("loss_scale", 1.0)),
             )
         )
     names = [t.name for t in tasks]

@@ -71,16 +71,63 @@ def build_shared(factory: Factory, seed: int) -> nn.Module:
     return module
 
 
-def build_head(factory: Factory | None, in_features: int, outputs: int, seed: int) -> nn.Module:
-    """A client's personal head: one linear layer by default, else ``factory(in_features=, out_features=)``."""
+def build_head(
+    factory: Factory | None, in_features: int, outputs: int, seed: int, *, standardize: bool = False
+) -> nn.Module:
+    """A client's personal head: one linear layer by default, else ``factory(in_features=, out_features=)``;
+    wrapped in a :class:`StandardizedHead` when the task standardizes its targets."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if factory is None:
-            return nn.Linear(in_features, outputs)
-        head = factory(in_features=in_features, out_features=outputs)
+            head: object = nn.Linear(in_features, outputs)
+        else:
+            head = factory(in_features=in_features, out_features=outputs)
     if not isinstance(head, nn.Module):
-        raise FactoryError(f"{factory.ref} built a {type(head).__name__}, not a torch.nn.Module")
-    return head
+        raise FactoryError(
+            f"{factory.ref if factory else 'nn.Linear'} built a {type(head).__name__}, not a torch.nn.Module"
+        )
+    return StandardizedHead(head, outputs) if standardize else head
+
+
+class StandardizedHead(nn.Module):
+    """A head that learns standardized targets but predicts in the data's units.
+
+    ``inner`` predicts ``(y - mean) / std``; the forward pass returns ``inner(z) * std + mean``, so the
+    metric and an exported model see the data's units (pixels, say). ``mean`` and ``std`` are buffers
+    (saved with the head, never trained), set by :meth:`fit` from the client's own training targets.
+    The loss is computed in standardized units (:func:`loss_units`)."""
+
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+
+    def __init__(self, inner: nn.Module, outputs: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("target_mean", torch.zeros(outputs))
+        self.register_buffer("target_std", torch.ones(outputs))
+
+    def fit(self, targets: torch.Tensor) -> None:
+        """Column means and standard deviations of the training targets (a constant column keeps std 1)."""
+        y = targets.double().reshape(len(targets), -1)
+        std = y.std(dim=0, unbiased=False) if len(y) > 1 else torch.ones(y.shape[1], dtype=torch.float64)
+        with torch.no_grad():
+            self.target_mean.copy_(y.mean(dim=0).expand_as(self.target_mean))
+            self.target_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)).expand_as(self.target_std))
+
+    def standardized(self, values: torch.Tensor) -> torch.Tensor:
+        return (values.reshape(len(values), -1) - self.target_mean) / self.target_std
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(z) * self.target_std + self.target_mean
+        return out
+
+
+def loss_units(head: nn.Module, prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prediction, target)`` in the units the task's loss is computed in: standardized for a
+    :class:`StandardizedHead`, as they are otherwise."""
+    if isinstance(head, StandardizedHead):
+        return head.standardized(prediction), head.standardized(target)
+    return prediction, target
 
 
 def representation_dim(shared: nn.Module, input_shape: Sequence[int]) -> int:

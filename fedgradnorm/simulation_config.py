@@ -36,6 +36,7 @@ class SimulationConfig:
     omega_tilde: tuple[str, ...] = ()
     synthetic_size: int = 100
     tasks: tuple[str, ...] = ()  # empty: every task of the data set
+    loss_scale: str = ""  # "task=factor,...": those tasks' losses multiplied (an experiment's dial); empty: none
     # How the rounds run, not what they compute: a run's numbers depend on the torch thread count of
     # its client and server steps (``client_threads`` once resolved), never on ``workers``.
     workers: int = 1  # 1: the clients in turn in this process; N: N worker processes (at most one per client)
@@ -48,7 +49,7 @@ class SimulationConfig:
             raise ValueError(f"workers must be at least 1 (1: the clients in turn in this process), not {self.workers}")
         if self.client_threads < 0:
             raise ValueError(f"client_threads must be 0 (automatic) or a positive count, not {self.client_threads}")
-        fed = self.spec  # fails fast on an unknown federation or a bad spec
+        fed = self.spec  # fails fast on an unknown federation, a bad spec or a bad loss_scale
         for t in self.tasks:
             fed.task(t)
 
@@ -58,7 +59,13 @@ class SimulationConfig:
         spec for the whole run even if its file changes on disk."""
         from fedgradnorm.federation import load_federation
 
-        return load_federation(self.federation)
+        fed = load_federation(self.federation)
+        return fed.with_loss_scales(self.loss_scales) if self.loss_scale else fed
+
+    @property
+    def loss_scales(self) -> dict[str, float]:
+        """``loss_scale`` parsed: task -> factor."""
+        return parse_loss_scales(self.loss_scale)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -89,3 +96,20 @@ class SimulationConfig:
         from fedgradnorm.data.partition import DataSource
 
         return DataSource(self.spec, self.data, synthetic_seed=self.seed, synthetic_size=self.synthetic_size)
+
+
+def parse_loss_scales(text: str) -> dict[str, float]:
+    """``"task=factor,..."`` as a dict; ValueError naming the bad item."""
+    out: dict[str, float] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        task, sep, value = item.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not sep or not task.strip() or not (0 < factor < float("inf")):
+            raise ValueError(f"loss_scale item {item!r}: expected task=factor with a finite factor above 0")
+        out[task.strip()] = factor
+    return out

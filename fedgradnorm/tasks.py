@@ -8,6 +8,7 @@ rows (float32): built-in losses imply which; a user loss declares it (``target``
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +78,11 @@ class TaskSpec:
     what the data's targets are (needed for a user loss; a built-in loss implies it); ``column`` is
     the target column a data file holds for the task (empty: the task's name, or the file's only
     column); ``head`` builds the personal head (None: one linear layer); ``higher_is_better`` orders
-    a user metric (a built-in metric knows).
+    a user metric (a built-in metric knows). ``standardize`` (real targets only) has each client learn
+    its targets centred on its own training mean and scaled to unit variance, column by column: the
+    loss is computed in those units, while the head's outputs (and so the metric and an exported
+    model's predictions) stay in the data's units (see :class:`fedgradnorm.models.StandardizedHead`).
+    ``loss_scale`` multiplies the task's loss, and so its gradient (an experiment's dial; 1 otherwise).
     """
 
     name: str
@@ -88,6 +93,8 @@ class TaskSpec:
     column: str = ""
     head: Factory | None = None
     higher_is_better: bool | None = None
+    standardize: bool = False
+    loss_scale: float = 1.0
     _loss_fn: Loss = field(init=False, repr=False, compare=False)
     _metric_fn: Metric = field(init=False, repr=False, compare=False)
 
@@ -108,6 +115,10 @@ class TaskSpec:
             if self.target not in ("class", "real"):
                 raise ValueError(f"task {self.name!r}: a user loss needs target = 'class' or 'real'")
         object.__setattr__(self, "_loss_fn", fn)
+        if self.standardize and self.target != "real":
+            raise ValueError(f"task {self.name!r}: standardize applies to real targets, not {self.target!r} ones")
+        if not (isinstance(self.loss_scale, int | float) and math.isfinite(self.loss_scale) and self.loss_scale > 0):
+            raise ValueError(f"task {self.name!r}: loss_scale must be a finite number above 0, not {self.loss_scale!r}")
         if self.metric in METRICS:
             metric_fn, higher = METRICS[self.metric]
             if self.higher_is_better not in (None, higher):
@@ -124,7 +135,8 @@ class TaskSpec:
         return "classification" if self.target == "class" else "regression"
 
     def loss_value(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._loss_fn(prediction, target)
+        loss = self._loss_fn(prediction, target)
+        return loss * self.loss_scale if self.loss_scale != 1.0 else loss
 
     def metric_value(self, prediction: torch.Tensor, target: torch.Tensor) -> float:
         return float(self._metric_fn(prediction, target))
@@ -144,7 +156,27 @@ class TaskSpec:
             "target": self.target,
             "higher_is_better": self.higher_is_better,
             "head": self.head.describe() if self.head else None,
+            "standardize": self.standardize,
+            "loss_scale": self.loss_scale,
         }
+
+
+def constant_prediction(task: TaskSpec, train_targets: torch.Tensor) -> torch.Tensor | None:
+    """The best constant output for ``task``'s built-in loss, fitted on the training targets (in the
+    data's units, one row of ``outputs``): the log class prior for cross-entropy (add-half smoothed, so a
+    class missing from a small training set costs a finite loss; arg-max: the majority class), the mean
+    for MSE, the logit of the mean for BCE. None for a user loss (no known optimum).
+
+    It is a task's reference level: a model that does not beat it has learnt nothing from the inputs."""
+    if task.loss == "cross_entropy":
+        counts = torch.bincount(train_targets.long().reshape(-1), minlength=task.outputs)[: task.outputs].double()
+        return torch.log((counts + 0.5) / (counts.sum() + 0.5 * task.outputs)).float()
+    y = train_targets.double().reshape(len(train_targets), -1)
+    if task.loss == "mse":
+        return y.mean(dim=0).expand(task.outputs).float()
+    if task.loss == "bce":
+        return torch.logit(y.mean(dim=0).clamp(1e-6, 1 - 1e-6)).expand(task.outputs).float()
+    return None
 
 
 def _callable(obj: object, what: str) -> Callable[..., Any]:

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from experiments import analysis as an
-from experiments.document import render
-from experiments.reproduce import SMOKE, Plan, main
+from experiments.reproduce import FULL, SMOKE, largest_clients, main
 from fedgradnorm.machine import torch_threads
-
-FIXTURES = Path(__file__).parent / "fixtures" / "reproduce"
 
 
 def _records(task_losses: dict[str, list[float]], algorithm: str) -> list[dict]:
@@ -69,70 +64,99 @@ def test_rounds_to_fraction_common_level() -> None:
     assert an.fmt_reach([2, None]) == "2.0 [2, -]"
 
 
-def test_smoke_reproduce_writes_the_document(tmp_path: Path) -> None:
+def test_a_verdict_needs_both_arms_above_the_reference() -> None:
+    def runs(fgn: list[float], rep: list[float], ref: list[float]) -> dict:
+        def arm(values: list[float]) -> dict:
+            return {
+                s: ({"final": {"t": {"test_loss": v, "reference": {"test_loss": ref[s]}}}}, [])
+                for s, v in enumerate(values)
+            }
+
+        return {"fedgradnorm": arm(fgn), "fedrep": arm(rep)}
+
+    ref = [0.69, 0.70, 0.68]
+    assert (
+        an.verdict_against_reference(runs([0.5, 0.52, 0.49], [0.6, 0.61, 0.6], ref), "t", "test_loss", True).word
+        == "wins"
+    )
+    at_prior = runs([0.689, 0.701, 0.679], [0.69, 0.70, 0.68], ref)
+    assert an.verdict_against_reference(at_prior, "t", "test_loss", True).word == "both at reference"
+    one_sided = runs([0.689, 0.701, 0.679], [0.6, 0.61, 0.6], ref)
+    assert an.verdict_against_reference(one_sided, "t", "test_loss", True).word == "only FedRep beats the reference"
+    # accuracy: higher is better, the reference is the majority class
+    assert an.beats_reference({0: 0.9, 1: 0.91}, {0: 0.5, 1: 0.52}, lower_is_better=False)
+    assert not an.beats_reference({0: 0.5, 1: 0.53}, {0: 0.5, 1: 0.52}, lower_is_better=False)
+    assert not an.beats_reference({0: 0.685}, {0: 0.69}, lower_is_better=True)  # one seed: under 2 %
+
+
+def _run_smoke(out: Path, doc: Path, *extra: str) -> None:
+    with torch_threads(3):  # one worker: the runs take one torch thread in this process and give it back
+        assert main(["--scale", "smoke", "--out", str(out), "--doc", str(doc), "--workers", "1", *extra]) == 0
+        assert torch.get_num_threads() == 3
+
+
+def test_smoke_reproduce_writes_the_document_and_resumes(tmp_path: Path) -> None:
     doc = tmp_path / "docs" / "results.md"
     out = tmp_path / "runs"
-    with torch_threads(3):  # one worker: the runs take one torch thread in this process and give it back
-        assert main(["--scale", "smoke", "--out", str(out), "--doc", str(doc), "--workers", "1"]) == 0
-        assert torch.get_num_threads() == 3
+    # a first invocation trains the RadCom runs only: every other section says it is pending
+    _run_smoke(out, doc, "--only", "radcom,alone-radcom")
+    specs = SMOKE.specs(largest_clients(SMOKE))
+    radcom = [s for s in specs if s.experiment.startswith(("radcom", "alone-radcom"))]
     text = doc.read_text()
-    for needle in ("Table II", "Fig. 2", "Fig. 3", "FedGradNorm", "FedRep", "Accuracy against SNR", "paper, FedRep"):
-        assert needle in text
-    for name in ("mtfl-imbalanced", "mtfl-balanced", "radcom", "radcom-snr"):
+    assert f"**{len(radcom)} of {len(specs)} runs of the plan have finished**" in text
+    assert "## Fig. 3: RadCom" in text and "img/results-radcom.png" in text
+    assert text.count("*Pending:") == 5  # Table II, masking, the dial, the sweep, Fig. 2
+    assert "- **RadCom (Fig. 3)" in text and "MTFL imbalanced (Table II), " not in text.split("## Setup")[0]
+
+    # the next invocation keeps those runs and trains the rest
+    _run_smoke(out, doc)
+    text = doc.read_text()
+    assert f"All {len(specs)} runs of the plan have finished." in text and "*Pending:" not in text
+    for needle in (
+        "Table II",
+        "Fig. 2",
+        "reference (constant)",
+        "alone (learnability)",
+        "FedRep without landmarks",
+        "does the landmark task mask the others?",
+        "The dial",
+        "Sensitivity to α and γ",
+        "paper, FedRep",
+    ):
+        assert needle in text, needle
+    for name in ("mtfl-imbalanced", "mtfl-balanced", "radcom", "radcom-snr", "dial"):
         png = doc.parent / "img" / f"results-{name}.png"
         assert png.exists() and png.stat().st_size > 1000, png
         assert f"img/results-{name}.png" in text
-    # every planned run left its metrics and a result with the final evaluation on the whole test split
-    specs = SMOKE.specs()
+    # every planned run left its metrics and a result with the final evaluation and the reference levels
     for spec in specs:
         result = json.loads((out / spec.key / "result.json").read_text())
         assert result["spec"]["seed"] == spec.seed and result["torch_threads"] == 1
-        assert set(result["final"]) == set(result["clients"])
+        assert set(result["final"]) == set(result["clients"]) == set(spec.task_names or result["clients"])
+        assert all({"reference", "reference_eval"} <= set(f) for f in result["final"].values())
         lines = (out / spec.key / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == spec.rounds * len(result["clients"])
-    radcom = json.loads((out / "radcom/fedgradnorm/seed0/result.json").read_text())
-    assert all("accuracy_by_snr" in f for f in radcom["final"].values())
-    # a second invocation with --reuse trains nothing
-    assert main(["--scale", "smoke", "--out", str(out), "--doc", str(doc), "--workers", "1", "--reuse"]) == 0
-    assert f"reused runs: {len(specs)}" in doc.read_text()
+    radcom_result = json.loads((out / "radcom/fedgradnorm/seed0/result.json").read_text())
+    assert all("accuracy_by_snr" in f for f in radcom_result["final"].values())
+    alone = json.loads((out / "alone-mtfl-gender/fedrep/seed0/result.json").read_text())
+    full = json.loads((out / "mtfl-imbalanced/fedrep/seed0/result.json").read_text())
+    assert alone["clients"] == {"gender": full["clients"]["gender"]}  # the same client's data, alone
+    dial = json.loads((out / "dial-x100/fedrep/seed0/result.json").read_text())
+    assert dial["spec"]["loss_scale"] == "landmarks=100"
+    # a third invocation trains nothing
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    _run_smoke(out, doc)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == mtimes
 
 
-def _render_inputs(variant: str) -> tuple[an.Grouped, Plan, dict[str, Any], dict[str, Any]]:
-    """Fixed inputs of ``render``: the runs, machine info and timing of one smoke reproduction.
-
-    ``smoke`` is that reproduction (with an earlier, noted invocation in its history);
-    ``two-balanced-seeds`` adds a second balanced seed (the imbalanced seed-1 runs, relabelled) and has
-    an idle machine and every run reused, so that the other branches of the text are rendered too.
-    """
-    data = json.loads((FIXTURES / "smoke-runs.json").read_text())
-    runs = [(r["result"], r["records"]) for r in data["runs"]]
-    plan, info, timing = SMOKE, data["info"], data["timing"]
-    if variant == "two-balanced-seeds":
-        runs += [
-            ({**result, "spec": {**result["spec"], "experiment": "mtfl-balanced"}}, records)
-            for result, records in runs
-            if result["spec"]["experiment"] == "mtfl-imbalanced" and result["spec"]["seed"] == 1
-        ]
-        plan = replace(SMOKE, balanced_seeds=(0, 1))
-        info = {**info, "loadavg_start": [0.5, 0.4, 0.3], "loadavg_end": [1.0, 0.8, 0.6]}
-        timing = {**timing, "reused": len(timing["runs"]), "trained_by": []}
-    return an.group(runs), plan, info, timing
-
-
-@pytest.mark.parametrize("variant", ["smoke", "two-balanced-seeds"])
-def test_render_writes_the_pinned_document(variant: str, tmp_path: Path) -> None:
-    """``render`` gives, for fixed inputs, the text pinned in ``fixtures/reproduce/<variant>.md``.
-
-    Those files were written by ``render`` as it was before the prose moved into a template, so this
-    test shows that the template renders the very same document.
-    """
-    grouped, plan, info, timing = _render_inputs(variant)
-    command = "python -m experiments.reproduce --scale smoke"
-    text = render(grouped, plan, info, timing, tmp_path / "docs" / "img", "results-", command)
-    assert text == (FIXTURES / f"{variant}.md").read_text()
-    assert sorted(p.name for p in (tmp_path / "docs" / "img").iterdir()) == [
-        "results-mtfl-balanced.png",
-        "results-mtfl-imbalanced.png",
-        "results-radcom-snr.png",
-        "results-radcom.png",
-    ]
+def test_the_full_plan_reads_the_paper_epochs() -> None:
+    specs = FULL.specs({"mtfl-imbalanced": 3000, "mtfl-balanced": 2600, "radcom": 7200})
+    rounds = {s.experiment: s.rounds for s in specs}
+    assert (rounds["mtfl-imbalanced"], rounds["radcom"], rounds["mtfl-balanced"]) == (469, 1125, 407)
+    assert rounds["dial-x1000"] == rounds["sweep-a0.04-g1.5"] == 94
+    assert len({s.key for s in specs}) == len(specs)
+    assert {s.seed for s in specs if s.experiment == "mtfl-imbalanced"} == {0, 1, 2}
+    # the first seed of every experiment starts before any second seed
+    first_seed_one = next(i for i, s in enumerate(specs) if s.seed == 1)
+    assert all(s.seed == 0 for s in specs[:first_seed_one])
+    assert {s.experiment for s in specs[:first_seed_one]} == {s.experiment for s in specs}

@@ -195,6 +195,9 @@ def test_ctrl_c_mid_round_stops_every_worker(flaky: Path) -> None:
     """SIGINT reaches the simulating process while a client hangs: KeyboardInterrupt comes at once and
     closing the simulation stops both workers (the hanging one by SIGTERM)."""
     config = small(str(flaky), rounds=3, workers=2)
+    # Python's own SIGINT handler, whatever this test process inherited: a shell starts a background
+    # job (`pytest ... &`) with SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with Simulation.build(config) as sim:
         pids = sim.pool.pids  # type: ignore[attr-defined]
         (flaky.parent / "control.txt").write_text("hang")
@@ -205,6 +208,7 @@ def test_ctrl_c_mid_round_stops_every_worker(flaky: Path) -> None:
                 sim.step()
         finally:
             timer.cancel()
+            signal.signal(signal.SIGINT, previous)
     assert no_workers_left()
     for pid in pids:
         with pytest.raises(ProcessLookupError):

@@ -40,6 +40,8 @@ SIMULATION_HELP = {
     "omega_tilde": "comma-separated shared parameter names for the gradient norm (empty: the last layer's)",
     "synthetic_size": "synthetic set size: RadCom samples per key, MTFL training faces",
     "tasks": "comma-separated subset of the federation's tasks (empty: all)",
+    "loss_scale": "task=factor,...: multiply those tasks' losses (and gradients) by the factor, the dial of "
+    "docs/results.md (empty: as the federation declares)",
     "workers": "processes the clients of a round run in: 1 runs them in turn in this process, N in N worker "
     "processes that each keep a fixed share of the clients (at most one per client; more are not started)",
     "client_threads": "torch threads of every client step and of the server step; the same count gives the same "

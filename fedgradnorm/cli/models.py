@@ -227,7 +227,7 @@ def _predict(args: argparse.Namespace) -> int:
     scores: dict[str, float] | None = None
     if all(_has_target(p, task) for p in parts):
         y = np.concatenate([task_view(p, task, where).targets[task.name] for p in parts])
-        scores = metrics_of(task, prediction, torch.as_tensor(y))
+        scores = metrics_of(task, model.head, prediction, torch.as_tensor(y))
 
     text = _csv(task, prediction)
     lines = [f"{len(x)} samples from {args.data} (task {task.name})"]
