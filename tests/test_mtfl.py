@@ -8,7 +8,7 @@ from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from fedgradnorm.data import mtfl, synthetic_mtfl
 from fedgradnorm.data.base import DataError
@@ -155,12 +155,13 @@ def test_generator_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_generated_annotations_are_pinned(tmp_path: Path) -> None:
-    """The annotation lines for a fixed seed, as first written: a change to any random stream shows here."""
+    """The annotation lines for a fixed seed, as written by generator version 2: a change to any random
+    stream shows here (and needs a new GENERATOR_VERSION)."""
     root = generate_mtfl(tmp_path / "MTFL", n_train=6, n_test=3, seed=11, workers=1)
     text = (root / "training.txt").read_text() + (root / "testing.txt").read_text()
-    assert text.startswith(" lfw_5590\\Laura_Lopez_0001.jpg 128.40 156.12 147.41 125.19 149.19 125.25 ")
+    assert text.startswith(" lfw_5590\\Laura_Lopez_0001.jpg 128.40 156.12 147.41 124.40 150.65 125.25 ")
     assert (
-        hashlib.sha256(text.encode()).hexdigest() == "39741abe1b7adb2f37e5fa8bd6bd33ffc37370961236a9404dcbe4452ce4dab2"
+        hashlib.sha256(text.encode()).hexdigest() == "4428dea090d43f5b7f01e4b09c6462408228f371236c0f0924bee178466e81b7"
     )
 
 
@@ -221,6 +222,30 @@ def test_glasses_are_learnable_from_40x40_pixels(tmp_path: Path) -> None:
     accuracy = float((np.argmax(xt @ weights + onehot.mean(0), axis=1) == yt).mean())
     majority = float(np.bincount(yt).max() / len(yt))
     assert accuracy >= max(0.7, majority + 0.1), (accuracy, majority)
+
+
+def _mouth_at_40x40(seed: int, smiling: bool) -> tuple[float, float]:
+    """Width (between the corners) and how far the ink lies below the corners, in pixels of the 40×40
+    grayscale image, of one mouth drawn on the smallest frontal face the generator draws (flat skin)."""
+    skin = (200, 160, 140)
+    rh = 0.18 * 250
+    head = synthetic_mtfl._Head(cx=125.0, cy=110.0, r=0.75 * rh, rh=rh, yaw=0.0, roll=0.0)
+    image = Image.new("RGB", (250, 250), skin)
+    corners = synthetic_mtfl._draw_mouth(ImageDraw.Draw(image), np.random.default_rng(seed), head, skin, smiling)
+    small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    ink = np.abs(np.asarray(small, dtype=np.float64) - float(small.getpixel((2, 2)))).sum(axis=1)
+    scale = IMAGE_SIZE / 250
+    (x0, y0), (x1, y1) = corners
+    centroid = float((ink * (np.arange(IMAGE_SIZE) + 0.5)).sum() / ink.sum())
+    return (x1 - x0) * scale, centroid - (y0 + y1) / 2 * scale
+
+
+def test_smile_is_visible_at_40x40() -> None:
+    # A smile is wider and open below lifted corners; a neutral mouth is a narrower line at its corners.
+    smiles = [_mouth_at_40x40(seed, True) for seed in range(12)]
+    neutral = [_mouth_at_40x40(seed, False) for seed in range(12)]
+    assert min(w for w, _ in smiles) > max(w for w, _ in neutral) + 0.8, (smiles, neutral)
+    assert min(d for _, d in smiles) > max(d for _, d in neutral) + 0.5, (smiles, neutral)
 
 
 # ---------------------------------------------------------------------------------------------------

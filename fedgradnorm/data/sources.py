@@ -106,10 +106,11 @@ def synthetic_radcom(seed: int, size: int) -> Pools:
 
 
 def synthetic_mtfl(seed: int, size: int) -> Pools:
-    """Synthetic MTFL: ``size`` training faces and 30 % as many test faces, written once as a folder."""
-    from fedgradnorm.data.synthetic_mtfl import generate_mtfl
+    """Synthetic MTFL: ``size`` training faces and 30 % as many test faces, written once as a folder named
+    by the generator's version, so that a set drawn by an older generator is never read."""
+    from fedgradnorm.data.synthetic_mtfl import GENERATOR_VERSION, generate_mtfl
 
-    root = cache_dir() / f"mtfl-seed{seed}-n{size}"
+    root = cache_dir() / f"mtfl-v{GENERATOR_VERSION}-seed{seed}-n{size}"
     if not (root / "testing.txt").exists():
         n_test = max(10, size * 3 // 10)
         _generate_once(root, lambda tmp: generate_mtfl(tmp, n_train=size, n_test=n_test, seed=seed))

@@ -21,7 +21,12 @@ from PIL import Image, ImageChops, ImageDraw
 from fedgradnorm.atomic import atomic_write_bytes
 from fedgradnorm.data.mtfl import FOLDERS
 
-__all__ = ["generate_mtfl"]
+__all__ = ["GENERATOR_VERSION", "generate_mtfl"]
+
+# Version of the drawing: the same seed gives other faces when it changes, so caches of generated sets
+# carry it in their name (see :func:`fedgradnorm.data.sources.synthetic_mtfl`). 2: a smile is an open,
+# wide mouth with lifted corners and visible teeth (version 1's closed smile moved under 2 px at 40x40).
+GENERATOR_VERSION = 2
 
 # Head yaw in degrees of each pose class (1..5); negative yaw turns the nose to the image's left.
 _POSE_YAW: dict[int, tuple[float, float]] = {
@@ -159,12 +164,13 @@ def generate_mtfl(
     """Write a synthetic MTFL folder (same layout as ``MTFL.zip``) and return its path.
 
     Training faces go to ``lfw_5590/`` (250×250, like LFW) and ``net_7876/``, test faces to ``AFLW/``, as in
-    the published split. Every face is drawn with Pillow: attributes are visible (hair, jaw, eyebrows and
-    beard for gender, the mouth curve for smile, frames for glasses, yaw for pose) and the landmarks written
-    are exactly the drawn eye centres, nose tip and mouth corners. Each face has its own random stream
-    derived from ``seed``, so the output is identical for the same seed whatever ``workers`` is (the number
-    of threads drawing; default ``min(4, os.cpu_count())``). The annotation files are written atomically
-    after all images.
+    the published split. Every face is drawn with Pillow: attributes are visible at 40×40 (hair, jaw,
+    eyebrows and beard for gender; for smile a wide open mouth with lifted corners and bright teeth against
+    a narrower closed one; frames for glasses; yaw for pose) and the landmarks written are exactly the drawn
+    eye centres, nose tip and mouth corners. Each face has its own random stream derived from ``seed``, so
+    the output is identical for the same seed whatever ``workers`` is (the number of threads drawing;
+    default ``min(4, os.cpu_count())``); :data:`GENERATOR_VERSION` names the drawing, which another version
+    changes. The annotation files are written atomically after all images.
     """
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be at least 1, got {n_train} and {n_test}")
@@ -493,23 +499,39 @@ def _draw_mouth(
     skin: tuple[int, int, int],
     smiling: bool,
 ) -> list[tuple[float, float]]:
-    """Lips between the two corners; a smile lifts the corners (the centre sags). Return the corners."""
-    spread = math.radians(float(rng.uniform(21, 25) * (1.08 if smiling else 1.0)))
+    """Mouth between the two corners; return the corners.
+
+    Sized to be seen at 40×40: a smile is wide, its corners lifted well above the middle of the lips, and
+    open (a dark mouth with a band of bright upper teeth between the lips), with the cheek folds that run
+    from the nose past the corners; a neutral mouth is narrower and closed, a thin line, flat or slightly
+    turned down.
+    """
     mouth_y = float(rng.normal(0.6, 0.03))
-    amp = float(rng.uniform(0.035, 0.16) if smiling else rng.uniform(-0.05, 0.015)) * head.rh
-    corners = [head.surface(-spread, mouth_y), head.surface(spread, mouth_y)]
     lip = _shade((int(skin[0] * 0.9 + 30), int(skin[1] * 0.7), int(skin[2] * 0.7)), 0.75)
-    upper = _bezier(head, corners, 0.35 * amp)
-    thickness = max(1, round(0.05 * head.rh))
-    if smiling and rng.random() < 0.5:
-        lower = _bezier(head, corners, 1.6 * amp + 0.06 * head.rh)
-        draw.polygon(upper + lower[::-1], fill=(40, 15, 15))
-        teeth = _bezier(head, corners, 0.35 * amp + 0.035 * head.rh)
-        draw.line(teeth, fill=(235, 232, 225), width=max(1, round(0.04 * head.rh)))
-        draw.line(upper, fill=lip, width=thickness)
-        draw.line(lower, fill=lip, width=thickness)
-    else:
-        draw.line(_bezier(head, corners, amp), fill=lip, width=max(2, round(0.06 * head.rh)), joint="curve")
+    if not smiling:
+        spread = math.radians(float(rng.uniform(17, 21)))
+        sag = float(rng.uniform(-0.04, 0.005)) * head.rh  # negative: the corners turn down
+        corners = [head.surface(-spread, mouth_y), head.surface(spread, mouth_y)]
+        draw.line(_bezier(head, corners, sag), fill=lip, width=max(1, round(0.035 * head.rh)), joint="curve")
+        return corners
+    spread = math.radians(float(rng.uniform(28, 34)))
+    lift = float(rng.uniform(0.07, 0.11)) * head.rh  # corners above the middle of the upper lip
+    gape = float(rng.uniform(0.17, 0.26)) * head.rh  # opening in the middle
+    corners = [head.surface(-spread, mouth_y - lift / head.rh), head.surface(spread, mouth_y - lift / head.rh)]
+    upper, lower = _bezier(head, corners, lift), _bezier(head, corners, lift + gape)
+    teeth = _bezier(head, corners, lift + float(rng.uniform(0.35, 0.5)) * gape)
+    draw.polygon(upper + lower[::-1], fill=(35, 8, 10))
+    draw.polygon(upper + teeth[::-1], fill=_shade((240, 236, 226), float(rng.uniform(0.9, 1.05))))
+    draw.line(upper, fill=lip, width=max(1, round(0.04 * head.rh)), joint="curve")
+    draw.line(lower, fill=lip, width=max(2, round(0.07 * head.rh)), joint="curve")
+    fold = _shade(skin, 0.7)
+    for side, corner in zip((-1.0, 1.0), corners, strict=True):
+        if head.facing(side * math.radians(40)) < 0.5:
+            continue  # the fold of a cheek turned away is hidden
+        wing = head.surface(side * math.radians(14), 0.36, protrusion=1.05)
+        outside = head.offset(corner, side * 0.05 * head.r, 0.05 * head.rh)
+        bend = head.offset(((wing[0] + outside[0]) / 2, (wing[1] + outside[1]) / 2), side * 0.07 * head.r, 0.0)
+        draw.line([wing, bend, outside], fill=fold, width=max(1, round(0.035 * head.rh)), joint="curve")
     return corners
 
 
