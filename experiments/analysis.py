@@ -154,6 +154,20 @@ def verdict_against_reference(runs: Runs, task: str, what: str, lower_is_better:
     return Verdict(word, verdict.diff, verdict.se, verdict.n)
 
 
+def balance_weights(records: Records, task: str) -> np.ndarray:
+    """Per round, the weight at which GradNorm's rule would stop moving ``task``'s weight:
+    p* = target / ||grad_omega_tilde F|| (its weighted norm p * n equal to G_bar * r^gamma)."""
+    norms = curve(records, task, "grad_norm")
+    targets = curve(records, task, "target_grad_norm")
+    return np.divide(targets, norms, out=np.full_like(targets, np.nan), where=norms > 0)
+
+
+def first_within(values: np.ndarray, goal: np.ndarray, tolerance: float) -> int | None:
+    """The first round whose value is within ``tolerance`` (relative) of the goal; None if never."""
+    hit = np.nonzero(np.abs(values - goal) <= tolerance * np.abs(goal))[0]
+    return int(hit[0]) if len(hit) else None
+
+
 @dataclass(frozen=True)
 class Reach:
     target: float  # the loss level to reach

@@ -39,24 +39,45 @@ class Doc:
     def __init__(self, grouped: an.Grouped, specs: Sequence[RunSpec]) -> None:
         self.grouped = grouped
         self.planned: dict[str, int] = {}
+        self.arms: dict[str, set[str]] = {}
         for s in specs:
             self.planned[s.experiment] = self.planned.get(s.experiment, 0) + 1
+            self.arms.setdefault(s.experiment, set()).add(s.algorithm)
 
     def count(self, experiment: str) -> int:
         return sum(len(by_seed) for by_seed in self.grouped.get(experiment, {}).values())
 
     def complete(self, *experiments: str) -> bool:
+        """Every planned run of these experiments has finished."""
         return all(self.count(e) >= self.planned.get(e, 0) > 0 for e in experiments)
 
+    def ready(self, *experiments: str) -> bool:
+        """Each of these experiments has at least one seed finished in every arm."""
+        return all(any(self.runs(e).values()) for e in experiments)
+
     def runs(self, experiment: str) -> an.Runs:
-        return self.grouped.get(experiment, {})
+        """The finished runs, on the seeds that every planned arm of the experiment has finished."""
+        found = self.grouped.get(experiment, {})
+        arms = self.arms.get(experiment, set(found))
+        seeds = set.intersection(*(set(found.get(a, {})) for a in arms)) if arms else set()
+        return {a: {s: run for s, run in found.get(a, {}).items() if s in seeds} for a in arms}
+
+    def status(self, *experiments: str) -> str:
+        """Nothing when every run of these experiments has finished; else what the section stands on."""
+        if self.complete(*experiments):
+            return ""
+        return self._note("Partial", experiments, "the tables use the seeds finished in every arm. ")
 
     def pending(self, *experiments: str) -> str:
+        """The line of a section that cannot be drawn yet."""
+        return self._note("Pending", experiments, "")
+
+    def _note(self, head: str, experiments: Sequence[str], middle: str) -> str:
         done = sum(self.count(e) for e in experiments)
         planned = sum(self.planned.get(e, 0) for e in experiments)
         return (
-            f"*Pending: {done} of {planned} runs of this section have finished; `make reproduce` trains the "
-            "rest (it resumes where the last invocation stopped) and fills this section in.*"
+            f"*{head}: {done} of {planned} runs of this section have finished; {middle}`make reproduce` trains the "
+            "rest (it resumes where the last invocation stopped).*"
         )
 
 
@@ -155,8 +176,9 @@ def _references(runs: an.Runs) -> dict[str, float]:
 def section_mtfl(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
     exps = ("mtfl-imbalanced", "mtfl-without-landmarks", *[f"alone-mtfl-{t}" for t in _mtfl_tasks()])
     out = ["## Table II: MTFL, imbalanced allocation, 100 epochs"]
-    if not doc.complete("mtfl-imbalanced"):
+    if not doc.ready("mtfl-imbalanced"):
         return "\n\n".join([*out, doc.pending(*exps)]), []
+    out.append(doc.status(*exps))
     runs = doc.runs("mtfl-imbalanced")
     rounds = next(iter(runs["fedrep"].values()))[0]["spec"]["rounds"]
     n = len(runs["fedrep"])
@@ -170,7 +192,7 @@ def section_mtfl(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
         img_dir / f"{prefix}mtfl-imbalanced.png",
         references=_references(runs),
     )
-    missing = [e for e in exps[1:] if not doc.complete(e)]
+    missing = [e for e in exps[1:] if not doc.ready(e)]
     out += [
         f"Final models (ω_K, h_K) after {rounds} rounds on each client's whole test split, mean ± standard deviation "
         f"over {n} seed(s). Test loss (landmarks: MSE of the standardized coordinates; the others: cross-entropy):",
@@ -225,6 +247,8 @@ def _weights_paragraph(runs: an.Runs, task: str) -> str:
     rows = []
     for t in tasks:
         weights = [an.curve(recs, t, "weight") for _, recs in fgn.values()]
+        balance = [an.balance_weights(recs, t) for _, recs in fgn.values()]
+        reached = [an.first_within(w, b, 0.1) for w, b in zip(weights, balance, strict=True)]
         norms = {
             a: np.mean([an.curve(recs, t, "grad_norm").mean() for _, recs in runs[a].values()]) for a in ALGORITHMS
         }
@@ -232,6 +256,8 @@ def _weights_paragraph(runs: an.Runs, task: str) -> str:
             [
                 t,
                 an.stat([float(w[-1]) for w in weights]).fmt(3),
+                an.stat([float(np.mean(b[-5:])) for b in balance]).fmt(3),
+                an.fmt_reach(reached),
                 f"{min(float(w.min()) for w in weights):.3f} – {max(float(w.max()) for w in weights):.3f}",
                 f"{norms['fedrep']:.4g}",
                 f"{norms['fedgradnorm']:.4g}",
@@ -241,8 +267,23 @@ def _weights_paragraph(runs: an.Runs, task: str) -> str:
     return (
         f"FedGradNorm's weights (mean over seeds): the {task} weight goes from {w[0]:.3f} to {w[-1]:.3f} "
         f"(lowest {w.min():.3f} at round {int(w.argmin())}, highest {w.max():.3f} at round {int(w.argmax())}). "
-        "Beside them, the mean norm of each task's gradient on ω̃ (the last shared layer, which GradNorm balances):\n\n"
-        + _table(["task", "final p", "p over rounds", "‖∇_ω̃ F‖ FedRep", "‖∇_ω̃ F‖ FedGradNorm"], rows)
+        "The balance point of a weight is where GradNorm's rule stops moving it, p* = target / ‖∇_ω̃ F‖ "
+        "(its weighted gradient norm on target; mean of the last 5 rounds), with the first round the weight came "
+        "within 10 % of it; beside them the mean norm of each task's gradient on ω̃ (the last shared layer, which "
+        "GradNorm balances):"
+        + "\n\n"
+        + _table(
+            [
+                "task",
+                "final p",
+                "balance p*",
+                "first round within 10 % of p*",
+                "p over rounds",
+                "‖∇_ω̃ F‖ FedRep",
+                "‖∇_ω̃ F‖ FedGradNorm",
+            ],
+            rows,
+        )
     )
 
 
@@ -251,8 +292,9 @@ def section_radcom(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[st
 
     exps = ("radcom", *[f"alone-radcom-{t}" for t in RADCOM_TASKS])
     out = ["## Fig. 3: RadCom, 100 epochs"]
-    if not doc.complete("radcom"):
+    if not doc.ready("radcom"):
         return "\n\n".join([*out, doc.pending(*exps)]), []
+    out.append(doc.status(*exps))
     runs = doc.runs("radcom")
     rounds = next(iter(runs["fedrep"].values()))[0]["spec"]["rounds"]
     n = len(runs["fedrep"])
@@ -277,7 +319,7 @@ def section_radcom(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[st
         f"![RadCom SNR]({_fig(snr, img_dir)})",
         _weights_paragraph(runs, "modulation"),
     ]
-    missing = [e for e in exps[1:] if not doc.complete(e)]
+    missing = [e for e in exps[1:] if not doc.ready(e)]
     if missing:
         out.append("Controls not finished yet (their cells show `-`): " + ", ".join(missing) + ".")
     bullets = [
@@ -289,8 +331,9 @@ def section_radcom(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[st
 
 def section_balanced(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
     out = ["## Fig. 2: MTFL, balanced allocation, 100 epochs"]
-    if not doc.complete("mtfl-balanced"):
+    if not doc.ready("mtfl-balanced"):
         return "\n\n".join([*out, doc.pending("mtfl-balanced")]), []
+    out.append(doc.status("mtfl-balanced"))
     runs = doc.runs("mtfl-balanced")
     rounds = next(iter(runs["fedrep"].values()))[0]["spec"]["rounds"]
     n = len(runs["fedrep"])
@@ -320,8 +363,9 @@ def section_masking(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[s
         "clients, data, seeds and rounds). If the landmark gradient dominates the aggregate, the attributes "
         "do better without it.",
     ]
-    if not doc.complete("mtfl-imbalanced", "mtfl-without-landmarks"):
-        return "\n\n".join([*out, doc.pending("mtfl-without-landmarks")]), []
+    if not doc.ready("mtfl-without-landmarks", "mtfl-imbalanced"):
+        return "\n\n".join([*out, doc.pending("mtfl-without-landmarks", "mtfl-imbalanced")]), []
+    out.append(doc.status("mtfl-without-landmarks", "mtfl-imbalanced"))
     with_ = doc.runs("mtfl-imbalanced")["fedrep"]
     without = doc.runs("mtfl-without-landmarks")["fedrep"]
     tasks = sorted(_final_tasks(without), key=_mtfl_tasks().index)
@@ -354,8 +398,9 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
         "gradient dominate the aggregate, as pixel-unit targets did (their initial MSE was ~460 times the "
         "attributes' cross-entropies). Losses below are the *unscaled* task losses, so the rows compare.",
     ]
-    if not doc.complete(*names):
+    if not doc.ready(*names):
         return "\n\n".join([*out, doc.pending(*names)]), []
+    out.append(doc.status(*names))
     tasks = list(_mtfl_tasks())
     header = [
         "×",
@@ -425,8 +470,9 @@ def section_sweep(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str
         "is the primary cell (the dial's ×1 run). Every cell is reported; none was chosen. Final test loss per task "
         "(the FedRep row: the same seeds without weighting).",
     ]
-    if not doc.complete(*names) or not doc.complete(dial_name(1)):
+    if not doc.ready(*names):
         return "\n\n".join([*out, doc.pending(*dict.fromkeys(names))]), []
+    out.append(doc.status(*dict.fromkeys(names)))
     tasks = list(_mtfl_tasks())
     seeds = set(plan.sweep_seeds)
     rows = []
