@@ -17,6 +17,11 @@ from fedgradnorm.config import setting
 from fedgradnorm.hyperparameters import ALGORITHMS
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
 
+# How each edge node of the demo shares out the synthetic set (passed to every node, and used to
+# compute the reference levels the plot shows).
+NODE_ALLOCATION = "balanced"
+NODE_TEST_FRACTION = 0.2
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -140,7 +145,17 @@ def run_federation(
                     ready["grpc_port"],
                     task,
                     # three nodes share the machine's cores: one torch thread each avoids oversubscription
-                    [*common, "--synthetic-size", str(synthetic_size), "--torch-threads", "1"],
+                    [
+                        *common,
+                        "--synthetic-size",
+                        str(synthetic_size),
+                        "--allocation",
+                        NODE_ALLOCATION,
+                        "--test-fraction",
+                        str(NODE_TEST_FRACTION),
+                        "--torch-threads",
+                        "1",
+                    ],
                     certs=certs,
                 )
             )
@@ -161,6 +176,25 @@ def run_federation(
     return metrics
 
 
+def reference_levels(federation: str, seed: int, synthetic_size: int) -> dict[str, dict[str, float]]:
+    """Per task, the test loss and metric of its best constant prediction on the data each edge node of
+    the demo holds (its share of the synthetic set, as the node builds it): the level to beat."""
+    from fedgradnorm.algorithm import ClientConfig
+    from fedgradnorm.client import LocalClient
+    from fedgradnorm.data.partition import Allocation, DataSource, load_clients
+    from fedgradnorm.federation import load_federation
+
+    fed = load_federation(federation)
+    source = DataSource(fed, None, seed, synthetic_size)
+    data = load_clients(source, fed.task_names, Allocation.parse(NODE_ALLOCATION, NODE_TEST_FRACTION), seed)
+    out = {}
+    for task, d in data.items():
+        ref = LocalClient(task, fed, d, ClientConfig(), seed).reference()
+        if ref is not None:
+            out[task] = {"test_loss": ref.test_loss, "metric": ref.value}
+    return out
+
+
 def run_demo(config: DemoConfig) -> int:
     from fedgradnorm.certs import make_certificates
     from fedgradnorm.plotting import plot_comparison
@@ -175,8 +209,13 @@ def run_demo(config: DemoConfig) -> int:
         runs[algorithm] = run_federation(
             out / algorithm, algorithm, config.rounds, config.seed, config.synthetic_size, certs, config.federation
         )
-    png = plot_comparison(runs, out / "comparison.png")
+    references = reference_levels(config.federation, config.seed, config.synthetic_size)
+    png = plot_comparison(runs, out / "comparison.png", references=references)
     print()
     print(final_table(runs))
+    print(
+        "reference levels (the best constant prediction, the dotted lines of the plot): "
+        + ", ".join(f"{t} test loss {r['test_loss']:.3f} metric {r['metric']:.3f}" for t, r in references.items())
+    )
     print(f"\nplot: {png}\nlogs and state: {out}/<algorithm>/   wall time {time.perf_counter() - t0:.0f} s")
     return 0

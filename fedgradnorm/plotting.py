@@ -58,8 +58,16 @@ def _auto_quantity(records: Records) -> str:
     return "metric" if all(r["test_metric"] == "accuracy" for r in records) else "test_loss"
 
 
-def plot_comparison(runs: Mapping[str, str | Path], out_png: str | Path, quantity: str = "auto") -> Path:
-    """One panel per task with every run's curve, and a last panel with the task weights."""
+def plot_comparison(
+    runs: Mapping[str, str | Path],
+    out_png: str | Path,
+    quantity: str = "auto",
+    references: Mapping[str, Mapping[str, float]] | None = None,
+) -> Path:
+    """One panel per task with every run's curve, and a last panel with the task weights.
+
+    ``references``: task -> {"test_loss": ..., "metric": ...}, the task's reference level (its best
+    constant prediction, :meth:`fedgradnorm.client.LocalClient.reference`), drawn dotted."""
     loaded = {label: load_metrics(path) for label, path in runs.items()}
     first = next(iter(loaded.values()))
     key = _auto_quantity(first) if quantity == "auto" else quantity
@@ -75,6 +83,9 @@ def plot_comparison(runs: Mapping[str, str | Path], out_png: str | Path, quantit
         for j, (label, records) in enumerate(loaded.items()):
             xs, ys = series(records, key).get(task, ([], []))
             ax.plot(xs, ys, styles[j % len(styles)], label=label)
+        level = (references or {}).get(task, {}).get("test_loss" if key == "test_loss" else key)
+        if level is not None:
+            ax.axhline(level, color="0.3", ls=":", lw=1.3, label="constant predictor")
         ax.set_title(f"({chr(97 + i)}) {task}")
         ax.set_xlabel("round")
         ax.set_ylabel(_label(first, key, task))

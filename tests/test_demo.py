@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedgradnorm.demo import reference_levels
+
 
 def test_the_demo_runs_both_algorithms_over_mutual_tls(tmp_path: Path) -> None:
     out = tmp_path / "main"
@@ -27,6 +29,16 @@ def test_the_demo_runs_both_algorithms_over_mutual_tls(tmp_path: Path) -> None:
             if algorithm == "fedrep":
                 assert weights == [1.0, 1.0, 1.0]
     assert "plot:" in res.stdout and "modulation" in res.stdout
+    # the plot's reference levels are those each node computes on its own data (its log says so)
+    assert "reference levels (the best constant prediction" in res.stdout
+    levels = reference_levels("radcom", 0, 10)
+    for task in ("modulation", "signal", "anomaly"):
+        logged = [
+            json.loads(x) for x in (out / "fedrep" / f"node-{task}.log").read_text().splitlines() if x.startswith("{")
+        ]
+        event = next(e for e in logged if e.get("event") == "node.reference_level")
+        assert event["test_loss"] == round(levels[task]["test_loss"], 6)
+        assert event["value"] == round(levels[task]["metric"], 6)
     # Progress: what it waits for before round 0, then round i/N with an ETA, for each algorithm.
     for algorithm in ("fedgradnorm", "fedrep"):
         assert f"== {algorithm}: starting the aggregator" in res.stdout

@@ -282,6 +282,14 @@ class EdgeNode:
                     f"{self.store.client_path}: corrupt personal model ({type(e).__name__}: {e})"
                 ) from e
         self.client = client
+        reference = client.reference()
+        if reference is not None:  # the level its test loss and metric must beat to have learnt anything
+            log.info(
+                "node.reference_level",
+                test_loss=round(reference.test_loss, 6),
+                metric=reference.metric,
+                value=round(reference.value, 6),
+            )
 
     # -- the round loop -------------------------------------------------------------------------
 
