@@ -173,15 +173,21 @@ def _references(runs: an.Runs) -> dict[str, float]:
     return out
 
 
+def _open(doc: Doc, title: str, main: str, exps: Sequence[str]) -> tuple[list[str], an.Runs, int, int]:
+    """A section's heading and status line, its main experiment's runs, their rounds and seed count
+    (no runs: the section cannot be drawn yet, the status says so)."""
+    if not doc.ready(main):
+        return [title, doc.pending(*exps)], {}, 0, 0
+    runs = doc.runs(main)
+    first = next(iter(runs["fedrep"].values()))[0]
+    return [title, doc.status(*exps)], runs, int(first["spec"]["rounds"]), len(runs["fedrep"])
+
+
 def section_mtfl(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
     exps = ("mtfl-imbalanced", "mtfl-without-landmarks", *[f"alone-mtfl-{t}" for t in _mtfl_tasks()])
-    out = ["## Table II: MTFL, imbalanced allocation, 100 epochs"]
-    if not doc.ready("mtfl-imbalanced"):
-        return "\n\n".join([*out, doc.pending(*exps)]), []
-    out.append(doc.status(*exps))
-    runs = doc.runs("mtfl-imbalanced")
-    rounds = next(iter(runs["fedrep"].values()))[0]["spec"]["rounds"]
-    n = len(runs["fedrep"])
+    out, runs, rounds, n = _open(doc, "## Table II: MTFL, imbalanced allocation, 100 epochs", exps[0], exps)
+    if not runs:
+        return "\n\n".join(out), []
     controls = {"alone (learnability)": "alone-mtfl-{task}", "FedRep without landmarks": "mtfl-without-landmarks"}
     loss_table, verdicts = comparison(doc, "mtfl-imbalanced", "test_loss", controls)
     metric_table, metric_verdicts = comparison(doc, "mtfl-imbalanced", "value", controls)
@@ -291,13 +297,9 @@ def section_radcom(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[st
     from experiments.reproduce import RADCOM_TASKS
 
     exps = ("radcom", *[f"alone-radcom-{t}" for t in RADCOM_TASKS])
-    out = ["## Fig. 3: RadCom, 100 epochs"]
-    if not doc.ready("radcom"):
-        return "\n\n".join([*out, doc.pending(*exps)]), []
-    out.append(doc.status(*exps))
-    runs = doc.runs("radcom")
-    rounds = next(iter(runs["fedrep"].values()))[0]["spec"]["rounds"]
-    n = len(runs["fedrep"])
+    out, runs, rounds, n = _open(doc, "## Fig. 3: RadCom, 100 epochs", exps[0], exps)
+    if not runs:
+        return "\n\n".join(out), []
     controls = {"alone (learnability)": "alone-radcom-{task}"}
     acc_table, verdicts = comparison(doc, "radcom", "value", controls)
     loss_table, loss_verdicts = comparison(doc, "radcom", "test_loss", controls)
@@ -330,13 +332,11 @@ def section_radcom(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[st
 
 
 def section_balanced(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
-    out = ["## Fig. 2: MTFL, balanced allocation, 100 epochs"]
-    if not doc.ready("mtfl-balanced"):
-        return "\n\n".join([*out, doc.pending("mtfl-balanced")]), []
-    out.append(doc.status("mtfl-balanced"))
-    runs = doc.runs("mtfl-balanced")
-    rounds = next(iter(runs["fedrep"].values()))[0]["spec"]["rounds"]
-    n = len(runs["fedrep"])
+    out, runs, rounds, n = _open(
+        doc, "## Fig. 2: MTFL, balanced allocation, 100 epochs", "mtfl-balanced", ["mtfl-balanced"]
+    )
+    if not runs:
+        return "\n\n".join(out), []
     table, verdicts = comparison(doc, "mtfl-balanced", "test_loss", {})
     fig = training_figure(
         runs,
