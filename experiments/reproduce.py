@@ -27,13 +27,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from experiments import analysis as an
 from experiments.document import render
-from experiments.runs import ALGORITHMS, RunSpec, client_data, load_records, run_one
+from experiments.runs import ALGORITHMS, RunSpec, client_data, finished, load_records, run_one
 from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, GAMMA, TAU_H, TAU_OMEGA
 from fedgradnorm.machine import machine_info, torch_threads
 
@@ -267,18 +267,6 @@ def largest_clients(plan: Plan) -> dict[str, int]:
         probe = RunSpec(setting, dataset, allocation, "fedrep", 0, 1, size, data_seed=plan.data_seed)
         out[setting] = max(len(d.train) for d in client_data(probe).values())
     return out
-
-
-def finished(spec: RunSpec, out: Path) -> dict[str, Any] | None:
-    """The stored result of ``spec`` under ``out``, if a run of this exact specification finished."""
-    path = out / spec.key / "result.json"
-    if not path.exists():
-        return None
-    stored: dict[str, Any] = json.loads(path.read_text())
-    if stored.get("spec") != asdict(spec):
-        return None
-    stored["reused"] = True
-    return stored
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -153,15 +153,34 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def data_version(spec: RunSpec) -> str:
+    """The version of the synthetic generator a run's data comes from (a run of an older drawing is
+    not reused)."""
+    if spec.dataset == "mtfl":
+        from fedgradnorm.data.synthetic_mtfl import GENERATOR_VERSION
+
+        return f"mtfl-v{GENERATOR_VERSION}"
+    return f"{spec.dataset}-v1"
+
+
+def finished(spec: RunSpec, out_root: str | Path) -> dict[str, Any] | None:
+    """The stored result of a finished run of exactly ``spec`` on data of the current generator, or None."""
+    path = Path(out_root) / spec.key / "result.json"
+    if not path.exists():
+        return None
+    stored: dict[str, Any] = json.loads(path.read_text())
+    if stored.get("spec") != asdict(spec) or stored.get("data_version", data_version(spec)) != data_version(spec):
+        return None
+    stored["reused"] = True
+    return stored
+
+
 def run_one(spec: RunSpec, out_root: str | Path, reuse: bool = False) -> dict[str, Any]:
     """Train one run, write ``metrics.jsonl`` and ``result.json`` under ``out_root/spec.key``."""
     out = Path(out_root) / spec.key
     result_path = out / "result.json"
-    if reuse and result_path.exists():
-        stored = json.loads(result_path.read_text())
-        if stored.get("spec") == asdict(spec):
-            stored["reused"] = True
-            return stored
+    if reuse and (stored := finished(spec, out_root)) is not None:
+        return stored
     out.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
     data = client_data(spec)
@@ -180,6 +199,7 @@ def run_one(spec: RunSpec, out_root: str | Path, reuse: bool = False) -> dict[st
         "pid": os.getpid(),
         "clients": {n: {"train": c.num_samples, "test": len(data[n].test)} for n, c in sim.clients.items()},
         "final": final,
+        "data_version": data_version(spec),
         "metrics": str(out / "metrics.jsonl"),
         "reused": False,
     }

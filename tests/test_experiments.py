@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from experiments import analysis as an
 from experiments.reproduce import FULL, SMOKE, largest_clients, main
+from experiments.runs import finished
 from fedgradnorm.machine import torch_threads
 
 
@@ -147,6 +149,12 @@ def test_smoke_reproduce_writes_the_document_and_resumes(tmp_path: Path) -> None
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
     _run_smoke(out, doc)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == mtimes
+    # a run of an older drawing of the data, or of another specification, is not reused
+    spec = next(s for s in specs if s.dataset == "mtfl")
+    assert finished(spec, out) is not None and finished(replace(spec, rounds=spec.rounds + 1), out) is None
+    path = out / spec.key / "result.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "data_version": "mtfl-v1"}))
+    assert finished(spec, out) is None
 
 
 def test_the_full_plan_reads_the_paper_epochs() -> None:
