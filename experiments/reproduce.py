@@ -1,18 +1,26 @@
 """Reproduce the paper's experiments on synthetic data and write ``docs/results.md``.
 
     python -m experiments.reproduce --doc docs/results.md            # the full plan (make reproduce)
+    python -m experiments.reproduce --only dial --doc ...             # train some experiments only
+    python -m experiments.reproduce --no-train --doc ...              # the document from finished runs
     python -m experiments.reproduce --scale smoke --out /tmp/x ...    # a couple of rounds, for tests
 
-Three experiments, each FedRep against FedGradNorm on the same seeds:
+The plan (:class:`Plan`), each arm on the same seeds, 100 epochs unless said otherwise:
 
 * ``mtfl-imbalanced`` - Table II: MTFL, gender and glasses clients with 500 faces, the others 3,000;
+* ``radcom``          - Fig. 3: RadCom, three tasks on Network 2, plus accuracy against SNR;
 * ``mtfl-balanced``   - Fig. 2: MTFL, the training faces shared equally;
-* ``radcom``          - Fig. 3: RadCom, three tasks on Network 2, plus accuracy against SNR.
+* controls: ``mtfl-without-landmarks`` (FedRep without the dominant task: masking) and
+  ``alone-<federation>-<task>`` (each client trained by itself: learnability);
+* ``dial-x<s>``       - the landmark loss scaled by s, FedRep against FedGradNorm (shorter horizon);
+* ``sweep-a<alpha>-g<gamma>`` - FedGradNorm over a grid of alpha and gamma (every cell reported).
 
-Runs are independent processes (one torch thread each, ``--workers`` at a time); every run
-writes ``metrics.jsonl`` and ``result.json`` under ``--out``, and ``--reuse`` picks up finished
-runs of an identical specification instead of training them again. The document is
-``experiments/results_template.md`` with its slots filled by :mod:`experiments.document`.
+Runs are independent processes (one torch thread each, ``--workers`` at a time); every run writes
+``metrics.jsonl`` and ``result.json`` under ``--out``. An invocation keeps every finished run of an
+identical specification (on data of the same generator) and trains the others, first seed first, so
+an interrupted ``make reproduce`` resumes; ``--fresh`` trains everything again. The document
+(:mod:`experiments.document`) is written from every finished run of the plan and says which
+sections are still pending.
 """
 
 from __future__ import annotations
@@ -225,7 +233,7 @@ def run_plan(specs: Sequence[RunSpec], out: Path, workers: int, reuse: bool, log
 
 
 def _trained_by(path: Path, info: dict[str, Any], timing: dict[str, Any]) -> list[dict[str, Any]]:
-    """Which invocations trained the runs behind the current results (kept across ``--reuse``)."""
+    """Which invocations trained the runs behind the current results (kept across invocations)."""
     history: list[dict[str, Any]] = []
     if timing["reused"] and path.exists():
         prev = json.loads(path.read_text())
