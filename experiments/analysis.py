@@ -129,7 +129,7 @@ VERDICT_WORDS = (
     "wins",
     "ties",
     "loses",
-    "both at reference",
+    "neither beats the reference",
     "only FedRep beats the reference",
     "only FedGradNorm beats the reference",
 )
@@ -144,14 +144,14 @@ def verdict_against_reference(runs: Runs, task: str, what: str, lower_is_better:
     verdict = paired_verdict(values["fedgradnorm"], values["fedrep"], lower_is_better)
     if all(beat.values()):
         return verdict
-    word = (
-        "both at reference"
-        if not any(beat.values())
-        else "only FedRep beats the reference"
-        if beat["fedrep"]
-        else "only FedGradNorm beats the reference"
-    )
-    return Verdict(word, verdict.diff, verdict.se, verdict.n)
+    return Verdict(reference_word(beat), verdict.diff, verdict.se, verdict.n)
+
+
+def reference_word(beat: Mapping[str, bool]) -> str:
+    """The verdict when not both arms beat the reference (``beat``: algorithm -> whether it does)."""
+    if not any(beat.values()):
+        return "neither beats the reference"
+    return "only FedRep beats the reference" if beat["fedrep"] else "only FedGradNorm beats the reference"
 
 
 def balance_weights(records: Records, task: str) -> np.ndarray:
