@@ -435,9 +435,12 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
         "gradient dominate the aggregate, as pixel-unit targets did (their initial MSE was ~460 times the "
         "attributes' cross-entropies). Losses below are the *unscaled* task losses, so the rows compare.",
     ]
-    if not doc.ready(*names):
+    scales = [(scale, name) for scale, name in zip(plan.loss_scales, names, strict=True) if doc.ready(name)]
+    if not scales:
         return "\n\n".join([*out, doc.pending(*names)]), []
     out.append(doc.status(*names))
+    if len(scales) < len(names):
+        out.append("Scales drawn so far: " + ", ".join(f"×{s:g}" for s, _ in scales) + ".")
     tasks = list(_mtfl_tasks())
     header = [
         "×",
@@ -451,7 +454,7 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
         f"final p_{DIAL_TASK}",
     ]
     rows, by_scale = [], {}
-    for scale, name in zip(plan.loss_scales, names, strict=True):
+    for scale, name in scales:
         runs = doc.runs(name)
         unscale = {DIAL_TASK: scale}
         verdicts = {}
@@ -482,9 +485,10 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
             )
         by_scale[scale] = verdicts
     fig = dial_figure(
-        {s: doc.runs(n) for s, n in zip(plan.loss_scales, names, strict=True)},
+        {s: doc.runs(n) for s, n in scales},
         DIAL_TASK,
-        f"The dial: {DIAL_TASK} loss ×1 … ×{plan.loss_scales[-1]:g}; test loss per round (mean over seeds) and p_{DIAL_TASK}",
+        f"The dial: {DIAL_TASK} loss ×{scales[0][0]:g} … ×{scales[-1][0]:g}; test loss per round (mean over seeds) and "
+        f"p_{DIAL_TASK}",
         img_dir / f"{prefix}dial.png",
     )
     out += [_table(header, rows), f"![The dial]({_fig(fig, img_dir)})"]
