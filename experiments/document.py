@@ -106,7 +106,6 @@ def comparison(doc: Doc, experiment: str, what: str, controls: dict[str, str]) -
     runs = doc.runs(experiment)
     tasks = an.tasks_of(next(iter(runs["fedrep"].values()))[1])
     first = next(iter(runs["fedrep"].values()))[0]["final"]
-    lower = what == "test_loss" or not _higher(first, tasks[0])
     header = ["task", "reference (constant)", *controls, "FedRep", "FedGradNorm", "FedGradNorm vs FedRep"]
     rows, verdicts = [], {}
     for t in tasks:
@@ -118,6 +117,7 @@ def comparison(doc: Doc, experiment: str, what: str, controls: dict[str, str]) -
             cells.append(_cell(values))
         values = {a: an.final_values(runs[a], t, what) for a in ALGORITHMS}
         cells += [_cell(values["fedrep"]), _cell(values["fedgradnorm"])]
+        lower = what == "test_loss" or not _higher(first, t)  # each task's own metric decides
         verdict = an.verdict_against_reference(runs, t, what, lower)
         verdicts[t] = verdict
         cells.append(_verdict_cell(verdict))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from experiments import analysis as an
+from experiments.document import Doc, comparison
 from experiments.reproduce import FULL, SMOKE, largest_clients, main
 from experiments.runs import finished
 from fedgradnorm.machine import torch_threads
@@ -89,6 +90,23 @@ def test_a_verdict_needs_both_arms_above_the_reference() -> None:
     assert an.beats_reference({0: 0.9, 1: 0.91}, {0: 0.5, 1: 0.52}, lower_is_better=False)
     assert not an.beats_reference({0: 0.5, 1: 0.53}, {0: 0.5, 1: 0.52}, lower_is_better=False)
     assert not an.beats_reference({0: 0.685}, {0: 0.69}, lower_is_better=True)  # one seed: under 2 %
+
+
+def test_each_task_of_a_table_is_judged_by_its_own_metric() -> None:
+    """A landmark error (lower is better) beside accuracies (higher is better) in one metric table."""
+
+    def run(seed: int, error: float, accuracy: float) -> tuple[dict, list]:
+        final = {
+            "landmarks": {"metric": "landmark_error_px", "value": error, "reference": {"value": 4.0}},
+            "gender": {"metric": "accuracy", "value": accuracy, "reference": {"value": 0.5}},
+        }
+        records = [{"task": t, "round": 0, "test_loss": 1.0} for t in final]
+        return {"final": final, "spec": {"rounds": 1}}, records
+
+    grouped = {"e": {"fedrep": {0: run(0, 2.0, 0.70)}, "fedgradnorm": {0: run(0, 3.0, 0.80)}}}
+    doc = Doc(grouped, [])
+    _, verdicts = comparison(doc, "e", "value", {})
+    assert verdicts["landmarks"].word == "loses" and verdicts["gender"].word == "wins"
 
 
 def _run_smoke(out: Path, doc: Path, *extra: str) -> None:
