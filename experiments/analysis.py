@@ -139,8 +139,14 @@ def verdict_against_reference(runs: Runs, task: str, what: str, lower_is_better:
     """FedGradNorm against FedRep (:func:`paired_verdict`) when both beat the task's reference level;
     otherwise a verdict that says which arms stayed at it."""
     values = {a: final_values(runs[a], task, what) for a in ("fedrep", "fedgradnorm")}
-    ref = reference_values(runs["fedrep"], task, what)
-    beat = {a: beats_reference(values[a], ref, lower_is_better) for a in values}
+    return verdict_from(values, reference_values(runs["fedrep"], task, what), lower_is_better)
+
+
+def verdict_from(
+    values: Mapping[str, Mapping[int, float]], reference: Mapping[int, float], lower_is_better: bool
+) -> Verdict:
+    """:func:`verdict_against_reference` on given values (algorithm -> seed -> value) and reference."""
+    beat = {a: beats_reference(values[a], reference, lower_is_better) for a in values}
     verdict = paired_verdict(values["fedgradnorm"], values["fedrep"], lower_is_better)
     if all(beat.values()):
         return verdict

@@ -463,7 +463,7 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
             div = unscale.get(t, 1.0)
             values = {a: {s: v / div for s, v in an.final_values(runs[a], t, "test_loss").items()} for a in ALGORITHMS}
             ref = {s: v / div for s, v in an.reference_values(runs["fedrep"], t, "test_loss").items()}
-            v = an.verdict_against_reference(runs, t, "test_loss", True)
+            v = an.verdict_from(values, ref, True)  # on the unscaled losses
             verdicts[t] = v
             reach = an.rounds_to_fraction(runs, t, REACH)
             race = (
