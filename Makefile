@@ -91,7 +91,7 @@ bench-peers: $(STAMP)
 	$(BIN)/python -m benchmarks.peers --doc docs/benchmarks.md $(PEERS_ARGS)
 
 # The paper's experiments on synthetic data; rewrites docs/results.md and docs/img/results-*.png.
-# About 8 CPU-hours (4 h with the default two runs at a time); resumable: finished runs in
+# 57 runs, about 8-10 CPU-hours (4-5 h with the default two runs at a time); resumable: finished runs in
 # runs/reproduce are kept (--fresh retrains them, --only PREFIX,... trains some experiments).
 reproduce: $(STAMP)
 	$(BIN)/python -m experiments.reproduce --doc docs/results.md
