@@ -414,11 +414,13 @@ def section_masking(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[s
         rows.append([t, _cell(an.reference_values(with_, t, "test_loss")), _cell(a), _cell(b), _verdict_cell(v)])
     out.append(_table(["task", "reference", "FedRep, all five", "FedRep without landmarks", "without vs with"], rows))
     masked = [t for t, v in verdicts.items() if v.word == "wins"]
+    helped = [t for t, v in verdicts.items() if v.word == "loses"]
+    parts = [
+        f"better without it on {', '.join(masked)} (masked by it)" if masked else "better without it on none",
+        f"worse without it on {', '.join(helped)} (the landmark task helps them)" if helped else "",
+    ]
     bullet = (
-        f"**Masking (FedRep without the landmark client)**: the attributes do better without it on {', '.join(masked)}."
-        if masked
-        else "**Masking (FedRep without the landmark client)**: no attribute does measurably better without it: "
-        "the landmark task does not mask the others at this scaling."
+        "**Masking (FedRep without the landmark client)**: the attributes do " + "; ".join(p for p in parts if p) + "."
     )
     return "\n\n".join(out), [bullet]
 
