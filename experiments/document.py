@@ -455,7 +455,7 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
         "FedGradNorm",
         f"final p_{DIAL_TASK}",
     ]
-    rows, by_scale = [], {}
+    rows, by_scale, final_p = [], {}, {}
     for scale, name in scales:
         runs = doc.runs(name)
         unscale = {DIAL_TASK: scale}
@@ -486,6 +486,7 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
                 ]
             )
         by_scale[scale] = verdicts
+        final_p[scale] = p
     fig = dial_figure(
         {s: doc.runs(n) for s, n in scales},
         DIAL_TASK,
@@ -496,7 +497,10 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
     out += [_table(header, rows), f"![The dial]({_fig(fig, img_dir)})"]
     bullets = []
     for scale, verdicts in by_scale.items():
-        bullets.append(f"**Dial ×{scale:g}** ({DIAL_TASK} loss scaled): FedGradNorm {_summary(verdicts)}.")
+        bullets.append(
+            f"**Dial ×{scale:g}** ({DIAL_TASK} loss scaled, {plan.dial_epochs:g} epochs): FedGradNorm {_summary(verdicts)}; "
+            f"its {DIAL_TASK} weight ends at {final_p[scale].fmt(3)}."
+        )
     return "\n\n".join(out), bullets
 
 
