@@ -20,7 +20,17 @@ import numpy as np
 
 from experiments import analysis as an
 from experiments.figures import LABELS, dial_figure, snr_figure, training_figure
-from experiments.runs import ALGORITHMS, RunSpec
+from experiments.runs import (
+    ALGORITHMS,
+    DIAL_TASK,
+    MASKING,
+    RunSpec,
+    alone_name,
+    dial_name,
+    federation_tasks,
+    sweep_name,
+)
+from fedgradnorm.hyperparameters import ALPHA, BETA, GAMMA
 
 if TYPE_CHECKING:
     from experiments.reproduce import Plan
@@ -100,9 +110,11 @@ def _cell(values: dict[int, float], digits: int = 3) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def comparison(doc: Doc, experiment: str, what: str, controls: dict[str, str]) -> tuple[str, dict[str, an.Verdict]]:
-    """Rows per task: reference level, each control (label -> experiment family; ``{task}`` in the name
-    is the task), FedRep, FedGradNorm, and the verdict. ``what``: ``test_loss`` or ``value``."""
+def comparison(
+    doc: Doc, experiment: str, what: str, controls: dict[str, Callable[[str], str]]
+) -> tuple[str, dict[str, an.Verdict]]:
+    """Rows per task: reference level, each control (label -> the control's experiment for a task),
+    FedRep, FedGradNorm, and the verdict. ``what``: ``test_loss`` or ``value``."""
     runs = doc.runs(experiment)
     tasks = an.tasks_of(next(iter(runs["fedrep"].values()))[1])
     first = next(iter(runs["fedrep"].values()))[0]["final"]
@@ -111,8 +123,8 @@ def comparison(doc: Doc, experiment: str, what: str, controls: dict[str, str]) -
     for t in tasks:
         ref = an.reference_values(runs["fedrep"], t, what)
         cells = [t, _cell(ref)]
-        for pattern in controls.values():
-            control = doc.runs(pattern.format(task=t)).get("fedrep", {})
+        for control_of in controls.values():
+            control = doc.runs(control_of(t)).get("fedrep", {})
             values = an.final_values(control, t, what) if control and t in _final_tasks(control) else {}
             cells.append(_cell(values))
         values = {a: an.final_values(runs[a], t, what) for a in ALGORITHMS}
@@ -213,11 +225,11 @@ def _open(doc: Doc, title: str, main: str, exps: Sequence[str]) -> tuple[list[st
 
 
 def section_mtfl(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
-    exps = ("mtfl-imbalanced", "mtfl-without-landmarks", *[f"alone-mtfl-{t}" for t in _mtfl_tasks()])
+    exps = ("mtfl-imbalanced", MASKING, *[alone_name("mtfl", t) for t in federation_tasks("mtfl")])
     out, runs, rounds, n = _open(doc, "## Table II: MTFL, imbalanced allocation, 100 epochs", exps[0], exps)
     if not runs:
         return "\n\n".join(out), []
-    controls = {"alone (learnability)": "alone-mtfl-{task}", "FedRep without landmarks": "mtfl-without-landmarks"}
+    controls = {"alone (learnability)": lambda t: alone_name("mtfl", t), "FedRep without landmarks": lambda t: MASKING}
     loss_table, verdicts = comparison(doc, "mtfl-imbalanced", "test_loss", controls)
     metric_table, metric_verdicts = comparison(doc, "mtfl-imbalanced", "value", controls)
     late = late_table(runs, "metric")
@@ -251,12 +263,6 @@ def section_mtfl(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
         f"{_summary(late[1])}."
     ]
     return "\n\n".join(out), bullets
-
-
-def _mtfl_tasks() -> tuple[str, ...]:
-    from experiments.reproduce import MTFL_TASKS
-
-    return MTFL_TASKS
 
 
 def _alone_runs(doc: Doc, federation: str) -> dict[str, Any]:
@@ -327,13 +333,11 @@ def _weights_paragraph(runs: an.Runs, task: str) -> str:
 
 
 def section_radcom(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
-    from experiments.reproduce import RADCOM_TASKS
-
-    exps = ("radcom", *[f"alone-radcom-{t}" for t in RADCOM_TASKS])
+    exps = ("radcom", *[alone_name("radcom", t) for t in federation_tasks("radcom")])
     out, runs, rounds, n = _open(doc, "## Fig. 3: RadCom, 100 epochs", exps[0], exps)
     if not runs:
         return "\n\n".join(out), []
-    controls = {"alone (learnability)": "alone-radcom-{task}"}
+    controls = {"alone (learnability)": lambda t: alone_name("radcom", t)}
     acc_table, verdicts = comparison(doc, "radcom", "value", controls)
     loss_table, loss_verdicts = comparison(doc, "radcom", "test_loss", controls)
     late = late_table(runs, "metric")
@@ -400,12 +404,12 @@ def section_masking(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[s
         "clients, data, seeds and rounds). If the landmark gradient dominates the aggregate, the attributes "
         "do better without it.",
     ]
-    if not doc.ready("mtfl-without-landmarks", "mtfl-imbalanced"):
-        return "\n\n".join([*out, doc.pending("mtfl-without-landmarks", "mtfl-imbalanced")]), []
-    out.append(doc.status("mtfl-without-landmarks", "mtfl-imbalanced"))
+    if not doc.ready(MASKING, "mtfl-imbalanced"):
+        return "\n\n".join([*out, doc.pending(MASKING, "mtfl-imbalanced")]), []
+    out.append(doc.status(MASKING, "mtfl-imbalanced"))
     with_ = doc.runs("mtfl-imbalanced")["fedrep"]
-    without = doc.runs("mtfl-without-landmarks")["fedrep"]
-    tasks = sorted(_final_tasks(without), key=_mtfl_tasks().index)
+    without = doc.runs(MASKING)["fedrep"]
+    tasks = sorted(_final_tasks(without), key=federation_tasks("mtfl").index)
     rows, verdicts = [], {}
     for t in tasks:
         a, b = an.final_values(with_, t, "test_loss"), an.final_values(without, t, "test_loss")
@@ -426,8 +430,6 @@ def section_masking(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[s
 
 
 def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
-    from experiments.reproduce import DIAL_TASK, dial_name
-
     names = [dial_name(s) for s in plan.loss_scales]
     out = [
         "## Where does FedGradNorm help? The dial",
@@ -443,7 +445,7 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
     out.append(doc.status(*names))
     if len(scales) < len(names):
         out.append("Scales drawn so far: " + ", ".join(f"×{s:g}" for s, _ in scales) + ".")
-    tasks = list(_mtfl_tasks())
+    tasks = list(federation_tasks("mtfl"))
     header = [
         "×",
         "task",
@@ -505,9 +507,6 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
 
 
 def section_sweep(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str, list[str]]:
-    from experiments.reproduce import dial_name, sweep_name
-    from fedgradnorm.hyperparameters import ALPHA, GAMMA
-
     cells = [(a, g) for a in plan.alphas for g in plan.gammas]
     names = [dial_name(1) if (a, g) == (ALPHA, GAMMA) else sweep_name(a, g) for a, g in cells]
     out = [
@@ -520,7 +519,7 @@ def section_sweep(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str
     if not doc.ready(*names):
         return "\n\n".join([*out, doc.pending(*dict.fromkeys(names))]), []
     out.append(doc.status(*dict.fromkeys(names)))
-    tasks = list(_mtfl_tasks())
+    tasks = list(federation_tasks("mtfl"))
     seeds = set(plan.sweep_seeds)
     rows = []
     fedrep = {s: r for s, r in doc.runs(dial_name(1))["fedrep"].items() if s in seeds}
@@ -596,20 +595,11 @@ def _cpu_hours_left(doc: Doc, specs: Sequence[RunSpec]) -> float | None:
             continue
         if s.dataset not in per:
             return None
-        clients = len(s.task_names) or len(_mtfl_tasks() if s.dataset == "mtfl" else _radcom_tasks())
-        total += s.rounds * clients * float(np.median(per[s.dataset]))
+        total += s.rounds * len(s.clients) * float(np.median(per[s.dataset]))
     return total / 3600
 
 
-def _radcom_tasks() -> tuple[str, ...]:
-    from experiments.reproduce import RADCOM_TASKS
-
-    return RADCOM_TASKS
-
-
 def _setup(plan: Plan, specs: Sequence[RunSpec]) -> str:
-    from fedgradnorm.hyperparameters import ALPHA, BETA, GAMMA
-
     rounds = {s.experiment: s.rounds for s in specs}
     rows = [
         [

@@ -41,15 +41,26 @@ from typing import Any
 
 from experiments import analysis as an
 from experiments.document import render
-from experiments.runs import ALGORITHMS, RunSpec, client_data, finished, load_records, run_one
+from experiments.runs import (
+    ALGORITHMS,
+    DIAL_TASK,
+    MASKING,
+    RunSpec,
+    alone_name,
+    client_data,
+    dial_name,
+    federation_tasks,
+    finished,
+    load_records,
+    run_one,
+    sweep_name,
+)
 from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, GAMMA, TAU_H, TAU_OMEGA
 from fedgradnorm.machine import machine_info, torch_threads
 
 # The experiments of a plan, in the order their runs start (the first seed of every experiment
 # before the next seeds, so that an interrupted invocation has left the most informative runs).
 MAIN = ("mtfl-imbalanced", "radcom", "mtfl-balanced")
-MASKING = "mtfl-without-landmarks"  # FedRep without the dominant task: what it masks
-DIAL_TASK = "landmarks"  # the task whose loss the dial scales (MTFL, imbalanced allocation)
 
 
 @dataclass(frozen=True)
@@ -116,18 +127,18 @@ class Plan:
                 **extra,
             )
 
-        fed_tasks = {"mtfl-imbalanced": MTFL_TASKS, "radcom": RADCOM_TASKS}
         out: list[RunSpec] = []
         for name in MAIN:
             seeds = self.balanced_seeds if name == "mtfl-balanced" else self.seeds
             out += [run(name, name, a, s, self.epochs) for s in seeds for a in ALGORITHMS]
-        others = [t for t in MTFL_TASKS if t != DIAL_TASK]
+        others = [t for t in federation_tasks("mtfl") if t != DIAL_TASK]
         out += [run(MASKING, "mtfl-imbalanced", "fedrep", s, self.epochs, tasks=",".join(others)) for s in self.seeds]
-        for setting, tasks in fed_tasks.items():
+        for setting in ("mtfl-imbalanced", "radcom"):
+            dataset = self.settings()[setting][0]
             out += [
-                run(alone_name(setting, t), setting, "fedrep", s, self.epochs, tasks=t)
+                run(alone_name(dataset, t), setting, "fedrep", s, self.epochs, tasks=t)
                 for s in self.alone_seeds
-                for t in tasks
+                for t in federation_tasks(dataset)
             ]
         for scale in self.loss_scales:
             out += [
@@ -154,22 +165,6 @@ class Plan:
                 ]
         seed_rank = {s: i for i, s in enumerate(dict.fromkeys(self.seeds + self.alone_seeds + self.sweep_seeds))}
         return sorted(out, key=lambda r: seed_rank.get(r.seed, len(seed_rank)))  # stable: keeps the order above
-
-
-MTFL_TASKS = ("landmarks", "gender", "smile", "glasses", "pose")
-RADCOM_TASKS = ("modulation", "signal", "anomaly")
-
-
-def alone_name(setting: str, task: str) -> str:
-    return f"alone-{setting.split('-')[0]}-{task}"
-
-
-def dial_name(scale: float) -> str:
-    return f"dial-x{scale:g}"
-
-
-def sweep_name(alpha: float, gamma: float) -> str:
-    return f"sweep-a{alpha:g}-g{gamma:g}"
 
 
 FULL = Plan("full")

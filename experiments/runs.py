@@ -27,9 +27,29 @@ from fedgradnorm.federation import load_federation
 from fedgradnorm.hyperparameters import ALPHA, BATCH_SIZE, BETA, GAMMA, TAU_H, TAU_OMEGA
 from fedgradnorm.simulation_config import SimulationConfig
 from fedgradnorm.simulator import Simulation, write_jsonl
-from fedgradnorm.tasks import constant_prediction, derive_seed
+from fedgradnorm.tasks import derive_seed
 
 ALGORITHMS = ("fedrep", "fedgradnorm")  # every experiment compares these two, on the same seeds
+MASKING = "mtfl-without-landmarks"  # FedRep without the dominant task: what it masks
+DIAL_TASK = "landmarks"  # the task whose loss the dial scales (MTFL, imbalanced allocation)
+
+
+def federation_tasks(dataset: str) -> tuple[str, ...]:
+    """The tasks of a shipped federation, in its spec's order."""
+    return load_federation(dataset).task_names
+
+
+def alone_name(dataset: str, task: str) -> str:
+    """The control that trains one task's client by itself."""
+    return f"alone-{dataset}-{task}"
+
+
+def dial_name(scale: float) -> str:
+    return f"dial-x{scale:g}"
+
+
+def sweep_name(alpha: float, gamma: float) -> str:
+    return f"sweep-a{alpha:g}-g{gamma:g}"
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,11 @@ class RunSpec:
     def task_names(self) -> tuple[str, ...]:
         return tuple(t for t in self.tasks.split(",") if t)
 
+    @property
+    def clients(self) -> tuple[str, ...]:
+        """The tasks whose clients this run trains (``tasks``, or every task of the federation)."""
+        return self.task_names or federation_tasks(self.dataset)
+
 
 def prepare_data(spec: RunSpec) -> float:
     """Generate (or find in the cache) the synthetic set; returns the seconds it took."""
@@ -96,11 +121,10 @@ def prepare_data(spec: RunSpec) -> float:
 
 
 def client_data(spec: RunSpec) -> dict[str, ClientData]:
-    fed = load_federation(spec.dataset)
     clients = load_clients(
-        spec.source(), fed.task_names, Allocation.parse(spec.allocation, spec.test_fraction), spec.seed
+        spec.source(), federation_tasks(spec.dataset), Allocation.parse(spec.allocation, spec.test_fraction), spec.seed
     )  # every task's share, as in the full federation: a control trains some clients on the same data
-    return {name: clients[name] for name in spec.task_names or fed.task_names}
+    return {name: clients[name] for name in spec.clients}
 
 
 def eval_subset(data: dict[str, ClientData], n: int, seed: int) -> dict[str, ClientData]:
@@ -131,15 +155,17 @@ def final_evaluation(sim: Simulation, data: dict[str, ClientData]) -> dict[str, 
         y = client.task.targets(test.targets[name])
         with torch.no_grad():
             pred = client.head(sim.shared(x))
-            loss = float(client.loss(pred, y))
-            value = client.task.metric_value(pred, y)
-            constant = constant_prediction(client.task, client.y)
-        result: dict[str, Any] = {"test_loss": loss, "metric": client.task.metric, "value": value, "n": len(y)}
-        if constant is not None:
-            ref = constant.expand(len(y), -1)
-            result["reference"] = {"test_loss": float(client.loss(ref, y)), "value": client.task.metric_value(ref, y)}
-            subset = client.reference()
-            assert subset is not None
+            final = client.score(pred, y)
+            reference = client.reference(y)
+            subset = client.reference()  # on the per-round evaluation subset the client holds
+        result: dict[str, Any] = {
+            "test_loss": final.test_loss,
+            "metric": final.metric,
+            "value": final.value,
+            "n": len(y),
+        }
+        if reference is not None and subset is not None:
+            result["reference"] = {"test_loss": reference.test_loss, "value": reference.value}
             result["reference_eval"] = {"test_loss": subset.test_loss, "value": subset.value}
         if "snr" in test.extras and client.task.kind == "classification":
             snr = np.asarray(test.extras["snr"])

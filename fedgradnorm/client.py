@@ -92,23 +92,25 @@ class LocalClient:
         self.head.eval()
         try:
             with torch.no_grad():
-                return self._evaluation(self.head(shared(self.x_test)))
+                return self.score(self.head(shared(self.x_test)), self.y_test)
         finally:
             shared.train(modes[0])
             self.head.train(modes[1])
 
-    def reference(self) -> Evaluation | None:
-        """The test loss and metric of the best constant prediction fitted on the training targets
-        (:func:`fedgradnorm.tasks.constant_prediction`: the class prior, the mean): the level a model
-        must beat to have learnt anything. None for a user loss."""
+    def score(self, prediction: torch.Tensor, target: torch.Tensor) -> Evaluation:
+        """The loss (in the units it is trained in) and the metric of the head's ``prediction``."""
+        value = self.task.metric_value(prediction, target)
+        return Evaluation(test_loss=float(self.loss(prediction, target)), metric=self.task.metric, value=value)
+
+    def reference(self, target: torch.Tensor | None = None) -> Evaluation | None:
+        """The score of the best constant prediction fitted on the training targets
+        (:func:`fedgradnorm.tasks.constant_prediction`: the class prior, the mean) on ``target`` (default:
+        this client's test split): the level a model must beat to have learnt anything. None for a user loss."""
+        y = self.y_test if target is None else target
         constant = constant_prediction(self.task, self.y.cpu())
         if constant is None:
             return None
-        return self._evaluation(constant.to(self.device).expand(len(self.y_test), -1))
-
-    def _evaluation(self, pred: torch.Tensor) -> Evaluation:
-        loss = float(self.loss(pred, self.y_test))
-        return Evaluation(test_loss=loss, metric=self.task.metric, value=self.task.metric_value(pred, self.y_test))
+        return self.score(constant.to(y.device).expand(len(y), -1), y)
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The task's loss of the head's outputs, in the units it is computed in (see :func:`loss_units`)."""

@@ -76,17 +76,19 @@ def build_head(
 ) -> nn.Module:
     """A client's personal head: one linear layer by default, else ``factory(in_features=, out_features=)``;
     wrapped in a :class:`StandardizedHead` when the task standardizes its targets."""
+    head = _plain_head(factory, in_features, outputs, seed)
+    return StandardizedHead(head, outputs) if standardize else head
+
+
+def _plain_head(factory: Factory | None, in_features: int, outputs: int, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if factory is None:
-            head: object = nn.Linear(in_features, outputs)
-        else:
-            head = factory(in_features=in_features, out_features=outputs)
+            return nn.Linear(in_features, outputs)
+        head = factory(in_features=in_features, out_features=outputs)
     if not isinstance(head, nn.Module):
-        raise FactoryError(
-            f"{factory.ref if factory else 'nn.Linear'} built a {type(head).__name__}, not a torch.nn.Module"
-        )
-    return StandardizedHead(head, outputs) if standardize else head
+        raise FactoryError(f"{factory.ref} built a {type(head).__name__}, not a torch.nn.Module")
+    return head
 
 
 class StandardizedHead(nn.Module):
@@ -109,10 +111,10 @@ class StandardizedHead(nn.Module):
     def fit(self, targets: torch.Tensor) -> None:
         """Column means and standard deviations of the training targets (a constant column keeps std 1)."""
         y = targets.double().reshape(len(targets), -1)
-        std = y.std(dim=0, unbiased=False) if len(y) > 1 else torch.ones(y.shape[1], dtype=torch.float64)
+        std = y.std(dim=0, unbiased=False)  # 0 for one sample: kept at 1 below
         with torch.no_grad():
-            self.target_mean.copy_(y.mean(dim=0).expand_as(self.target_mean))
-            self.target_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)).expand_as(self.target_std))
+            self.target_mean.copy_(y.mean(dim=0))
+            self.target_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
 
     def standardized(self, values: torch.Tensor) -> torch.Tensor:
         return (values.reshape(len(values), -1) - self.target_mean) / self.target_std

@@ -83,7 +83,7 @@ def plot_comparison(
         for j, (label, records) in enumerate(loaded.items()):
             xs, ys = series(records, key).get(task, ([], []))
             ax.plot(xs, ys, styles[j % len(styles)], label=label)
-        level = (references or {}).get(task, {}).get("test_loss" if key == "test_loss" else key)
+        level = (references or {}).get(task, {}).get(key)  # "test_loss" or "metric"; none for other quantities
         if level is not None:
             ax.axhline(level, color="0.3", ls=":", lw=1.3, label="constant predictor")
         ax.set_title(f"({chr(97 + i)}) {task}")
