@@ -9,7 +9,7 @@ RUN_DIR ?= runs/main
 .PHONY: help venv run test test-busy test-faults lint fmt proto bench bench-peers reproduce clean
 
 help:
-	@echo "make run    - the main job: FedGradNorm vs FedRep on synthetic RadCom (loopback, no downloads)"
+	@echo "make run    - the main job: FedGradNorm vs FedRep on synthetic MTFL, landmark loss x100 (loopback, no downloads)"
 	@echo "make test   - the test suite"
 	@echo "make test-busy - the test suite beside two CPU burners (a busy machine)"
 	@echo "make lint   - ruff (incl. the layering rule) and mypy --strict"

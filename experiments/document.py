@@ -497,7 +497,12 @@ def section_dial(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str,
         img_dir / f"{prefix}dial.png",
     )
     out += [_table(header, rows), f"![The dial]({_fig(fig, img_dir)})"]
-    bullets = []
+    counts = {w: sum(v.word == w for vs in by_scale.values() for v in vs.values()) for w in an.VERDICT_WORDS}
+    overview = ", ".join(f"{w} {n}" for w, n in counts.items() if n)
+    bullets = [
+        f"**The dial in all**: of its {sum(counts.values())} (scale, task) cells, on the unscaled test loss, "
+        f"FedGradNorm against FedRep: {overview}."
+    ]
     for scale, verdicts in by_scale.items():
         bullets.append(
             f"**Dial ×{scale:g}** ({DIAL_TASK} loss scaled, {plan.dial_epochs:g} epochs): FedGradNorm {_summary(verdicts)}; "
@@ -514,7 +519,7 @@ def section_sweep(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str
         f"FedGradNorm on MTFL (imbalanced, {plan.dial_epochs:g} epochs, seed(s) "
         f"{', '.join(map(str, plan.sweep_seeds))}) for every (α, γ) below; the paper's α = {ALPHA:g}, γ = {GAMMA:g} "
         "is the primary cell (the dial's ×1 run). Every cell is reported; none was chosen. Final test loss per task "
-        "(the FedRep row: the same seeds without weighting).",
+        "(the FedRep row: the same seeds without weighting; the constant predictor row: each task's reference level).",
     ]
     if not doc.ready(*names):
         return "\n\n".join([*out, doc.pending(*dict.fromkeys(names))]), []
@@ -523,6 +528,7 @@ def section_sweep(doc: Doc, plan: Plan, img_dir: Path, prefix: str) -> tuple[str
     seeds = set(plan.sweep_seeds)
     rows = []
     fedrep = {s: r for s, r in doc.runs(dial_name(1))["fedrep"].items() if s in seeds}
+    rows.append(["constant predictor", "-", *(_cell(an.reference_values(fedrep, t, "test_loss")) for t in tasks), ""])
     rows.append(["FedRep", "-", *(_cell(an.final_values(fedrep, t, "test_loss")) for t in tasks), ""])
     for (a, g), name in zip(cells, names, strict=True):
         runs = {s: r for s, r in doc.runs(name)["fedgradnorm"].items() if s in seeds}

@@ -1,8 +1,13 @@
 """The main job (``make run``): the deployed form on loopback.
 
-For each algorithm: one aggregator and one edge node per task of the federation (by default RadCom:
-modulation, signal, anomaly) as separate processes, a short training whose per-round per-task weights and losses are printed as
-they arrive, then everything stopped. Finally a side-by-side table and plot of both algorithms.
+For each algorithm: one aggregator and one edge node per task of the federation as separate processes,
+a training whose per-round per-task weights and losses are printed as they arrive, then everything
+stopped. Finally a side-by-side table and plot of both algorithms.
+
+By default it is one cell of the loss-scale dial of ``docs/results.md`` (``experiments.reproduce``):
+synthetic MTFL, the imbalanced allocation of Table II, the landmark loss scaled by 100, 20 epochs
+(94 rounds), seed 0, the paper's hyperparameters: the regime the dial was built to probe, where one
+task's gradient dominates the shared network and FedGradNorm's weights have something to do.
 """
 
 from __future__ import annotations
@@ -16,10 +21,9 @@ from typing import Any
 from fedgradnorm.config import setting
 from fedgradnorm.hyperparameters import ALGORITHMS
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
+from fedgradnorm.simulation_config import parse_loss_scales
 
-# How each edge node of the demo shares out the synthetic set (passed to every node, and used to
-# compute the reference levels the plot shows).
-NODE_ALLOCATION = "balanced"
+# The test share of a node's data when its pool has no test part (RadCom); MTFL has its own test faces.
 NODE_TEST_FRACTION = 0.2
 
 
@@ -28,10 +32,19 @@ class DemoConfig:
     """`fedgradnorm demo` (`make run`), from flags or FEDGRADNORM_* variables like every command."""
 
     out: str = setting("runs/main", "output folder: certificates, each algorithm's logs, state and metrics, the plot")
-    rounds: int = setting(30, "rounds of each algorithm")
+    rounds: int = setting(94, "rounds of each algorithm (94: 20 epochs of the largest MTFL client)")
     seed: int = setting(0, "seed of data, models and batches")
-    federation: str = setting("radcom", "the federation: radcom, mtfl, or a spec file (.toml) with a synthetic set")
-    synthetic_size: int = setting(60, "size of the federation's synthetic set (RadCom: samples per key)")
+    federation: str = setting("mtfl", "the federation: mtfl, radcom, or a spec file (.toml) with a synthetic set")
+    synthetic_size: int = setting(
+        13000, "size of the federation's synthetic set (MTFL: training faces; RadCom: samples per key)"
+    )
+    allocation: str = setting(
+        "imbalanced", "how the synthetic set is shared out among the nodes: imbalanced (Table II), balanced, ..."
+    )
+    loss_scale: str = setting(
+        "landmarks=100",
+        "task=factor,...: multiply those nodes' task losses by the factor, the dial of docs/results.md (empty: none)",
+    )
     algorithms: tuple[str, ...] = setting(ALGORITHMS, "comma-separated algorithms, run one after the other")
 
     def __post_init__(self) -> None:
@@ -40,6 +53,21 @@ class DemoConfig:
         unknown = [a for a in self.algorithms if a not in ALGORITHMS]
         if unknown or not self.algorithms:
             raise ValueError(f"algorithms must be among {', '.join(ALGORITHMS)}, got {', '.join(self.algorithms)}")
+        from fedgradnorm.data.partition import Allocation
+        from fedgradnorm.federation import load_federation
+
+        Allocation.parse(self.allocation, NODE_TEST_FRACTION)
+        fed = load_federation(self.federation)
+        unknown = [t for t in self.loss_scales if t not in fed.task_names]
+        if unknown:  # the default scales an MTFL task: say so when another federation is chosen
+            raise ValueError(
+                f"loss_scale {self.loss_scale!r} names {', '.join(unknown)}, not a task of {fed.name} "
+                f"({', '.join(fed.task_names)}); give --loss-scale '' for none"
+            )
+
+    @property
+    def loss_scales(self) -> dict[str, float]:
+        return parse_loss_scales(self.loss_scale)
 
 
 def _format_round(records: list[dict[str, Any]], rounds: int = 0, eta: float | None = None) -> str:
@@ -101,9 +129,8 @@ class Progress:
         return max(seen, complete)
 
 
-def run_federation(
-    out: Path, algorithm: str, rounds: int, seed: int, synthetic_size: int, certs: Path, federation: str = "radcom"
-) -> Path:
+def run_federation(out: Path, algorithm: str, config: DemoConfig, certs: Path) -> Path:
+    rounds, federation = config.rounds, config.federation
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     if metrics.exists():
@@ -111,7 +138,8 @@ def run_federation(
     from fedgradnorm.federation import load_federation
 
     tasks = load_federation(federation).task_names
-    common = ["--seed", str(seed), "--federation", federation]
+    common = ["--seed", str(config.seed), "--federation", federation]
+    scales = config.loss_scales
     procs: list[ServiceProcess] = []
     print(f"\n== {algorithm}: starting the aggregator (loads torch, builds the model)...", flush=True)
     agg, ready = start_aggregator(
@@ -144,17 +172,18 @@ def run_federation(
                     out,
                     ready["grpc_port"],
                     task,
-                    # three nodes share the machine's cores: one torch thread each avoids oversubscription
+                    # the nodes share the machine's cores: one torch thread each avoids oversubscription
                     [
                         *common,
                         "--synthetic-size",
-                        str(synthetic_size),
+                        str(config.synthetic_size),
                         "--allocation",
-                        NODE_ALLOCATION,
+                        config.allocation,
                         "--test-fraction",
                         str(NODE_TEST_FRACTION),
                         "--torch-threads",
                         "1",
+                        *(["--loss-scale", repr(scales[task])] if task in scales else []),
                     ],
                     certs=certs,
                 )
@@ -176,20 +205,22 @@ def run_federation(
     return metrics
 
 
-def reference_levels(federation: str, seed: int, synthetic_size: int) -> dict[str, dict[str, float]]:
+def reference_levels(config: DemoConfig) -> dict[str, dict[str, float]]:
     """Per task, the test loss and metric of its best constant prediction on the data each edge node of
-    the demo holds (its share of the synthetic set, as the node builds it): the level to beat."""
+    the demo holds (its share of the synthetic set, as the node builds it, its loss scaled as the
+    node's): the level to beat. Generates the synthetic set if the cache has none yet."""
     from fedgradnorm.algorithm import ClientConfig
     from fedgradnorm.client import LocalClient
     from fedgradnorm.data.partition import Allocation, DataSource, load_clients
     from fedgradnorm.federation import load_federation
 
-    fed = load_federation(federation)
-    source = DataSource(fed, None, seed, synthetic_size)
-    data = load_clients(source, fed.task_names, Allocation.parse(NODE_ALLOCATION, NODE_TEST_FRACTION), seed)
+    fed = load_federation(config.federation).with_loss_scales(config.loss_scales)
+    source = DataSource(fed, None, config.seed, config.synthetic_size)
+    alloc = Allocation.parse(config.allocation, NODE_TEST_FRACTION)
+    data = load_clients(source, fed.task_names, alloc, config.seed)
     out = {}
     for task, d in data.items():
-        ref = LocalClient(task, fed, d, ClientConfig(), seed).reference()
+        ref = LocalClient(task, fed, d, ClientConfig(), config.seed).reference()
         if ref is not None:
             out[task] = {"test_loss": ref.test_loss, "metric": ref.value}
     return out
@@ -203,13 +234,17 @@ def run_demo(config: DemoConfig) -> int:
     out = Path(config.out)
     runs = {}
     t0 = time.perf_counter()
+    scaled = ", ".join(f"{t} loss x{f:g}" for t, f in config.loss_scales.items()) or "no loss scaled"
+    print(
+        f"== {config.federation}, {config.allocation} allocation, {scaled}, {config.rounds} rounds, seed {config.seed}: "
+        f"preparing the synthetic set ({config.synthetic_size}) once for every node, and each task's reference level",
+        flush=True,
+    )
+    references = reference_levels(config)  # before the nodes start: they find the set in the cache
     certs = out / "certs"
     make_certificates(certs)  # the deployed default: mutual TLS, also on loopback
     for algorithm in config.algorithms:
-        runs[algorithm] = run_federation(
-            out / algorithm, algorithm, config.rounds, config.seed, config.synthetic_size, certs, config.federation
-        )
-    references = reference_levels(config.federation, config.seed, config.synthetic_size)
+        runs[algorithm] = run_federation(out / algorithm, algorithm, config, certs)
     png = plot_comparison(runs, out / "comparison.png", references=references)
     print()
     print(final_table(runs))

@@ -140,6 +140,25 @@ def test_an_edge_node_without_a_port_stops_at_once_naming_the_flag(tmp_path: Pat
     assert seconds < 30
 
 
+@pytest.mark.parametrize("factor", ["-1", "nan", "inf"])
+def test_an_edge_node_with_a_bad_loss_scale_stops_at_once(factor: str) -> None:
+    rc, line, _ = run_cli("edge-node", "--insecure", "true", "--loss-scale", factor, *NODE)
+    assert rc == 2
+    assert line == (
+        "fedgradnorm edge-node: error: invalid EdgeConfig: loss_scale must be 0 (as the federation declares) "
+        f"or a finite factor above 0, not {float(factor)}"
+    )
+
+
+def test_the_demo_refuses_a_loss_scale_of_a_task_its_federation_lacks() -> None:
+    rc, line, _ = run_cli("demo", "--federation", "radcom")  # the default scales the MTFL landmarks
+    assert rc == 2
+    assert line == (
+        "fedgradnorm demo: error: invalid DemoConfig: loss_scale 'landmarks=100' names landmarks, not a task "
+        "of radcom (modulation, signal, anomaly); give --loss-scale '' for none"
+    )
+
+
 @pytest.fixture
 def tls_aggregator(procs: Processes, tmp_path: Path, certs: Path) -> str:
     proc, ready = start_aggregator(

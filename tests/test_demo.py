@@ -1,5 +1,6 @@
-"""`make run` (fedgradnorm demo) end to end, shortened: an aggregator and three RadCom edge nodes as
-real processes over mutual TLS on loopback, FedGradNorm then FedRep, the comparison plot at the end."""
+"""`make run` (fedgradnorm demo) end to end, shortened: its default setting (MTFL, imbalanced, the landmark
+loss x100) on a small synthetic set, an aggregator and five edge nodes as real processes over mutual TLS
+on loopback, FedGradNorm then FedRep, the comparison plot at the end."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedgradnorm.demo import reference_levels
+import pytest
+
+from fedgradnorm.demo import DemoConfig, reference_levels
+
+TASKS = ("landmarks", "gender", "smile", "glasses", "pose")
 
 
 def test_the_demo_runs_both_algorithms_over_mutual_tls(tmp_path: Path) -> None:
     out = tmp_path / "main"
     argv = [sys.executable, "-m", "fedgradnorm.cli", "demo", "--out", str(out), "--rounds", "2"]
-    argv += ["--synthetic-size", "10"]
+    argv += ["--synthetic-size", "40"]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (out / "comparison.png").stat().st_size > 10_000
@@ -22,17 +27,22 @@ def test_the_demo_runs_both_algorithms_over_mutual_tls(tmp_path: Path) -> None:
     for algorithm in ("fedgradnorm", "fedrep"):
         records = [json.loads(x) for x in (out / algorithm / "metrics.jsonl").read_text().splitlines()]
         assert sorted({r["round"] for r in records}) == [0, 1]
-        assert {r["task"] for r in records} == {"modulation", "signal", "anomaly"}
+        assert {r["task"] for r in records} == set(TASKS)
         for k in (0, 1):
             weights = [r["weight"] for r in records if r["round"] == k]
-            assert abs(sum(weights) - 3) < 1e-9  # sum p = N
+            assert abs(sum(weights) - 5) < 1e-9  # sum p = N
             if algorithm == "fedrep":
-                assert weights == [1.0, 1.0, 1.0]
-    assert "plot:" in res.stdout and "modulation" in res.stdout
+                assert weights == [1.0] * 5
+    assert "plot:" in res.stdout and "landmarks" in res.stdout and "landmarks loss x100" in res.stdout
     # the plot's reference levels are those each node computes on its own data (its log says so)
     assert "reference levels (the best constant prediction" in res.stdout
-    levels = reference_levels("radcom", 0, 10)
-    for task in ("modulation", "signal", "anomaly"):
+    levels = reference_levels(DemoConfig(synthetic_size=40))
+    unscaled = reference_levels(DemoConfig(synthetic_size=40, loss_scale=""))
+    # the landmark node learns with its loss x100 (--loss-scale), and its reference level says so
+    assert levels["landmarks"]["test_loss"] == pytest.approx(100 * unscaled["landmarks"]["test_loss"], rel=1e-6)
+    assert levels["landmarks"]["metric"] == unscaled["landmarks"]["metric"]  # the error stays in pixels
+    assert levels["gender"] == unscaled["gender"]
+    for task in TASKS:
         logged = [
             json.loads(x) for x in (out / "fedrep" / f"node-{task}.log").read_text().splitlines() if x.startswith("{")
         ]

@@ -13,7 +13,8 @@ import torch
 from experiments import analysis as an
 from experiments.document import Doc, comparison
 from experiments.reproduce import FULL, SMOKE, largest_clients, main
-from experiments.runs import finished
+from experiments.runs import DIAL_TASK, dial_name, finished
+from fedgradnorm.demo import DemoConfig
 from fedgradnorm.machine import torch_threads
 
 
@@ -186,3 +187,22 @@ def test_the_full_plan_reads_the_paper_epochs() -> None:
     first_seed_one = next(i for i, s in enumerate(specs) if s.seed == 1)
     assert all(s.seed == 0 for s in specs[:first_seed_one])
     assert {s.experiment for s in specs[:first_seed_one]} == {s.experiment for s in specs}
+
+
+def test_make_run_is_a_cell_of_the_dial() -> None:
+    """`make run`'s default setting is the dial's cell at seed 0 (docs/results.md), run through the services."""
+    demo = DemoConfig()
+    (task, scale), *more = demo.loss_scales.items()
+    assert task == DIAL_TASK and not more
+    cell = next(
+        s
+        for s in FULL.specs({"mtfl-imbalanced": 3000, "mtfl-balanced": 2600, "radcom": 7200})
+        if s.experiment == dial_name(scale) and s.seed == demo.seed
+    )
+    assert (demo.federation, demo.allocation, demo.synthetic_size, demo.rounds) == (
+        cell.dataset,
+        cell.allocation,
+        cell.synthetic_size,
+        cell.rounds,
+    )
+    assert cell.data_seed == demo.seed  # the nodes draw the synthetic set from the demo's seed

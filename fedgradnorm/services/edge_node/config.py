@@ -28,6 +28,11 @@ class EdgeConfig(ClientTLSSettings):
         "modulation",
         "this node's task in its federation (radcom: modulation, signal, anomaly; mtfl: landmarks, gender, smile, glasses, pose)",
     )
+    loss_scale: float = setting(
+        0.0,
+        "multiply this node's task loss (and so its gradient) by this factor, the dial of docs/results.md "
+        "(0: as the federation declares)",
+    )
     name: str = setting("", "node name in logs and dashboards (empty: the task's name)")
     data: str = setting(
         "",
@@ -65,6 +70,10 @@ class EdgeConfig(ClientTLSSettings):
             check_host_port(
                 self.metrics_listen, "metrics_listen (--metrics-listen, FEDGRADNORM_METRICS_LISTEN)", listen=True
             )
+        if not (self.loss_scale == 0 or 0 < self.loss_scale < float("inf")):
+            raise ValueError(
+                f"loss_scale must be 0 (as the federation declares) or a finite factor above 0, not {self.loss_scale}"
+            )
         fed = self.spec
         if self.task not in fed.task_names:
             raise ValueError(f"task {self.task!r} is not a {fed.name} task; tasks: {list(fed.task_names)}")
@@ -82,10 +91,13 @@ class EdgeConfig(ClientTLSSettings):
 
     @functools.cached_property
     def spec(self) -> Federation:
-        """The federation ``federation`` names, read once (torch: when a config is built, not for --help)."""
+        """The federation ``federation`` names, read once (torch: when a config is built, not for --help),
+        with this node's task loss scaled when ``loss_scale`` is set."""
         from fedgradnorm.federation import load_federation
 
-        return load_federation(self.federation)
+        fed = load_federation(self.federation)
+        scaled = self.loss_scale and self.task in fed.task_names  # an unknown task fails in __post_init__
+        return fed.with_loss_scales({self.task: self.loss_scale}) if scaled else fed
 
     @property
     def model_path(self) -> str:
