@@ -13,6 +13,7 @@ task's gradient dominates the shared network and FedGradNorm's weights have some
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +134,11 @@ def run_federation(out: Path, algorithm: str, config: DemoConfig, certs: Path) -
     rounds, federation = config.rounds, config.federation
     out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()
+    metrics.unlink(missing_ok=True)
+    # A fresh federation every time: an earlier demo's aggregator state and node identities (another
+    # setting, certificates since replaced) would be resumed or refused.
+    for stale in [out / "aggregator-state", *out.glob("node-*/")]:
+        shutil.rmtree(stale, ignore_errors=True)
     from fedgradnorm.federation import load_federation
 
     tasks = load_federation(federation).task_names

@@ -18,6 +18,12 @@ TASKS = ("landmarks", "gender", "smile", "glasses", "pose")
 
 def test_the_demo_runs_both_algorithms_over_mutual_tls(tmp_path: Path) -> None:
     out = tmp_path / "main"
+    # what an earlier demo (another setting) left: the next run starts afresh, it neither resumes nor refuses it
+    stale = out / "fedgradnorm" / "aggregator-state" / "aggregator-state.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier federation's state")
+    (out / "fedrep" / "node-gender").mkdir(parents=True)
+    (out / "fedrep" / "node-gender" / "identity.json").write_text('{"task": "modulation"}')
     argv = [sys.executable, "-m", "fedgradnorm.cli", "demo", "--out", str(out), "--rounds", "2"]
     argv += ["--synthetic-size", "40"]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
