@@ -4,6 +4,7 @@ and lets a node join by hand while it trains."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from fedgradnorm.machine import torch_threads
 from fedgradnorm.services.aggregator.store import STATE_FILE, FileStateStore, Snapshot, decode_snapshot
 from fedgradnorm.simulation_config import SimulationConfig
 from fedgradnorm.simulator import Simulation
-from tests.faults_helpers import wait_until
+from tests.faults_helpers import scrape, wait_until
 from tests.grpc_client import connect, register, state
 
 TASKS = load_federation("radcom").task_names
@@ -248,5 +249,39 @@ def test_sigterm_cancels_a_waiting_fetch_at_once(tmp_path: Path) -> None:
             assert not member.active
         assert stopped_in < 30, f"{stopped_in:.1f} s: the 60 s long-poll was waited out"
         assert "node.deregistered" in node.log_text()
+    finally:
+        stop_all(procs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_node_told_to_stay_keeps_serving_after_training_until_sigterm(tmp_path: Path) -> None:
+    """--after-training stay (the Kubernetes manifests' setting): once the federation has finished and
+    the node has written its model, the process keeps serving its metrics instead of exiting (a
+    StatefulSet would restart an exited pod, again and again); SIGTERM ends it with status 0."""
+    procs: list[ServiceProcess] = []
+    try:
+        agg, ready = start_aggregator(
+            tmp_path,
+            ["--federation", "radcom", "--min-nodes", "1", "--rounds", "2", *HYPER, "--state-dir", str(tmp_path / "s")],
+        )
+        procs.append(agg)
+        port = free_port()
+        flags = ["--seed", "0", "--synthetic-size", "4", "--torch-threads", "1", "--after-training", "stay"]
+        node = start_edge_node(
+            tmp_path, ready["grpc_port"], "anomaly", [*flags, "--metrics-listen", f"127.0.0.1:{port}"]
+        )
+        procs.append(node)
+        wait_until(lambda: "node.staying" in node.log_text() or not node.alive(), 120, "training ended")
+        assert node.alive(), node.log_text()[-2000:]
+        assert (tmp_path / "node-anomaly" / "model").exists(), node.log_text()[-2000:]
+        time.sleep(1.5)
+        assert node.alive()
+        assert scrape(port)[("fedgradnorm_edge_round", ())] == 1.0  # still serving: the last round it trained
+        assert node.stop(timeout=30) == 0, node.log_text()[-2000:]
     finally:
         stop_all(procs)

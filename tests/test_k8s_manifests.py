@@ -497,6 +497,7 @@ def test_edge_node_config_reaches_its_aggregator(doc: Doc) -> None:
     assert edge.insecure == cfgmod.build(ServiceConfig, env=agg_env).insecure
     # Identity and personal model on a claim of the pod's own: a recreated pod resumes as the same node.
     assert doc.kind == "StatefulSet", f"{doc}: edge nodes keep their state on a volumeClaimTemplate"
+    assert edge.after_training == "stay", f"{doc}: an edge node that exits after training is restarted, again and again"
     assert_writable(doc, c, edge.state_dir, persistent=True)
     assert_writable(doc, c, env["FEDGRADNORM_CACHE_DIR"], persistent=False)
     assert_known_env(env, (EdgeConfig,))

@@ -17,6 +17,8 @@ from fedgradnorm.wire_format import DTYPE_BY_NAME
 if TYPE_CHECKING:
     from fedgradnorm.federation import Federation
 
+AFTER_TRAINING = ("exit", "stay")
+
 
 @dataclass(frozen=True)
 class EdgeConfig(ClientTLSSettings):
@@ -48,6 +50,11 @@ class EdgeConfig(ClientTLSSettings):
     write_model: bool = setting(
         True, "write the personalized model when training ends (false: the final omega is not even sent)"
     )
+    after_training: str = setting(
+        "exit",
+        "once training has ended: exit, or stay (keep serving --metrics-listen until SIGTERM, so that a "
+        "StatefulSet's pod stays Running instead of restarting)",
+    )
     device: str = setting("auto", "where the node trains: auto (a GPU if present), cpu, cuda or cuda:N")
     model_dir: str = setting(
         "",
@@ -78,6 +85,8 @@ class EdgeConfig(ClientTLSSettings):
         if self.task not in fed.task_names:
             raise ValueError(f"task {self.task!r} is not a {fed.name} task; tasks: {list(fed.task_names)}")
         check_device_text(self.device)
+        if self.after_training not in AFTER_TRAINING:
+            raise ValueError(f"after_training must be one of {', '.join(AFTER_TRAINING)}, not {self.after_training!r}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must lie in (0, 1), not {self.test_fraction}")
         if self.fetch_wait <= 0 or self.max_backoff <= 0:

@@ -1,8 +1,10 @@
-"""Run an edge node process until the federation finishes or SIGTERM arrives."""
+"""Run an edge node process until the federation finishes (or, with --after-training stay, until
+SIGTERM after it) or SIGTERM arrives."""
 
 from __future__ import annotations
 
 import signal
+import threading
 
 import structlog
 from prometheus_client import start_http_server
@@ -16,9 +18,11 @@ log = structlog.get_logger("fedgradnorm.edge_node")
 
 def serve_edge_node(config: EdgeConfig, max_rounds: int = 0) -> int:
     node = EdgeNode(config)
+    stopping = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("node.stopping", signal=signal.Signals(signum).name)
+        stopping.set()
         node.stop()
 
     signal.signal(signal.SIGTERM, _stop)
@@ -34,5 +38,9 @@ def serve_edge_node(config: EdgeConfig, max_rounds: int = 0) -> int:
                 'give another --metrics-listen, or "" to serve no metrics'
             ) from e
     rounds = node.run(max_rounds=max_rounds)
-    log.info("node.done", rounds=rounds)
+    log.info("node.done", rounds=rounds, model=node.model_written)
+    if config.after_training == "stay" and not stopping.is_set():
+        log.info("node.staying", until="SIGTERM", metrics=config.metrics_listen or None)
+        while not stopping.wait(1.0):  # a timed wait: the signal handler runs between waits
+            pass
     return 0
