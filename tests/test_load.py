@@ -180,6 +180,7 @@ def test_hundreds_of_nodes_lose_no_update(tmp_path: Path, procs: Processes) -> N
 
 
 @pytest.mark.long
+@pytest.mark.timeout(480)  # its own budget (400 s, checked with a message) decides, not the suite's 300 s default
 def test_heavier_load_loses_no_update(tmp_path: Path, procs: Processes) -> None:
     run_load(tmp_path, procs, nodes=500, rounds=8, max_workers=532, budget=400.0)
 
