@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedgradnorm.config import setting
+from fedgradnorm.errors import FatalError
 from fedgradnorm.hyperparameters import ALGORITHMS
 from fedgradnorm.launch import ServiceProcess, start_aggregator, start_edge_node
 from fedgradnorm.simulation_config import parse_loss_scales
@@ -91,6 +92,7 @@ class Progress:
         self.t0 = time.monotonic()
         self.first_round: float | None = None  # when round 0 was printed
         self.done = 0
+        self.printed = -1  # the last round printed
         self.last_wait = ""
         self.last_wait_at = 0.0
 
@@ -115,19 +117,46 @@ class Progress:
             print(f"  waiting for {what}... {now - self.t0:.0f} s", flush=True)
             self.last_wait, self.last_wait_at = what, now
 
-    def follow(self, metrics: Path, seen: int, per_round: int) -> int:
-        """Print every complete round in ``metrics`` past line ``seen``; return the new line count."""
+    def follow(self, metrics: Path, final: bool = False) -> None:
+        """Print every round of ``metrics`` not printed yet: those before the last round in it (the
+        aggregator writes a round's records together), and that one too when ``final``. A round
+        holds a record per node whose update its step used."""
         if not metrics.exists():
-            return seen
-        lines = metrics.read_text().splitlines()
-        complete = len(lines) - len(lines) % per_round if per_round else len(lines)
-        for start in range(seen, complete, per_round):
+            return
+        lines = metrics.read_text().split("\n")[:-1]  # the last piece: empty, or a line being written
+        by_round: dict[int, list[dict[str, Any]]] = {}
+        for line in lines:
+            record = json.loads(line)
+            by_round.setdefault(record["round"], []).append(record)
+        last = max(by_round, default=-1)
+        for k in sorted(r for r in by_round if r > self.printed and (final or r < last)):
             self.done += 1
             if self.first_round is None:
                 self.first_round = time.monotonic()
-            records = [json.loads(x) for x in lines[start : start + per_round]]
-            print(_format_round(records, self.rounds, self.eta()), flush=True)
-        return max(seen, complete)
+            print(_format_round(by_round[k], self.rounds, self.eta()), flush=True)
+            self.printed = k
+
+
+def _failure(proc: ServiceProcess) -> str:
+    """One line on a process that exited with an error: its last log line (its error), and its log."""
+    lines = [x for x in proc.log_text().splitlines() if x.strip()]
+    last = lines[-1].strip() if lines else "no output"
+    return (
+        f"{proc.name} exited with status {proc.proc.poll() if proc.proc else '?'}: {last[:500]} (log: {proc.log_path})"
+    )
+
+
+def _report_left_out(nodes: list[ServiceProcess]) -> None:
+    """Say which edge nodes had updates that the aggregator's step did not use (norm outliers)."""
+    for p in nodes:
+        done = [x for x in p.log_text().splitlines() if x.startswith("{") and '"node.done"' in x]
+        left_out = json.loads(done[-1]).get("left_out", 0) if done else 0
+        if left_out:
+            print(
+                f"  {p.name}: the aggregator left out {left_out} of its updates (a gradient norm far above the "
+                f"other nodes': see update.dropped in aggregator.log and update.left_out in {p.log_path.name})",
+                flush=True,
+            )
 
 
 def run_federation(out: Path, algorithm: str, config: DemoConfig, certs: Path) -> Path:
@@ -192,16 +221,16 @@ def run_federation(out: Path, algorithm: str, config: DemoConfig, certs: Path) -
                     certs=certs,
                 )
             )
-        seen = 0
         progress = Progress(rounds, procs[1:])
         while any(p.alive() for p in procs[1:]):
             progress.waiting()
-            seen = progress.follow(metrics, seen, len(tasks))
+            progress.follow(metrics)
             dead = [p for p in procs if p.proc is not None and p.proc.poll() not in (None, 0)]
             if dead:
-                raise RuntimeError(f"{dead[0].name} failed:\n{dead[0].log_text()[-3000:]}")
+                raise FatalError(_failure(dead[0]))
             time.sleep(0.2)
-        progress.follow(metrics, seen, len(tasks))
+        progress.follow(metrics, final=True)
+        _report_left_out(procs[1:])
     finally:
         print(f"== {algorithm}: stopping its aggregator and edge nodes", flush=True)
         for p in reversed(procs):

@@ -159,6 +159,29 @@ def test_the_demo_refuses_a_loss_scale_of_a_task_its_federation_lacks() -> None:
     )
 
 
+def test_an_error_cuts_a_huge_value_it_echoes() -> None:
+    """A 100,000-character task name in a flag: the one error line names the problem and stays short."""
+    huge = "a" * 100_000
+    rc, line, _ = run_cli("demo", "--loss-scale", f"{huge}=1")
+    assert rc == 2
+    assert line.startswith("fedgradnorm demo: error: invalid DemoConfig: loss_scale 'aaaa"), line[:200]
+    assert len(line) < 2200 and line.endswith(" more characters)"), line[-200:]
+
+
+@pytest.mark.parametrize("federation", ["mtfl", "radcom"])
+def test_a_synthetic_set_too_large_for_the_machine_is_refused_before_writing(tmp_path: Path, federation: str) -> None:
+    """--synthetic-size 10^12: refused at once, naming the size and the room there is; nothing is
+    written to the cache (it would otherwise fill the disk, face by face)."""
+    cache = tmp_path / "cache"
+    env = {"FEDGRADNORM_CACHE_DIR": str(cache)}
+    argv = ("simulate", "--federation", federation, "--synthetic-size", str(10**12), "--out", str(tmp_path / "o"))
+    rc, line, _ = run_cli(*argv, env=env)
+    assert rc == 2
+    assert line.startswith(f"fedgradnorm simulate: error: {cache}/"), line
+    assert f"a synthetic set of size {10**12} needs about " in line and "give a smaller --synthetic-size" in line
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
 @pytest.fixture
 def tls_aggregator(procs: Processes, tmp_path: Path, certs: Path) -> str:
     proc, ready = start_aggregator(

@@ -61,3 +61,30 @@ def test_the_demo_runs_both_algorithms_over_mutual_tls(tmp_path: Path) -> None:
     assert res.stdout.count("  waiting for ") >= 2, res.stdout
     assert res.stdout.count("round   1/2 | ") == 2 and res.stdout.count("round   2/2 | ") == 2, res.stdout
     assert res.stdout.count("| ETA 0 s") == 2, res.stdout
+
+
+def _demo(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "fedgradnorm.cli", "demo", "--out", str(out), "--rounds", "2"]
+    argv += ["--synthetic-size", "40", "--algorithms", "fedgradnorm", *flags]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
+def test_the_demo_says_which_node_the_aggregator_left_out_and_stops_on_a_failed_node(tmp_path: Path) -> None:
+    """Extreme but valid loss scales. x1e12: the landmark node's updates are accepted and left out of
+    every step (norm far above the others'); the demo finishes, each round printed once without that
+    task, and says which node was left out how often. x1e308: the node's loss overflows, the node
+    stops, and the demo exits with status 2 and one line naming the node, its error and its log."""
+    res = _demo(tmp_path / "big", "--loss-scale", "landmarks=1e12")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "landmarks: the aggregator left out 2 of its updates" in res.stdout, res.stdout
+    rounds = [line for line in res.stdout.splitlines() if line.startswith("round ")]
+    assert [line[:13] for line in rounds] == ["round   1/2 |", "round   2/2 |"], res.stdout
+    assert all("landmarks:" not in line and line.count("gender:") == 1 for line in rounds), res.stdout
+
+    res = _demo(tmp_path / "overflow", "--loss-scale", "landmarks=1e308")
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[0].startswith("fedgradnorm demo: error: landmarks exited with status 2"), lines[0]
+    assert "local loss is not finite" in lines[0] and "loss x1e+308" in lines[0], lines[0]
+    assert str(tmp_path / "overflow" / "fedgradnorm" / "node-landmarks.log") in lines[0]

@@ -285,3 +285,44 @@ def test_a_node_told_to_stay_keeps_serving_after_training_until_sigterm(tmp_path
         assert node.stop(timeout=30) == 0, node.log_text()[-2000:]
     finally:
         stop_all(procs)
+
+
+def test_a_node_learns_that_the_aggregator_left_its_updates_out(tmp_path: Path) -> None:
+    """A node whose loss is scaled x1e12 sends updates the aggregator accepts and then leaves out of
+    its step (norm far above the round's median: update.dropped). The node learns it from the next
+    round header's last_used_round: update.left_out per round, its counter, and node.done says how
+    many; the nodes whose updates were used see none."""
+    procs: list[ServiceProcess] = []
+    try:
+        agg, ready = start_aggregator(
+            tmp_path,
+            ["--federation", "radcom", "--min-nodes", "3", "--rounds", "2", *HYPER, "--state-dir", str(tmp_path / "s")],
+        )
+        procs.append(agg)
+        port = free_port()
+        flags = ["--seed", "0", "--synthetic-size", "4", "--torch-threads", "1"]
+        scaled = start_edge_node(
+            tmp_path,
+            ready["grpc_port"],
+            "anomaly",
+            [*flags, "--loss-scale", "1e12", "--after-training", "stay", "--metrics-listen", f"127.0.0.1:{port}"],
+        )
+        others = [start_edge_node(tmp_path, ready["grpc_port"], t, flags) for t in TASKS if t != "anomaly"]
+        procs += [scaled, *others]
+        wait_exit(others, 180)
+        wait_until(lambda: "node.staying" in scaled.log_text() or not scaled.alive(), 60, "training ended")
+        assert scaled.alive(), scaled.log_text()[-2000:]
+        assert scrape(port)[("fedgradnorm_edge_updates_left_out_total", ())] == 2.0
+
+        def events(p: ServiceProcess, name: str) -> list[dict[str, object]]:
+            return [json.loads(x) for x in p.log_text().splitlines() if x.startswith("{") and f'"{name}"' in x]
+
+        assert [e["node"] for e in events(agg, "update.dropped")] == ["anomaly", "anomaly"]
+        assert [e["round"] for e in events(scaled, "update.left_out")] == [0, 1]
+        assert events(scaled, "node.done")[-1]["left_out"] == 2
+        for p in others:
+            assert events(p, "update.left_out") == [], p.name
+            assert events(p, "node.done")[-1]["left_out"] == 0, p.name
+        assert scaled.stop(timeout=30) == 0, scaled.log_text()[-2000:]
+    finally:
+        stop_all(procs)

@@ -234,6 +234,15 @@ def _service_commands() -> list[Callable[[argparse._SubParsersAction[argparse.Ar
     return [*services.REGISTRARS, *models.REGISTRARS]
 
 
+MAX_ERROR_CHARS = 2000  # an error echoes what it refuses: a 100 kB flag value is cut, not printed back
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[:MAX_ERROR_CHARS]}... ({len(message) - MAX_ERROR_CHARS} more characters)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -241,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, DataError, FatalError, ValueError, FileNotFoundError) as e:
-        print(f"fedgradnorm {args.command}: error: {e}", file=sys.stderr)
+        print(f"fedgradnorm {args.command}: error: {_bounded(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

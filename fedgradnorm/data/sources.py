@@ -76,6 +76,27 @@ def cache_dir() -> Path:
     return path
 
 
+# What one unit of ``size`` costs, measured on the generators' output (size 13,000 MTFL: 307 MB on disk for
+# 16,900 faces; RadCom size 150: 36 MB), rounded up: the cache on disk, and the arrays read into memory.
+MTFL_FACE_DISK_BYTES = 20_000  # a 250x250 JPEG and its line of labels
+MTFL_FACE_MEMORY_BYTES = 8_000  # a 40x40 float32 image and its targets
+RADCOM_SIZE_BYTES = 250_000  # one sample (128x2 float32 and labels) for every (modulation, signal, SNR) key
+
+
+def _check_room(target: Path, size: int, disk_bytes: float, memory_bytes: float) -> None:
+    """Refuse, before writing anything, a synthetic set that would fill the cache's disk or outgrow the
+    machine's memory (a --synthetic-size of 10^12 would otherwise write until the disk is full)."""
+    free = shutil.disk_usage(target.parent).free
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for need, have, where in ((disk_bytes, free, f"free in {target.parent}"), (memory_bytes, memory, "of memory")):
+        if need > have:
+            raise DataError(
+                target,
+                f"a synthetic set of size {size} needs about {need / 2**30:,.1f} GiB, more than the "
+                f"{have / 2**30:,.1f} GiB {where}; give a smaller --synthetic-size",
+            )
+
+
 def _generate_once(target: Path, generate: Callable[[Path], object]) -> None:
     """Generate into a private path and rename it into place, so that processes generating the same
     synthetic set at once (edge nodes sharing a cache) never read a half-written one."""
@@ -101,6 +122,7 @@ def synthetic_radcom(seed: int, size: int) -> Pools:
 
     path = cache_dir() / f"radcom-seed{seed}-n{size}.hdf5"
     if not path.exists():
+        _check_room(path, size, size * RADCOM_SIZE_BYTES, size * RADCOM_SIZE_BYTES)
         _generate_once(path, lambda tmp: generate_radcom(tmp, samples_per_key=size, seed=seed))
     return _radcom(path)
 
@@ -113,5 +135,7 @@ def synthetic_mtfl(seed: int, size: int) -> Pools:
     root = cache_dir() / f"mtfl-v{GENERATOR_VERSION}-seed{seed}-n{size}"
     if not (root / "testing.txt").exists():
         n_test = max(10, size * 3 // 10)
+        faces = size + n_test
+        _check_room(root, size, faces * MTFL_FACE_DISK_BYTES, faces * MTFL_FACE_MEMORY_BYTES)
         _generate_once(root, lambda tmp: generate_mtfl(tmp, n_train=size, n_test=n_test, seed=seed))
     return _mtfl(root)

@@ -40,6 +40,7 @@ class RoundTicket:
     deadline_unix: float
     omega: TensorDict  # read-only: shared by every fetch of the round and by the commit
     final: bool = False
+    last_used: int | None = None  # the last round whose step used the node's update; None: unknown
 
 
 @dataclass(frozen=True)

@@ -340,11 +340,12 @@ class RoundCoordinator:
             while True:
                 self._authenticate_locked(node_id, token)
                 o = self._open
+                used = self.members.records[node_id].last_round
                 if self._phase is Phase.OPEN and o is not None and node_id in o.participants - o.submitted.keys():
-                    return RoundTicket(o.number, o.deadline_unix, o.omega)
+                    return RoundTicket(o.number, o.deadline_unix, o.omega, last_used=used)
                 if self._phase is Phase.DONE:
                     assert self._state is not None
-                    return RoundTicket(self._state.round, 0.0, self._state.omega, final=True)
+                    return RoundTicket(self._state.round, 0.0, self._state.omega, final=True, last_used=used)
                 remaining = end - time.monotonic()
                 if remaining <= 0 or self._stop.is_set() or not alive():
                     return None

@@ -289,9 +289,17 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
                 _abort(context, e)
             if stream.cancelled:  # replaced by a newer FetchRound of the node (or past its deadline)
                 refuse(context, grpc.StatusCode.CANCELLED, Reason.REPLACED, f"stream {stream.cancelled}")
-            if ticket is None or (ticket.final and request.without_final_model):
-                status = pb.ROUND_STATUS_NOT_YET if ticket is None else pb.ROUND_STATUS_FINISHED
-                yield pb.FetchRoundResponse(header=pb.RoundHeader(status=status, round=self.coord.round))
+            if ticket is None:
+                yield pb.FetchRoundResponse(
+                    header=pb.RoundHeader(status=pb.ROUND_STATUS_NOT_YET, round=self.coord.round)
+                )
+                return
+            if ticket.final and request.without_final_model:
+                yield pb.FetchRoundResponse(
+                    header=pb.RoundHeader(
+                        status=pb.ROUND_STATUS_FINISHED, round=ticket.round, last_used_round=ticket.last_used
+                    )
+                )
                 return
             if ticket.final:  # the trained model, exact (float32), to a reader that keeps up
                 dtype = DType.DTYPE_FLOAT32
@@ -307,6 +315,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):  # type: ignore[misc]  # t
                     deadline_unix_seconds=ticket.deadline_unix,
                     tensors=specs,
                     total_bytes=total,
+                    last_used_round=ticket.last_used,
                 )
             )
             yield from self.encoded_chunks(ticket.round, ticket.omega, dtype)

@@ -38,7 +38,8 @@ def serve_edge_node(config: EdgeConfig, max_rounds: int = 0) -> int:
                 'give another --metrics-listen, or "" to serve no metrics'
             ) from e
     rounds = node.run(max_rounds=max_rounds)
-    log.info("node.done", rounds=rounds, model=node.model_written)
+    done = log.warning if node.updates_left_out else log.info
+    done("node.done", rounds=rounds, left_out=node.updates_left_out, model=node.model_written)
     if config.after_training == "stay" and not stopping.is_set():
         log.info("node.staying", until="SIGTERM", metrics=config.metrics_listen or None)
         while not stopping.wait(1.0):  # a timed wait: the signal handler runs between waits

@@ -24,7 +24,7 @@ from fedgradnorm import wire
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2 as pb
 from fedgradnorm._proto.fedgradnorm.v1 import aggregator_pb2_grpc as pb_grpc
 from fedgradnorm._proto.fedgradnorm.v1.tensor_pb2 import DType
-from fedgradnorm.algorithm import ClientConfig
+from fedgradnorm.algorithm import AlgorithmError, ClientConfig
 from fedgradnorm.client import LocalClient, load_omega_
 from fedgradnorm.data.partition import Allocation, ClientData, DataSource, load_clients, node_data
 from fedgradnorm.errors import FatalError
@@ -104,6 +104,11 @@ class NodeMetrics:
         self.reconnects = Counter(
             "fedgradnorm_edge_reconnects_total", "Retries after the aggregator was away", registry=r
         )
+        self.left_out = Counter(
+            "fedgradnorm_edge_updates_left_out_total",
+            "Updates the aggregator accepted but its step did not use (norm far above the round's median)",
+            registry=r,
+        )
 
 
 @dataclass
@@ -155,6 +160,8 @@ class EdgeNode:
         )
         self.session: Session | None = None
         self.rounds_done = 0
+        self.updates_left_out = 0  # accepted updates that the aggregator's step did not use
+        self._unconfirmed: int | None = None  # the round of the last accepted update, until a later header
         self._zero_gradient: dict[str, torch.Tensor] | None = None
         self._needs_register = threading.Event()
         self._waiting: grpc.Call | None = None  # the FetchRound waiting for its header
@@ -345,7 +352,11 @@ class EdgeNode:
             return Submission(node_id, round_, self._zero_gradient, 1.0, 1.0, 1.0, self.client.num_samples)
         load_omega_(self.shared, omega)
         t0 = time.perf_counter()
-        result, evaluation = self.client.run_round(self.shared, round_)
+        try:
+            result, evaluation = self.client.run_round(self.shared, round_)
+        except AlgorithmError as e:  # a loss that overflowed: nothing this node could send would help
+            scale = f", its loss x{self.task.loss_scale:g}" if self.task.loss_scale != 1.0 else ""
+            raise EdgeNodeError(f"round {round_}: {e} (task {self.task.name}{scale}); the node stops") from e
         dt = time.perf_counter() - t0
         self.metrics.step_seconds.observe(dt)
         steps = self.session.config.tau_h + self.session.config.tau_omega
@@ -388,6 +399,7 @@ class EdgeNode:
     def run_once(self) -> bool:
         """Fetch one round (waiting up to fetch_wait), train, submit. False when training is over."""
         header, omega = self._retry("FetchRound", self.fetch)
+        self._check_used(header)
         if header.status == pb.ROUND_STATUS_FINISHED:
             if omega is not None:
                 self.write_model(header.round, omega)
@@ -406,11 +418,31 @@ class EdgeNode:
                 if not self.config.no_train:
                     self.store.save_client(self.client.state_bytes())
                 self.rounds_done += 1
+                self._unconfirmed = header.round
                 self.metrics.round.set(header.round)
                 log.info("round.submitted", loss=round(update.loss, 5), ratio=round(update.loss_ratio, 5))
         finally:
             structlog.contextvars.unbind_contextvars("round", "node")
         return True
+
+    def _check_used(self, header: pb.RoundHeader) -> None:
+        """Once a header of a later round arrives, learn whether the step of the round this node last
+        submitted to used its update (the aggregator leaves out one whose norm is far above the
+        others'; a relay does not say)."""
+        r = self._unconfirmed
+        if r is None or header.round <= r or not header.HasField("last_used_round"):
+            return
+        self._unconfirmed = None
+        if header.last_used_round < r:
+            self.updates_left_out += 1
+            self.metrics.left_out.inc()
+            log.warning(
+                "update.left_out",
+                round=r,
+                left_out=self.updates_left_out,
+                why="the aggregator's step did not use it: its norm was far above the round's median "
+                "(the aggregator logs update.dropped); check this node's loss scale and data",
+            )
 
     def write_model(self, rounds: int, omega: dict[str, torch.Tensor]) -> str:
         """The personalized model: the final omega and this node's head, evaluated on its test split

@@ -135,18 +135,20 @@ class FetchRoundRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session_token: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., without_final_model: _Optional[bool] = ...) -> None: ...
 
 class RoundHeader(_message.Message):
-    __slots__ = ("status", "round", "deadline_unix_seconds", "tensors", "total_bytes")
+    __slots__ = ("status", "round", "deadline_unix_seconds", "tensors", "total_bytes", "last_used_round")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_ROUND_FIELD_NUMBER: _ClassVar[int]
     status: RoundStatus
     round: int
     deadline_unix_seconds: float
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     total_bytes: int
-    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., deadline_unix_seconds: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    last_used_round: int
+    def __init__(self, status: _Optional[_Union[RoundStatus, str]] = ..., round: _Optional[int] = ..., deadline_unix_seconds: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., last_used_round: _Optional[int] = ...) -> None: ...
 
 class FetchRoundResponse(_message.Message):
     __slots__ = ("header", "chunk")
