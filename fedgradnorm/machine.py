@@ -77,6 +77,22 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     return bool(libc.mallopt(_M_ARENA_MAX, arenas))
 
 
+def _isa(flags: set[str]) -> str:
+    """The widest vector instruction set oneDNN's kernels use here (it decides how they round: a run
+    repeats bit for bit only on the same one), capped where ONEDNN_MAX_CPU_ISA says so."""
+    isa = (
+        "AVX-512"
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+        else "AVX2"
+        if "avx2" in flags
+        else "no AVX2"
+        if flags
+        else "unknown ISA"
+    )
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{isa}, ONEDNN_MAX_CPU_ISA={cap}" if cap else isa
+
+
 def machine_info() -> dict[str, Any]:
     """Cores, CPU model, memory, kernel, Python, torch (version and threads), niceness, load average."""
     import torch
@@ -87,14 +103,18 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("MemTotal:"):
                 mem_kib = int(line.split()[1])
     cpu = platform.processor() or "unknown CPU"
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            lines = f.read().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
     except OSError:
         pass
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
+        "isa": _isa(flags),
         "mem_gib": round(mem_kib / 2**20, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
