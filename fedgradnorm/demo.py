@@ -93,6 +93,8 @@ class Progress:
         self.first_round: float | None = None  # when round 0 was printed
         self.done = 0
         self.printed = -1  # the last round printed
+        self.parsed = 0  # characters of the metrics log read into by_round
+        self.by_round: dict[int, list[dict[str, Any]]] = {}
         self.last_wait = ""
         self.last_wait_at = 0.0
 
@@ -123,34 +125,35 @@ class Progress:
         holds a record per node whose update its step used."""
         if not metrics.exists():
             return
-        lines = metrics.read_text().split("\n")[:-1]  # the last piece: empty, or a line being written
-        by_round: dict[int, list[dict[str, Any]]] = {}
-        for line in lines:
+        with metrics.open() as f:
+            f.seek(self.parsed)
+            new = f.read()
+        complete = new[: new.rfind("\n") + 1]  # what follows the last newline is a line being written
+        self.parsed += len(complete)
+        for line in complete.splitlines():
             record = json.loads(line)
-            by_round.setdefault(record["round"], []).append(record)
-        last = max(by_round, default=-1)
-        for k in sorted(r for r in by_round if r > self.printed and (final or r < last)):
+            self.by_round.setdefault(record["round"], []).append(record)
+        last = max(self.by_round, default=-1)
+        for k in sorted(r for r in self.by_round if r > self.printed and (final or r < last)):
             self.done += 1
             if self.first_round is None:
                 self.first_round = time.monotonic()
-            print(_format_round(by_round[k], self.rounds, self.eta()), flush=True)
+            print(_format_round(self.by_round[k], self.rounds, self.eta()), flush=True)
             self.printed = k
 
 
-def _failure(proc: ServiceProcess) -> str:
+def _failure(proc: ServiceProcess, status: int | None) -> str:
     """One line on a process that exited with an error: its last log line (its error), and its log."""
     lines = [x for x in proc.log_text().splitlines() if x.strip()]
     last = lines[-1].strip() if lines else "no output"
-    return (
-        f"{proc.name} exited with status {proc.proc.poll() if proc.proc else '?'}: {last[:500]} (log: {proc.log_path})"
-    )
+    return f"{proc.name} exited with status {status}: {last[:500]} (log: {proc.log_path})"
 
 
 def _report_left_out(nodes: list[ServiceProcess]) -> None:
     """Say which edge nodes had updates that the aggregator's step did not use (norm outliers)."""
     for p in nodes:
-        done = [x for x in p.log_text().splitlines() if x.startswith("{") and '"node.done"' in x]
-        left_out = json.loads(done[-1]).get("left_out", 0) if done else 0
+        done = p.events("node.done")
+        left_out = done[-1].get("left_out", 0) if done else 0
         if left_out:
             print(
                 f"  {p.name}: the aggregator left out {left_out} of its updates (a gradient norm far above the "
@@ -225,9 +228,9 @@ def run_federation(out: Path, algorithm: str, config: DemoConfig, certs: Path) -
         while any(p.alive() for p in procs[1:]):
             progress.waiting()
             progress.follow(metrics)
-            dead = [p for p in procs if p.proc is not None and p.proc.poll() not in (None, 0)]
+            dead = [(p, rc) for p in procs if p.proc is not None and (rc := p.proc.poll()) not in (None, 0)]
             if dead:
-                raise FatalError(_failure(dead[0]))
+                raise FatalError(_failure(*dead[0]))
             time.sleep(0.2)
         progress.follow(metrics, final=True)
         _report_left_out(procs[1:])

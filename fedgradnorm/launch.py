@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,6 +68,16 @@ class ServiceProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines (events) of the process, those named ``name`` when given; other lines are skipped."""
+        out = []
+        for line in self.log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict) and (name is None or obj.get("event") == name):
+                    out.append(obj)
+        return out
 
 
 def cli(*args: str) -> list[str]:

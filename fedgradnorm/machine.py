@@ -80,15 +80,12 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
 def _isa(flags: set[str]) -> str:
     """The widest vector instruction set oneDNN's kernels use here (it decides how they round: a run
     repeats bit for bit only on the same one), capped where ONEDNN_MAX_CPU_ISA says so."""
-    isa = (
-        "AVX-512"
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
-        else "AVX2"
-        if "avx2" in flags
-        else "no AVX2"
-        if flags
-        else "unknown ISA"
-    )
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        isa = "AVX-512"
+    elif "avx2" in flags:
+        isa = "AVX2"
+    else:
+        isa = "no AVX2" if flags else "unknown ISA"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return f"{isa}, ONEDNN_MAX_CPU_ISA={cap}" if cap else isa
 

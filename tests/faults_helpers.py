@@ -81,13 +81,7 @@ def safe_structlog() -> Iterator[None]:
 
 def log_events(proc: ServiceProcess) -> list[dict[str, Any]]:
     """The JSON log lines of a service process (non-JSON lines are skipped)."""
-    events = []
-    for line in proc.log_text().splitlines():
-        with contextlib.suppress(ValueError):
-            obj = json.loads(line)
-            if isinstance(obj, dict):
-                events.append(obj)
-    return events
+    return proc.events()
 
 
 def free_port() -> int:

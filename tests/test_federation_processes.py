@@ -7,6 +7,7 @@ import json
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -259,19 +260,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+SMALL_NODE = ["--seed", "0", "--synthetic-size", "4", "--torch-threads", "1"]  # a node's flags: a tiny data set
+
+
+def two_rounds_of_radcom(tmp_path: Path, min_nodes: int) -> tuple[ServiceProcess, dict[str, Any]]:
+    """A RadCom aggregator for two rounds of ``min_nodes`` nodes, state in tmp_path/s."""
+    flags = ["--federation", "radcom", "--min-nodes", str(min_nodes), "--rounds", "2", *HYPER]
+    return start_aggregator(tmp_path, [*flags, "--state-dir", str(tmp_path / "s")])
+
+
 def test_a_node_told_to_stay_keeps_serving_after_training_until_sigterm(tmp_path: Path) -> None:
     """--after-training stay (the Kubernetes manifests' setting): once the federation has finished and
     the node has written its model, the process keeps serving its metrics instead of exiting (a
     StatefulSet would restart an exited pod, again and again); SIGTERM ends it with status 0."""
     procs: list[ServiceProcess] = []
     try:
-        agg, ready = start_aggregator(
-            tmp_path,
-            ["--federation", "radcom", "--min-nodes", "1", "--rounds", "2", *HYPER, "--state-dir", str(tmp_path / "s")],
-        )
+        agg, ready = two_rounds_of_radcom(tmp_path, min_nodes=1)
         procs.append(agg)
         port = free_port()
-        flags = ["--seed", "0", "--synthetic-size", "4", "--torch-threads", "1", "--after-training", "stay"]
+        flags = [*SMALL_NODE, "--after-training", "stay"]
         node = start_edge_node(
             tmp_path, ready["grpc_port"], "anomaly", [*flags, "--metrics-listen", f"127.0.0.1:{port}"]
         )
@@ -294,35 +301,27 @@ def test_a_node_learns_that_the_aggregator_left_its_updates_out(tmp_path: Path) 
     many; the nodes whose updates were used see none."""
     procs: list[ServiceProcess] = []
     try:
-        agg, ready = start_aggregator(
-            tmp_path,
-            ["--federation", "radcom", "--min-nodes", "3", "--rounds", "2", *HYPER, "--state-dir", str(tmp_path / "s")],
-        )
+        agg, ready = two_rounds_of_radcom(tmp_path, min_nodes=3)
         procs.append(agg)
         port = free_port()
-        flags = ["--seed", "0", "--synthetic-size", "4", "--torch-threads", "1"]
         scaled = start_edge_node(
             tmp_path,
             ready["grpc_port"],
             "anomaly",
-            [*flags, "--loss-scale", "1e12", "--after-training", "stay", "--metrics-listen", f"127.0.0.1:{port}"],
+            [*SMALL_NODE, "--loss-scale", "1e12", "--after-training", "stay", "--metrics-listen", f"127.0.0.1:{port}"],
         )
-        others = [start_edge_node(tmp_path, ready["grpc_port"], t, flags) for t in TASKS if t != "anomaly"]
+        others = [start_edge_node(tmp_path, ready["grpc_port"], t, SMALL_NODE) for t in TASKS if t != "anomaly"]
         procs += [scaled, *others]
         wait_exit(others, 180)
         wait_until(lambda: "node.staying" in scaled.log_text() or not scaled.alive(), 60, "training ended")
         assert scaled.alive(), scaled.log_text()[-2000:]
         assert scrape(port)[("fedgradnorm_edge_updates_left_out_total", ())] == 2.0
-
-        def events(p: ServiceProcess, name: str) -> list[dict[str, object]]:
-            return [json.loads(x) for x in p.log_text().splitlines() if x.startswith("{") and f'"{name}"' in x]
-
-        assert [e["node"] for e in events(agg, "update.dropped")] == ["anomaly", "anomaly"]
-        assert [e["round"] for e in events(scaled, "update.left_out")] == [0, 1]
-        assert events(scaled, "node.done")[-1]["left_out"] == 2
+        assert [e["node"] for e in agg.events("update.dropped")] == ["anomaly", "anomaly"]
+        assert [e["round"] for e in scaled.events("update.left_out")] == [0, 1]
+        assert scaled.events("node.done")[-1]["left_out"] == 2
         for p in others:
-            assert events(p, "update.left_out") == [], p.name
-            assert events(p, "node.done")[-1]["left_out"] == 0, p.name
+            assert p.events("update.left_out") == [], p.name
+            assert p.events("node.done")[-1]["left_out"] == 0, p.name
         assert scaled.stop(timeout=30) == 0, scaled.log_text()[-2000:]
     finally:
         stop_all(procs)

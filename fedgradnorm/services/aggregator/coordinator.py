@@ -340,16 +340,20 @@ class RoundCoordinator:
             while True:
                 self._authenticate_locked(node_id, token)
                 o = self._open
-                used = self.members.records[node_id].last_round
                 if self._phase is Phase.OPEN and o is not None and node_id in o.participants - o.submitted.keys():
-                    return RoundTicket(o.number, o.deadline_unix, o.omega, last_used=used)
+                    return RoundTicket(o.number, o.deadline_unix, o.omega, last_used=self._last_used_locked(node_id))
                 if self._phase is Phase.DONE:
                     assert self._state is not None
+                    used = self._last_used_locked(node_id)
                     return RoundTicket(self._state.round, 0.0, self._state.omega, final=True, last_used=used)
                 remaining = end - time.monotonic()
                 if remaining <= 0 or self._stop.is_set() or not alive():
                     return None
                 self._cond.wait(min(remaining, 1.0))
+
+    def _last_used_locked(self, node_id: str) -> int:
+        """The last round whose step used the node's update (-1: none yet)."""
+        return self.members.records[node_id].last_round
 
     def check_submit(self, node_id: str, token: str, round_: int) -> float:
         """Everything that can be refused before the payload is read; returns the round's
